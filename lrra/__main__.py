@@ -1,0 +1,3 @@
+from lrra.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""One flat configuration for an LRRA distillation run, and its named presets.
+
+The same object feeds the CLI (``--set field=value``), the Tune search space, MLflow params
+and the checkpoint. Every field has a one-line docstring (the string under it); ``describe()``
+reads them back for ``--help``-style listings.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and what is allowed."""
+
+
+@dataclass
+class LRRAConfig:
+    # --- what is distilled -------------------------------------------------------------
+    preset: str = "mnist"
+    """Name of the preset these values started from (informational once built)."""
+    dataset: str = "MNIST"
+    """Real labelled data: a torchvision class name (MNIST, CIFAR10, ...), 'digits', or 'imagefolder:PATH'."""
+    data_dir: str = "data"
+    """Root folder where datasets are looked for and downloaded to."""
+    num_classes: int = 10
+    """Number of classes of the teacher and the student."""
+    image_size: int = 32
+    """Side of the square images the teacher takes and the generator makes (a multiple of 4)."""
+    channels: int = 1
+    """Image channels (1 for grey, 3 for colour)."""
+    teacher_arch: str = "lenet5"
+    """Teacher network name in lrra.models.ARCHITECTURES."""
+    student_arch: str = "lenet5_half"
+    """Student network name in lrra.models.ARCHITECTURES."""
+    teacher_path: str = ""
+    """Teacher state_dict file; empty means train (and cache) one under data_dir."""
+
+    # --- distillation budget -----------------------------------------------------------
+    epochs: int = 20
+    """Epochs of distillation; the student is evaluated on the real test set after each."""
+    iters_per_epoch: int = 50
+    """Iterations (one generator phase + one student phase) per epoch."""
+    batch_size: int = 256
+    """Synthetic images per generator call, per worker."""
+    latent_dim: int = 100
+    """Size of the generator's Gaussian input z."""
+    generator_width: int = 128
+    """Channels of the generator's first feature map (128 in the reference generator)."""
+    gen_steps: int = 1
+    """Generator updates per iteration."""
+    kd_steps: int = 5
+    """Student updates per iteration."""
+
+    # --- optimisers --------------------------------------------------------------------
+    student_lr: float = 0.1
+    """Student SGD learning rate (cosine-annealed over epochs)."""
+    student_momentum: float = 0.9
+    """Student SGD momentum."""
+    weight_decay: float = 5e-4
+    """Student weight decay, also used inside the meta (fast-weight) SGD step."""
+    generator_lr: float = 1e-3
+    """Generator Adam learning rate."""
+    meta_lr: float = 0.9
+    """alpha: step size of the fast-weight SGD step in knowledge acquisition (meta-train)."""
+    retention_order: int = 2
+    """Meta-gradient of the retention loss: 2 second order (paper), 1 first order, 0 replay only."""
+
+    # --- replay memory -----------------------------------------------------------------
+    memory_capacity: int = 10
+    """Pushes the FIFO memory holds per worker (0 disables memory and retention)."""
+    memory_push_every: int = 5
+    """Epochs between two pushes of fresh synthetic images into the memory."""
+    memory_push_size: int = 32
+    """Images per push, sliced from the latest fresh batch (B/8 in the reference)."""
+    replay_batches: int = 1
+    """Stored pushes replayed together at each student step."""
+
+    # --- generator loss weights --------------------------------------------------------
+    w_oh: float = 1.0
+    """Weight of the one-hot (teacher confidence) loss."""
+    w_ie: float = 5.0
+    """Weight of the information-entropy (class balance) loss."""
+    w_a: float = 0.1
+    """Weight of the activation loss (-mean |teacher features|)."""
+    w_adv: float = 1.0
+    """Weight of the adversarial teacher-student disagreement the generator maximises."""
+
+    # --- teacher training (when no teacher_path is given) ------------------------------
+    teacher_epochs: int = 10
+    """Epochs of supervised teacher training on the real training split."""
+    teacher_lr: float = 1e-3
+    """Teacher learning rate (Adam for LeNets, SGD+cosine for ResNets)."""
+    teacher_batch_size: int = 128
+    """Batch size of teacher training."""
+
+    # --- run mechanics -----------------------------------------------------------------
+    seed: int = 0
+    """Base random seed; each worker uses seed + rank for its latent stream."""
+    device: str = "auto"
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."""
+    eval_batch_size: int = 1024
+    """Batch size of test-set evaluation."""
+    checkpoint_every: int = 1
+    """Epochs between checkpoints (0: only at the end)."""
+    bf16: bool = False
+    """Run forward passes under bfloat16 autocast (GPU option)."""
+    channels_last: bool = False
+    """Use the channels-last memory format for images and conv weights (GPU option)."""
+    fault_at_epoch: int = -1
+    """Test-only fault switch: rank 0 raises once at the start of this epoch (-1: never)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check every field; raise one ConfigError naming the first bad field."""
+        from lrra.models import ARCHITECTURES  # late import: models imports nothing from here
+
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ConfigError(f"config field '{name}' = {getattr(self, name)!r} is invalid: {allowed}")
+
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", "float") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                need(math.isfinite(value), f.name, "must be a finite number")
+        need(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}")
+        need(bool(self.dataset), "dataset", "a torchvision class name, 'digits' or 'imagefolder:PATH'")
+        for name in ("num_classes", "epochs", "iters_per_epoch", "batch_size", "latent_dim",
+                     "generator_width", "kd_steps", "memory_push_every", "memory_push_size",
+                     "replay_batches", "teacher_epochs", "teacher_batch_size", "eval_batch_size"):
+            need(getattr(self, name) >= 1, name, "must be an integer >= 1")
+        need(self.num_classes >= 2, "num_classes", "must be >= 2")
+        need(self.image_size >= 4 and self.image_size % 4 == 0, "image_size",
+             "must be a positive multiple of 4 (the generator upsamples twice)")
+        need(self.channels in (1, 3), "channels", "must be 1 or 3")
+        for name in ("teacher_arch", "student_arch"):
+            need(getattr(self, name) in ARCHITECTURES, name, f"one of {sorted(ARCHITECTURES)}")
+        need(self.gen_steps >= 0, "gen_steps", "must be an integer >= 0")
+        for name in ("student_lr", "generator_lr", "teacher_lr"):
+            need(getattr(self, name) > 0, name, "must be > 0")
+        for name in ("student_momentum", "weight_decay", "meta_lr", "w_oh", "w_ie", "w_a", "w_adv"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        need(self.student_momentum < 1, "student_momentum", "must be in [0, 1)")
+        need(self.retention_order in (0, 1, 2), "retention_order",
+             "0 (replay only), 1 (first order) or 2 (second order)")
+        need(self.memory_capacity >= 0, "memory_capacity", "must be an integer >= 0 (0 = no memory)")
+        need(self.memory_push_size <= self.batch_size, "memory_push_size",
+             f"must be <= batch_size ({self.batch_size}): a push is a slice of one fresh batch")
+        need(self.checkpoint_every >= 0, "checkpoint_every", "must be an integer >= 0")
+        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+             "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+    # ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> LRRAConfig:
+        """A validated copy with some fields changed (unknown fields are an error)."""
+        check_field_names(changes)
+        return dataclasses.replace(self, **{k: coerce(k, v) for k, v in changes.items()})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> LRRAConfig:
+        """Rebuild from to_dict() output (a checkpoint, MLflow params, a Tune config)."""
+        check_field_names(values)
+        return cls(**{k: coerce(k, v) for k, v in values.items()})
+
+
+FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(LRRAConfig)}
+
+
+def check_field_names(values: dict[str, Any]) -> None:
+    unknown = sorted(set(values) - set(FIELD_TYPES))
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown}; known fields: {sorted(FIELD_TYPES)}")
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Turn a CLI string (or a numpy scalar from a search space) into the field's type."""
+    kind = FIELD_TYPES[name]
+    original = value
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if kind == "int":
+            if isinstance(value, str):
+                value = ast.literal_eval(value)
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (ValueError, SyntaxError, TypeError):
+        raise ConfigError(f"config field '{name}' = {original!r} is invalid: must be of type {kind}") from None
+
+
+def describe() -> dict[str, str]:
+    """Field name -> its one-line docstring, read from this module's source."""
+    source = inspect.getsource(LRRAConfig)
+    tree = ast.parse(source)
+    docs: dict[str, str] = {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
+            docs[node.target.id] = following.value.value  # type: ignore[union-attr]
+    return docs
+
+
+# ----------------------------------------------------------------------------------------
+# Presets. Each is a set of overrides on the dataclass defaults.
+#
+# mnist is the embedded default (LeNet-5 -> LeNet-5-half, the classic pair of DAFL and its
+# successors), sized to finish in minutes on a laptop CPU. cifar100 is the authors' reference
+# configuration (design.md section 3); cifar10, svhn and tiny-imagenet reuse it with their data.
+_REFERENCE = dict(
+    teacher_arch="resnet34", student_arch="resnet18", channels=3, image_size=32,
+    batch_size=512, latent_dim=1000, generator_width=128, gen_steps=1, kd_steps=10,
+    iters_per_epoch=72, epochs=400, student_lr=0.1, student_momentum=0.9, weight_decay=5e-4,
+    generator_lr=0.02, meta_lr=0.9, retention_order=2, memory_capacity=10, memory_push_every=5,
+    memory_push_size=64, replay_batches=1, w_oh=1.0, w_ie=5.0, w_a=0.1, w_adv=1.0,
+    teacher_epochs=200, teacher_lr=0.1, teacher_batch_size=128,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "mnist": dict(
+        dataset="MNIST", num_classes=10, image_size=32, channels=1,
+        teacher_arch="lenet5", student_arch="lenet5_half",
+        batch_size=256, latent_dim=100, generator_width=64, gen_steps=1, kd_steps=5,
+        iters_per_epoch=50, epochs=20, student_lr=0.1, generator_lr=1e-3, meta_lr=0.9,
+        memory_capacity=10, memory_push_every=2, memory_push_size=32,
+        teacher_epochs=10, teacher_lr=1e-3, teacher_batch_size=128,
+    ),
+    "cifar10": dict(_REFERENCE, dataset="CIFAR10", num_classes=10),
+    "cifar100": dict(_REFERENCE, dataset="CIFAR100", num_classes=100),
+    "svhn": dict(_REFERENCE, dataset="SVHN", num_classes=10),
+    "tiny-imagenet": dict(_REFERENCE, dataset="imagefolder:tiny-imagenet-200", num_classes=200,
+                          image_size=64),
+    # Seconds-fast: scikit-learn's bundled 8x8 digits, small conv nets. For tests.
+    "digits": dict(
+        dataset="digits", num_classes=10, image_size=8, channels=1,
+        teacher_arch="convnet", student_arch="convnet_half",
+        batch_size=64, latent_dim=32, generator_width=32, gen_steps=1, kd_steps=2,
+        iters_per_epoch=10, epochs=4, student_lr=0.05, generator_lr=1e-3, meta_lr=0.1,
+        memory_capacity=4, memory_push_every=1, memory_push_size=16, eval_batch_size=512,
+        teacher_epochs=30, teacher_lr=3e-3, teacher_batch_size=64,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> LRRAConfig:
+    """The named preset, with optional field overrides (CLI strings are coerced)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+    values = dict(PRESETS[name], preset=name)
+    check_field_names(overrides)
+    values.update({k: coerce(k, v) for k, v in overrides.items()})
+    return LRRAConfig(**values)
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """['a=1', 'b=x'] -> {'a': '1', 'b': 'x'}, with a clear error for a malformed item."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--set expects field=value, got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+__all__ = ["ConfigError", "LRRAConfig", "PRESETS", "preset", "describe", "parse_assignments"]

@@ -1,0 +1,48 @@
+"""Loss terms of LRRA: the student's distillation loss and the generator's objective.
+
+Notation follows design.md section 3: teacher logits t, teacher penultimate features f,
+student logits s, batch-mean teacher softmax p_bar.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """l: mean absolute error between student and teacher logits (L1, as in DFAD and LRRA)."""
+    return F.l1_loss(student_logits, teacher_logits)
+
+
+def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence between two softmax distributions, averaged over the batch."""
+    p, q = F.softmax(logits_a.float(), dim=1), F.softmax(logits_b.float(), dim=1)
+    m_log = (0.5 * (p + q)).clamp_min(1e-12).log()
+    kl_pm = F.kl_div(m_log, p, reduction="batchmean")  # KL(p || m)
+    kl_qm = F.kl_div(m_log, q, reduction="batchmean")  # KL(q || m)
+    return 0.5 * (kl_pm + kl_qm)
+
+
+def generator_loss_terms(teacher_logits: torch.Tensor, teacher_features: torch.Tensor,
+                         student_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The four unweighted terms of L_G (each to be minimised, adversarial one included)."""
+    t = teacher_logits.float()
+    p_bar = F.softmax(t, dim=1).mean(dim=0)
+    return {
+        # Confident teacher predictions on synthetic images: CE against the teacher's own argmax.
+        "one_hot": F.cross_entropy(t, t.argmax(dim=1)),
+        # Negative entropy of the batch-mean prediction: minimising it balances the classes.
+        "info_entropy": (p_bar * p_bar.clamp_min(1e-12).log()).sum(),
+        # Large penultimate activations, as real images excite the teacher (DAFL).
+        "activation": -teacher_features.float().abs().mean(),
+        # The generator *maximises* the teacher-student disagreement: minimise its negative.
+        "adversarial": -js_divergence(student_logits, teacher_logits),
+    }
+
+
+def generator_loss(terms: dict[str, torch.Tensor], w_oh: float, w_ie: float, w_a: float,
+                   w_adv: float) -> torch.Tensor:
+    """L_G = w_oh*one_hot + w_ie*info_entropy + w_a*activation + w_adv*adversarial."""
+    return (w_oh * terms["one_hot"] + w_ie * terms["info_entropy"] + w_a * terms["activation"]
+            + w_adv * terms["adversarial"])

@@ -1,0 +1,89 @@
+"""The LRRA student update: knowledge acquisition (meta-train) + knowledge retention (meta-test).
+
+With fresh synthetic images x_n (teacher outputs y_n) and replayed ones x_m (teacher outputs y_m):
+
+    theta' = theta - alpha * (grad l(S_theta(x_n), y_n) + wd * theta)     acquisition: one SGD step
+    L      = l(S_theta'(x_m), y_m)                                         retention at theta'
+           + l(S_theta(x_n u x_m), y_n u y_m)                              plain KD on both batches
+    theta  <- optimizer step with grad_theta L
+
+retention_order chooses how grad_theta of the retention term is taken:
+  2: through theta' exactly (second order). It carries -alpha * H_n * grad L_ret, which by a
+     first-order Taylor expansion rewards aligning the acquisition and retention gradients.
+  1: first order: the gradient of L_ret at theta' applied to theta (no Hessian-vector product).
+  0: no retention term; L is the plain KD loss on the concatenated batch (memory replay only).
+
+Two traps this module avoids (design.md section 3):
+  * theta' is built from the student's real parameters, not a detached copy, so L_ret sends
+    gradient to the student (the authors' public code drops it);
+  * fast-weight passes run on cloned BatchNorm buffers, so they never move the real student's
+    running statistics; only the single plain KD forward does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from lrra.losses import kd_loss
+
+GradSync = Callable[[list[torch.nn.Parameter]], None]
+
+
+def _functional_forward(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Forward with the given parameters and *cloned* buffers, leaving the module's own untouched."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    return functional_call(model, (params, buffers), (x,))
+
+
+def student_objective(student: nn.Module, x_new: torch.Tensor, y_new: torch.Tensor,
+                      x_mem: torch.Tensor | None, y_mem: torch.Tensor | None, *,
+                      meta_lr: float, weight_decay: float, retention_order: int,
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss whose gradient w.r.t. the student's parameters is the LRRA update direction.
+
+    Returns (loss, parts) where parts holds detached scalars for logging. Without a memory
+    batch it is plain KD on the fresh batch.
+    """
+    if x_mem is None:
+        loss = kd_loss(student(x_new), y_new)
+        return loss, {"kd": loss.detach()}
+
+    loss_kd = kd_loss(student(torch.cat([x_new, x_mem])), torch.cat([y_new, y_mem]))
+    if retention_order == 0:
+        return loss_kd, {"kd": loss_kd.detach()}
+
+    # Knowledge acquisition (meta-train): one differentiable SGD step on the fresh batch.
+    params = dict(student.named_parameters())
+    loss_acq = kd_loss(_functional_forward(student, params, x_new), y_new)
+    grads = torch.autograd.grad(loss_acq, list(params.values()), create_graph=retention_order == 2)
+    fast = {name: p - meta_lr * (g + weight_decay * p) for (name, p), g in zip(params.items(), grads)}
+    # With order 1 the grads are constants, so d theta'/d theta = (1 - alpha*wd) I: first-order MAML.
+
+    # Knowledge retention (meta-test): the memory batch evaluated at the fast weights.
+    loss_ret = kd_loss(_functional_forward(student, fast, x_mem), y_mem)
+    parts = {"kd": loss_kd.detach(), "acquisition": loss_acq.detach(), "retention": loss_ret.detach()}
+    return loss_ret + loss_kd, parts
+
+
+def student_update(student: nn.Module, optimizer: torch.optim.Optimizer, x_new: torch.Tensor,
+                   y_new: torch.Tensor, x_mem: torch.Tensor | None, y_mem: torch.Tensor | None, *,
+                   meta_lr: float, weight_decay: float, retention_order: int,
+                   sync_grads: GradSync | None = None) -> dict[str, torch.Tensor]:
+    """One optimizer step of the student on the LRRA objective; returns the logged loss parts.
+
+    ``sync_grads`` runs between backward and step (all-reduce under Ray Train); the student is
+    never wrapped in DistributedDataParallel, which cannot differentiate through autograd.grad.
+    """
+    loss, parts = student_objective(student, x_new, y_new, x_mem, y_mem, meta_lr=meta_lr,
+                                    weight_decay=weight_decay, retention_order=retention_order)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if sync_grads is not None:
+        sync_grads([p for p in student.parameters() if p.requires_grad])
+    optimizer.step()
+    parts["total"] = loss.detach()
+    return parts

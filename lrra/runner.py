@@ -1,0 +1,85 @@
+"""Single-process distillation run: teacher, test set, Distiller, checkpoints and progress.
+
+This is what ``python -m lrra distill --workers 0`` runs; the Ray Train function in
+lrra/distributed.py does the same per worker with Ray's reporting in place of the files here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from lrra.config import LRRAConfig
+from lrra.data import load_split
+from lrra.teacher import obtain_teacher, save_teacher
+from lrra.train import Distiller, load_checkpoint, save_checkpoint
+
+Log = Callable[[str], None]
+
+
+def stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def format_progress(metrics: dict[str, float], epochs: int) -> str:
+    """One human line per epoch."""
+    line = f"epoch {int(metrics['epoch']) + 1}/{epochs}"
+    if "eval/student_acc" in metrics:
+        line += (f"  acc {metrics['eval/student_acc']:.4f}  best {metrics['eval/best_student_acc']:.4f}"
+                 f"  mean {metrics['eval/mean_student_acc']:.4f}")
+    line += (f"  L_G {metrics['loss/generator']:.3f}  L_S {metrics['loss/student_total']:.3f}"
+             f"  mem {int(metrics['memory/size'])}  {metrics['perf/student_steps_per_s']:.1f} steps/s")
+    return line
+
+
+def default_run_dir(cfg: LRRAConfig) -> Path:
+    return Path("runs") / "distill" / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: str | Path | None = None,
+                  log: Log = stderr_log) -> dict[str, Any]:
+    """Distil in this process; write checkpoint.pt, metrics.jsonl and best_student.pt to out_dir.
+
+    Everything that can fail on bad input (teacher, dataset, checkpoint) is checked before the
+    output folder is created.
+    """
+    teacher, teacher_meta, teacher_path = obtain_teacher(cfg, log=log)
+    test_set = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)
+    distiller = Distiller(cfg, teacher, test_set)
+    if resume is not None:
+        distiller.load_state_dict(load_checkpoint(resume))
+        log(f"resumed from {resume} at epoch {distiller.epoch}")
+
+    out = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    log(f"distilling {cfg.teacher_arch} -> {cfg.student_arch} on {cfg.dataset} "
+        f"(teacher acc {teacher_meta['test_accuracy']:.4f}); writing to {out}")
+
+    def on_epoch(metrics: dict[str, float], d: Distiller) -> None:
+        log(format_progress(metrics, cfg.epochs))
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        finished = d.epoch == cfg.epochs
+        if finished or (cfg.checkpoint_every and d.epoch % cfg.checkpoint_every == 0):
+            save_checkpoint(d.state_dict(), out / "checkpoint.pt")
+
+    start = time.perf_counter()
+    distiller.run(on_epoch)
+    student_meta = dict(teacher_meta, arch=cfg.student_arch, test_accuracy=distiller.best_accuracy,
+                        best_epoch=distiller.best_epoch, teacher=str(teacher_path))
+    save_teacher(distiller.best_student_model(), student_meta, out / "best_student.pt")
+    accs = distiller.accuracies
+    return {
+        "preset": cfg.preset,
+        "teacher_acc": teacher_meta["test_accuracy"],
+        "final_student_acc": accs[-1] if accs else None,
+        "best_student_acc": distiller.best_accuracy,
+        "mean_student_acc": sum(accs) / len(accs) if accs else None,
+        "best_epoch": distiller.best_epoch,
+        "epochs": distiller.epoch,
+        "wall_s": round(time.perf_counter() - start, 2),
+        "out_dir": str(out),
+    }

@@ -1,0 +1,143 @@
+"""Train, save and load teachers.
+
+A teacher file is ``{"state_dict": ..., "meta": {...}}`` where meta records the architecture,
+dataset, classes, image size, channels, normalisation and test accuracy. Loading checks that
+metadata against the run's config before any distillation starts, and never unpickles code
+(``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lrra.config import LRRAConfig
+from lrra.data import dataset_info, load_split
+from lrra.models import build_classifier
+from lrra.train import accuracy, resolve_device
+
+
+class TeacherError(ValueError):
+    """A teacher file is missing, unreadable, or does not fit the run's config."""
+
+
+def default_teacher_path(cfg: LRRAConfig) -> Path:
+    """Where ``distill`` caches the teacher it trains when none is given."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", cfg.dataset).strip("-").lower()
+    return Path(cfg.data_dir) / "teachers" / f"{slug}-{cfg.teacher_arch}-{cfg.image_size}px-seed{cfg.seed}.pt"
+
+
+def _augment(images: torch.Tensor) -> torch.Tensor:
+    """Random 4-pixel-padded crop and horizontal flip, per image (colour datasets only)."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (4, 4, 4, 4), mode="reflect")
+    dx, dy = torch.randint(0, 9, (n,)).tolist(), torch.randint(0, 9, (n,)).tolist()
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    flip = torch.rand(n, device=images.device) < 0.5
+    out[flip] = out[flip].flip(-1)
+    return out
+
+
+def train_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any]]:
+    """Supervised training of ``cfg.teacher_arch`` on the real training split of ``cfg.dataset``."""
+    device = resolve_device(cfg.device)
+    info = dataset_info(cfg.dataset, cfg.data_dir)
+    train_set = load_split(cfg.dataset, cfg.data_dir, True, cfg.image_size, cfg.channels)
+    test_set = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)
+
+    torch.manual_seed(cfg.seed)
+    model = build_classifier(cfg.teacher_arch, cfg.num_classes, cfg.channels).to(device)
+    is_resnet = cfg.teacher_arch.startswith("resnet")
+    if is_resnet:
+        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.teacher_lr, momentum=0.9, weight_decay=5e-4)
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.teacher_lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.teacher_epochs)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.teacher_batch_size, shuffle=True,
+                                         drop_last=False)
+    start = time.perf_counter()
+    for epoch in range(cfg.teacher_epochs):
+        model.train()
+        for images, labels in loader:
+            images, labels = images.to(device), labels.to(device)
+            if cfg.channels == 3:
+                images = _augment(images)
+            loss = F.cross_entropy(model(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        acc = accuracy(model, test_set, device, cfg.eval_batch_size)
+        log(f"teacher epoch {epoch + 1}/{cfg.teacher_epochs}: loss {loss.item():.4f}  test acc {acc:.4f}  "
+            f"({time.perf_counter() - start:.0f}s)")
+    meta = {
+        "arch": cfg.teacher_arch, "dataset": cfg.dataset, "num_classes": cfg.num_classes,
+        "channels": cfg.channels, "image_size": cfg.image_size,
+        "mean": list(info.mean), "std": list(info.std),
+        "test_accuracy": acc, "epochs": cfg.teacher_epochs, "train_seconds": time.perf_counter() - start,
+    }
+    return model.cpu().eval(), meta
+
+
+def save_teacher(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
+    os.replace(tmp, path)  # atomic: an interrupted save never leaves a half-written teacher
+    return path
+
+
+def check_teacher_meta(meta: dict[str, Any], cfg: LRRAConfig, path: str | os.PathLike) -> None:
+    """Raise TeacherError when the teacher's metadata contradicts the run's config."""
+    for key, field in (("num_classes", "num_classes"), ("channels", "channels"),
+                       ("image_size", "image_size"), ("arch", "teacher_arch"), ("dataset", "dataset")):
+        if meta.get(key) != getattr(cfg, field):
+            raise TeacherError(
+                f"teacher {path} has {key}={meta.get(key)!r} but the config has {field}={getattr(cfg, field)!r} "
+                f"(preset {cfg.preset!r}); use a matching teacher or --set {field}=...")
+
+
+def load_teacher(path: str | os.PathLike, cfg: LRRAConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a teacher file written by save_teacher and check it against ``cfg``."""
+    path = Path(path)
+    if not path.is_file():
+        raise TeacherError(f"teacher file {path} does not exist (train one with `python -m lrra teacher`)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
+        raise TeacherError(f"teacher file {path} is not a readable PyTorch weights file: {err}") from None
+    if not isinstance(blob, dict) or "state_dict" not in blob or "meta" not in blob:
+        raise TeacherError(f"teacher file {path} is not an LRRA teacher (expected keys 'state_dict' and 'meta')")
+    meta = blob["meta"]
+    check_teacher_meta(meta, cfg, path)
+    model = build_classifier(meta["arch"], meta["num_classes"], meta["channels"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as err:
+        raise TeacherError(f"teacher file {path}: weights do not fit architecture {meta['arch']!r}: {err}") from None
+    return model.eval(), meta
+
+
+def obtain_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any], Path]:
+    """The configured teacher, or the cached one, or a freshly trained and cached one."""
+    if cfg.teacher_path:
+        model, meta = load_teacher(cfg.teacher_path, cfg)
+        return model, meta, Path(cfg.teacher_path)
+    path = default_teacher_path(cfg)
+    if path.is_file():
+        model, meta = load_teacher(path, cfg)
+        log(f"using cached teacher {path} (test accuracy {meta['test_accuracy']:.4f})")
+        return model, meta, path
+    log(f"no teacher given: training {cfg.teacher_arch} on {cfg.dataset} for {cfg.teacher_epochs} epochs "
+        f"(cached at {path})")
+    model, meta = train_teacher(cfg, log=log)
+    save_teacher(model, meta, path)
+    return model, meta, path

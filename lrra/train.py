@@ -1,0 +1,293 @@
+"""One process's LRRA distillation loop (design.md section 3).
+
+Each epoch runs ``iters_per_epoch`` iterations of a generator phase and a student phase, then
+pushes fresh images into the replay memory, evaluates the student on the real test set and
+hands the metrics to ``on_epoch``. Ray, MLflow and Optuna stay outside: the loop takes hooks
+(``sync_grads``, ``sync_buffers``, ``on_epoch``) so the same code runs alone, under Ray Train
+and in tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+
+from lrra.config import LRRAConfig
+from lrra.losses import generator_loss, generator_loss_terms
+from lrra.memory import ReplayMemory
+from lrra.meta import GradSync, student_update
+from lrra.models import build_classifier, build_generator
+
+EpochCallback = Callable[[dict[str, float], "Distiller"], None]
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or inf; the last checkpoint written before this epoch is intact."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"config field 'device' = {name!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    return torch.device(name)
+
+
+def iterate_batches(dataset: Dataset, batch_size: int):
+    """(images, labels) batches in order; slices tensors directly when it can (fast path)."""
+    if isinstance(dataset, TensorDataset):
+        images, labels = dataset.tensors
+        for start in range(0, len(images), batch_size):
+            yield images[start:start + batch_size], labels[start:start + batch_size]
+    else:
+        yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 1024) -> float:
+    """Top-1 accuracy in eval mode (restores the previous train/eval mode)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for images, labels in iterate_batches(dataset, batch_size):
+        logits = model(images.to(device))
+        correct += (logits.argmax(dim=1).cpu() == labels).sum().item()
+        total += len(labels)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+class Distiller:
+    """Student, generator, their optimisers, the replay memory and the RNG streams of one rank."""
+
+    def __init__(self, cfg: LRRAConfig, teacher: nn.Module, test_set: Dataset | None = None, *,
+                 device: torch.device | None = None, rank: int = 0,
+                 sync_grads: GradSync | None = None,
+                 sync_buffers: Callable[[nn.Module], None] | None = None) -> None:
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.device)
+        self.rank = rank
+        self.test_set = test_set
+        self.sync_grads = sync_grads
+        self.sync_buffers = sync_buffers
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+        self.teacher = teacher.to(self.device, memory_format=self.memory_format).eval()
+        self.teacher.requires_grad_(False)
+
+        # Same seed on every rank: all workers start from identical weights.
+        torch.manual_seed(cfg.seed)
+        self.student = build_classifier(cfg.student_arch, cfg.num_classes, cfg.channels)
+        self.generator = build_generator(cfg.latent_dim, cfg.image_size, cfg.channels, cfg.generator_width)
+        self.student.to(self.device, memory_format=self.memory_format)
+        self.generator.to(self.device, memory_format=self.memory_format)
+
+        self.opt_student = torch.optim.SGD(self.student.parameters(), lr=cfg.student_lr,
+                                           momentum=cfg.student_momentum, weight_decay=cfg.weight_decay)
+        self.sched_student = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_student, T_max=cfg.epochs)
+        # betas (0.5, 0.999): the usual choice for adversarially trained generators.
+        self.opt_generator = torch.optim.Adam(self.generator.parameters(), lr=cfg.generator_lr,
+                                              betas=(0.5, 0.999))
+        self.memory = ReplayMemory(cfg.memory_capacity)
+
+        # Per-rank random streams: latents on the device, memory draws on the CPU.
+        self.latent_rng = torch.Generator(self.device).manual_seed(cfg.seed + rank)
+        self.replay_rng = torch.Generator().manual_seed(cfg.seed + rank)
+
+        self.epoch = 0                      # next epoch to run
+        self.accuracies: list[float] = []   # test accuracy after each finished epoch
+        self.best_accuracy = -1.0
+        self.best_epoch = -1
+        self.best_student: dict[str, torch.Tensor] | None = None
+        self._latest_fresh: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.cfg.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _synthesise(self, count: int) -> torch.Tensor:
+        z = torch.randn(count, self.cfg.latent_dim, device=self.device, generator=self.latent_rng)
+        return self.generator(z).contiguous(memory_format=self.memory_format)
+
+    def generator_step(self) -> dict[str, torch.Tensor]:
+        """One adversarial update of G; only G's parameters receive gradients."""
+        cfg = self.cfg
+        with self._autocast():
+            images = self._synthesise(cfg.batch_size)
+            teacher_logits, teacher_features = self.teacher(images, return_features=True)
+            student_logits = self.student(images)
+            terms = generator_loss_terms(teacher_logits, teacher_features, student_logits)
+            loss = generator_loss(terms, cfg.w_oh, cfg.w_ie, cfg.w_a, cfg.w_adv)
+        params = list(self.generator.parameters())
+        # autograd.grad rather than backward: the student's gradients from this phase are discarded.
+        for p, g in zip(params, torch.autograd.grad(loss, params)):
+            p.grad = g
+        if self.sync_grads is not None:
+            self.sync_grads(params)
+        self.opt_generator.step()
+        return {"generator": loss.detach(), **{f"gen_{k}": v.detach() for k, v in terms.items()}}
+
+    def student_step(self) -> dict[str, torch.Tensor]:
+        """One LRRA student update on a fresh synthetic batch (+ a replayed one when available)."""
+        cfg = self.cfg
+        with torch.no_grad(), self._autocast():
+            x_new = self._synthesise(cfg.batch_size)
+            y_new = self.teacher(x_new).float()
+            x_mem = y_mem = None
+            if len(self.memory):
+                x_mem = self.memory.sample(cfg.replay_batches, self.replay_rng).to(self.device)
+                y_mem = self.teacher(x_mem).float()
+        self._latest_fresh = x_new
+        with self._autocast():
+            return student_update(self.student, self.opt_student, x_new, y_new, x_mem, y_mem,
+                                  meta_lr=cfg.meta_lr, weight_decay=cfg.weight_decay,
+                                  retention_order=cfg.retention_order, sync_grads=self.sync_grads)
+
+    # ------------------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, float]:
+        """Run one epoch and return its metrics (eval metrics only where a test set is held)."""
+        cfg = self.cfg
+        self.student.train()
+        self.generator.train()
+        sums: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}
+
+        def add(parts: dict[str, torch.Tensor], prefix: str) -> None:
+            for name, value in parts.items():
+                key = prefix + name
+                sums[key] = sums.get(key, 0.0) + value.float()
+                counts[key] = counts.get(key, 0) + 1
+
+        start = time.perf_counter()
+        for _ in range(cfg.iters_per_epoch):
+            for _ in range(cfg.gen_steps):
+                add(self.generator_step(), "loss/")
+            for _ in range(cfg.kd_steps):
+                add(self.student_step(), "loss/student_")
+        seconds = time.perf_counter() - start
+
+        # One host sync per epoch: check every loss at once instead of after each step.
+        losses = {k: float(v / counts[k]) for k, v in sums.items()}
+        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {self.epoch}: {bad}; stopping (the last checkpoint is intact). "
+                f"Lower student_lr/generator_lr/meta_lr or the loss weights.")
+
+        if (self.epoch + 1) % cfg.memory_push_every == 0 and self._latest_fresh is not None:
+            self.memory.push(self._latest_fresh[:cfg.memory_push_size])
+        self.sched_student.step()
+        student_steps = cfg.iters_per_epoch * cfg.kd_steps
+        metrics = {
+            "epoch": self.epoch,
+            **losses,
+            "memory/size": len(self.memory),
+            "memory/images": self.memory.num_images,
+            "lr/student": self.opt_student.param_groups[0]["lr"],
+            "perf/epoch_s": seconds,
+            "perf/student_steps_per_s": student_steps / seconds,
+            "perf/images_per_s": student_steps * cfg.batch_size / seconds,
+        }
+        if self.sync_buffers is not None:
+            self.sync_buffers(self.student)
+            self.sync_buffers(self.generator)
+        if self.test_set is not None:
+            metrics.update(self._evaluate())
+        self.epoch += 1
+        return metrics
+
+    def _evaluate(self) -> dict[str, float]:
+        acc = accuracy(self.student, self.test_set, self.device, self.cfg.eval_batch_size)
+        self.accuracies.append(acc)
+        if acc > self.best_accuracy:
+            self.best_accuracy, self.best_epoch = acc, self.epoch
+            self.best_student = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
+        return {"eval/student_acc": acc, "eval/best_student_acc": self.best_accuracy,
+                "eval/mean_student_acc": float(np.mean(self.accuracies)), "eval/best_epoch": self.best_epoch}
+
+    def run(self, on_epoch: EpochCallback | None = None) -> dict[str, float]:
+        """Train from ``self.epoch`` to ``cfg.epochs``; returns the last epoch's metrics."""
+        metrics: dict[str, float] = {}
+        while self.epoch < self.cfg.epochs:
+            metrics = self.train_epoch()
+            if on_epoch is not None:
+                on_epoch(metrics, self)
+        return metrics
+
+    # ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit for bit: weights, optimisers, memory, RNGs, epoch."""
+        return {
+            "config": self.cfg.to_dict(),
+            "epoch": self.epoch,
+            "student": self.student.state_dict(),
+            "generator": self.generator.state_dict(),
+            "opt_student": self.opt_student.state_dict(),
+            "opt_generator": self.opt_generator.state_dict(),
+            "sched_student": self.sched_student.state_dict(),
+            "accuracies": list(self.accuracies),
+            "best_accuracy": self.best_accuracy,
+            "best_epoch": self.best_epoch,
+            "best_student": self.best_student,
+            "rank_state": self.rank_state_dict(),
+        }
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """The part that differs between ranks: memory shard and random streams."""
+        return {
+            "memory": self.memory.state_dict(),
+            "latent_rng": self.latent_rng.get_state(),
+            "replay_rng": self.replay_rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], rank_state: dict[str, Any] | None = None) -> None:
+        saved = LRRAConfig.from_dict(state["config"])
+        for name in ("student_arch", "num_classes", "channels", "image_size", "latent_dim",
+                     "generator_width", "memory_capacity"):
+            if getattr(saved, name) != getattr(self.cfg, name):
+                raise ValueError(f"checkpoint was written with {name}={getattr(saved, name)!r}, "
+                                 f"this run has {getattr(self.cfg, name)!r}; they must match to resume")
+        self.epoch = state["epoch"]
+        self.student.load_state_dict(state["student"])
+        self.generator.load_state_dict(state["generator"])
+        self.opt_student.load_state_dict(state["opt_student"])
+        self.opt_generator.load_state_dict(state["opt_generator"])
+        self.sched_student.load_state_dict(state["sched_student"])
+        self.accuracies = list(state["accuracies"])
+        self.best_accuracy, self.best_epoch = state["best_accuracy"], state["best_epoch"]
+        self.best_student = state["best_student"]
+        rank_state = rank_state if rank_state is not None else state["rank_state"]
+        self.memory.load_state_dict(rank_state["memory"], self.device)
+        self.latent_rng.set_state(rank_state["latent_rng"])
+        self.replay_rng.set_state(rank_state["replay_rng"])
+        torch.set_rng_state(rank_state["torch_rng"])
+
+    def best_student_model(self) -> nn.Module:
+        """A copy of the student with the best test accuracy so far (the current one if none)."""
+        model = copy.deepcopy(self.student).cpu()
+        if self.best_student is not None:
+            model.load_state_dict(self.best_student)
+        return model.eval()
+
+
+def save_checkpoint(state: dict[str, Any], path) -> None:
+    """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)

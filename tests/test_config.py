@@ -1,0 +1,75 @@
+"""Every invalid config value gets one clear error naming the field, the value and what is allowed."""
+
+import pytest
+
+from lrra.config import PRESETS, ConfigError, LRRAConfig, describe, parse_assignments, preset
+
+BAD_VALUES = [
+    ("student_lr", -0.1, "must be > 0"),
+    ("generator_lr", 0.0, "must be > 0"),
+    ("meta_lr", -1.0, ">= 0"),
+    ("batch_size", 0, ">= 1"),
+    ("epochs", 0, ">= 1"),
+    ("kd_steps", 0, ">= 1"),
+    ("gen_steps", -1, ">= 0"),
+    ("memory_capacity", -1, ">= 0"),
+    ("memory_push_every", 0, ">= 1"),
+    ("memory_push_size", 10_000, "<= batch_size"),
+    ("retention_order", 3, "0 (replay only)"),
+    ("teacher_arch", "vgg99", "one of"),
+    ("student_arch", "nope", "one of"),
+    ("image_size", 30, "multiple of 4"),
+    ("channels", 2, "1 or 3"),
+    ("num_classes", 1, ">= 2"),
+    ("student_momentum", 1.0, "[0, 1)"),
+    ("w_ie", -5.0, ">= 0"),
+    ("student_lr", float("nan"), "finite"),
+    ("device", "tpu", "'auto'"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "allowed"), BAD_VALUES)
+def test_invalid_field_is_named_with_value_and_rule(name, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        preset("mnist", **{name: value})
+    message = str(err.value)
+    assert f"'{name}'" in message and repr(value) in message and allowed in message
+
+
+def test_unknown_preset_lists_the_allowed_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'imagenet-1k'.*cifar10"):
+        preset("imagenet-1k")
+
+
+def test_unknown_field_is_refused():
+    with pytest.raises(ConfigError, match="unknown config field.*'metalr'"):
+        preset("mnist", metalr=0.1)
+
+
+def test_cli_strings_are_coerced_to_field_types():
+    cfg = preset("mnist", meta_lr="0.5", memory_capacity="0", bf16="true")
+    assert cfg.meta_lr == 0.5 and cfg.memory_capacity == 0 and cfg.bf16 is True
+    with pytest.raises(ConfigError, match="'epochs' = '2.5'.*type int"):
+        preset("mnist", epochs="2.5")
+    with pytest.raises(ConfigError, match="field=value"):
+        parse_assignments(["meta_lr"])
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_is_valid_and_round_trips(name):
+    cfg = preset(name)
+    assert cfg.preset == name
+    assert LRRAConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_reference_preset_matches_the_authors_configuration():
+    cfg = preset("cifar100")
+    assert (cfg.teacher_arch, cfg.student_arch, cfg.num_classes) == ("resnet34", "resnet18", 100)
+    assert (cfg.batch_size, cfg.latent_dim, cfg.gen_steps, cfg.kd_steps, cfg.iters_per_epoch) == (512, 1000, 1, 10, 72)
+    assert (cfg.meta_lr, cfg.memory_capacity, cfg.memory_push_every, cfg.memory_push_size) == (0.9, 10, 5, 64)
+
+
+def test_every_field_has_a_docstring():
+    docs = describe()
+    assert set(docs) == set(LRRAConfig.__dataclass_fields__)
+    assert all(doc.strip() for doc in docs.values())
