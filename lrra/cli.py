@@ -12,6 +12,8 @@ from lrra.data import DatasetUnavailableError
 from lrra.runner import distill_local, stderr_log
 from lrra.teacher import TeacherError, default_teacher_path, save_teacher, train_teacher
 
+RAY_STORAGE = "runs/ray"
+
 # Errors caused by the user's input: print one line, exit 2, no traceback.
 USER_ERRORS = (ConfigError, TeacherError, DatasetUnavailableError, FileNotFoundError)
 
@@ -38,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--epochs", type=int, help="distillation epochs (default: the preset's)")
     distill.add_argument("--out", help="run folder (default: runs/distill/<preset>-<time>)")
     distill.add_argument("--resume", help="checkpoint.pt of an earlier run to continue")
+    ray_train = distill.add_argument_group("Ray Train (with --workers N >= 1)")
+    ray_train.add_argument("--workers", type=int, default=0,
+                           help="Ray Train workers, each with its own batch (default 0: this process, no Ray)")
+    ray_train.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    ray_train.add_argument("--storage", help=f"checkpoints: a folder or an s3:// or gs:// URI (default: {RAY_STORAGE})")
+    ray_train.add_argument("--name", help="run name under --storage (default: <preset>-<time>); "
+                                          "an existing run of that name is resumed")
+    ray_train.add_argument("--max-failures", type=int, default=0,
+                           help="worker-group restarts from the latest checkpoint (default: 0)")
+    ray_train.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
     return parser
 
 
@@ -52,6 +64,23 @@ def config_from_args(args: argparse.Namespace):
     return preset(args.preset, **overrides)
 
 
+def run_distill(cfg, args: argparse.Namespace, resume: str | None):
+    """In this process (--workers 0) or through Ray Train."""
+    ray_flags = {"--gpu": args.gpu, "--storage": args.storage, "--name": args.name,
+                 "--max-failures": args.max_failures, "--address": args.address}
+    if args.workers == 0:
+        if any(ray_flags.values()):
+            raise ConfigError(f"{', '.join(k for k, v in ray_flags.items() if v)} only apply with --workers N >= 1")
+        return distill_local(cfg, args.out, resume)
+    if args.out or resume:
+        raise ConfigError("--out and --resume are for --workers 0; under Ray Train the run lives in "
+                          "--storage/--name, and running the same --name again resumes it")
+    from lrra.distributed import run_distributed  # Ray is imported only when it is used
+
+    return run_distributed(cfg, workers=args.workers, use_gpu=args.gpu, storage_path=args.storage or RAY_STORAGE,
+                           name=args.name, max_failures=args.max_failures, address=args.address, log=stderr_log)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -64,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             path = save_teacher(model, meta, args.out or default_teacher_path(cfg))
             result = {"teacher": str(path), **meta}
         else:
-            result = distill_local(cfg, args.out, resume)
+            result = run_distill(cfg, args, resume)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

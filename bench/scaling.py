@@ -1,0 +1,120 @@
+"""Throughput of the distillation loop: bare single process vs Ray Train with 1, 2, ... workers.
+
+Each configuration runs the same short distillation (random-init teacher: speed does not depend
+on what the teacher knows) and is timed on its last epoch, when the replay memory is non-empty and
+every student step is the full LRRA update. Under Ray Train the speeds are the reported, reduced
+metrics: student steps/s is the mean over ranks, images/s their sum (each rank its own batch B).
+
+    python bench/scaling.py                          # mnist shapes on CPU: bare, 1 and 2 workers
+    python bench/scaling.py --smoke-test             # digits, seconds of work (Ray startup dominates)
+    python bench/scaling.py --preset cifar100 --gpu --workers 1   # ResNet-34 -> ResNet-18, B=512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import ray
+import torch
+
+from lrra.config import parse_assignments, preset
+from lrra.distributed import build_trainer, check_cluster_fits, worker_resources
+from lrra.models import build_classifier
+from lrra.train import Distiller
+
+CPUS_PER_WORKER = 1
+
+
+def bench_config(args: argparse.Namespace):
+    # Memory pushed after every epoch, so the timed last epoch replays it; no test set, no
+    # intermediate checkpoints: only the loop itself is measured.
+    overrides = dict(epochs=args.epochs, iters_per_epoch=args.iters, memory_push_every=1, checkpoint_every=0)
+    if args.smoke_test:
+        overrides.update(batch_size=16, memory_push_size=8, iters_per_epoch=2)
+    overrides.update(parse_assignments(args.overrides))
+    return preset(args.preset or ("digits" if args.smoke_test else "mnist"), **overrides)
+
+
+def random_teacher(cfg) -> tuple[dict, dict]:
+    torch.manual_seed(cfg.seed)
+    teacher = build_classifier(cfg.teacher_arch, cfg.num_classes, cfg.channels)
+    meta = {"arch": cfg.teacher_arch, "dataset": cfg.dataset, "num_classes": cfg.num_classes,
+            "channels": cfg.channels, "image_size": cfg.image_size, "test_accuracy": 0.0}
+    return teacher.state_dict(), meta
+
+
+def bare_loop(cfg, teacher_state: dict, use_gpu: bool) -> dict[str, float]:
+    """The Distiller alone in this process: no Ray, no collectives."""
+    if not use_gpu:
+        torch.set_num_threads(CPUS_PER_WORKER)  # as many threads as a Ray worker gets (OMP_NUM_THREADS)
+    teacher = build_classifier(cfg.teacher_arch, cfg.num_classes, cfg.channels)
+    teacher.load_state_dict(teacher_state)
+    distiller = Distiller(cfg, teacher, device=torch.device("cuda" if use_gpu else "cpu"))
+    return distiller.run()
+
+
+def ray_train(cfg, teacher_state: dict, meta: dict, workers: int, use_gpu: bool, storage: str) -> dict[str, float]:
+    resources = {"CPU": CPUS_PER_WORKER}
+    check_cluster_fits(workers, worker_resources(use_gpu, resources))
+    trainer = build_trainer(cfg, teacher_state, meta, workers=workers, use_gpu=use_gpu,
+                            resources_per_worker=resources, storage_path=storage,
+                            name=f"scaling-{workers}w-{time.strftime('%H%M%S')}")
+    return trainer.fit().metrics  # the last epoch's, attached to the final checkpoint
+
+
+def row(label: str, workers: int, metrics: dict[str, float], base: float) -> dict:
+    images = metrics["perf/images_per_s"]
+    return {"run": label, "workers": workers, "student_steps_per_s": round(metrics["perf/student_steps_per_s"], 2),
+            "images_per_s": round(images, 1), "images_per_s_vs_1_worker": round(images / base, 3) if base else None}
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'run':<16} {'workers':>7} {'steps/s':>9} {'images/s':>10} {'vs 1 worker':>12}")
+    for r in rows:
+        ratio = f"{r['images_per_s_vs_1_worker']:.2f}" if r["images_per_s_vs_1_worker"] is not None else "-"
+        print(f"{r['run']:<16} {r['workers']:>7} {r['student_steps_per_s']:>9.2f} {r['images_per_s']:>10.1f} "
+              f"{ratio:>12}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", help="shapes to time (default: mnist, LeNet-5 -> LeNet-5-half; "
+                                         "digits with --smoke-test); rank 0 evaluates on its test set")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray Train sizes (default: 1 2)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker; the bare loop runs on cuda")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per run; the last one is timed (default: 2)")
+    parser.add_argument("--iters", type=int, default=3, help="iterations per epoch (default: 3)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                        help="config override, e.g. --set bf16=true --set channels_last=true")
+    parser.add_argument("--smoke-test", action="store_true", help="tiny batches and epochs, for CI")
+    args = parser.parse_args()
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu: this machine has no CUDA device")
+
+    cfg = bench_config(args)
+    teacher_state, meta = random_teacher(cfg)
+    where = torch.cuda.get_device_name() if args.gpu else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    print(f"{cfg.teacher_arch} -> {cfg.student_arch}, B={cfg.batch_size} per worker, {cfg.iters_per_epoch} "
+          f"iterations x {cfg.kd_steps} student steps per epoch, last of {cfg.epochs} epochs timed; {where}")
+
+    bare = bare_loop(cfg, teacher_state, args.gpu)
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR")
+    try:
+        with tempfile.TemporaryDirectory(prefix="lrra-scaling-") as storage:
+            runs = {w: ray_train(cfg, teacher_state, meta, w, args.gpu, storage) for w in args.workers}
+    finally:
+        ray.shutdown()
+
+    base = runs[1]["perf/images_per_s"] if 1 in runs else 0.0
+    rows = [row("bare loop", 1, bare, base)] + [row("ray train", w, m, base) for w, m in runs.items()]
+    print_table(rows)
+    print(json.dumps({"device": where, "preset": cfg.preset, "batch_per_worker": cfg.batch_size, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Ray Train layer with real Ray processes: 2 CPU workers over gloo, the digits preset, tiny budgets.
+
+Ray starts once for the module. Worker startup dominates (~20 s per fit on a 2-core machine), so
+one fit (``two_rank_probe``) serves the gradient, identical-model and metric checks, and one more
+covers failure recovery through ``run_distributed``.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import ray.cloudpickle
+import ray.train
+import torch
+from ray.train import RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from lrra import distributed
+from lrra.cli import main
+from lrra.config import ConfigError, preset
+from lrra.losses import kd_loss
+from lrra.meta import student_objective, student_update
+from lrra.models import build_classifier
+from lrra.teacher import save_teacher
+
+META_LR, WEIGHT_DECAY = 0.5, 5e-4
+# Digits, 3 epochs of 2 iterations (1 generator + 2 student steps each); a memory push after
+# every epoch, so epochs 1 and 2 run the second-order LRRA step on a replayed batch.
+DIGITS = dict(epochs=3, iters_per_epoch=2)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    # 4 logical CPUs on a 2-core machine: two 1-CPU workers fit, with room to spare.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="ERROR")
+    # Workers cannot import this file by name; ship its functions by value instead.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory):
+    """(state_dict, meta, path) of an untrained digits convnet: these tests check mechanics, not accuracy."""
+    torch.manual_seed(0)
+    model = build_classifier("convnet", 10, 1)
+    meta = {"arch": "convnet", "dataset": "digits", "num_classes": 10, "channels": 1, "image_size": 8,
+            "test_accuracy": 0.0}
+    path = save_teacher(model, meta, tmp_path_factory.mktemp("teacher") / "digits-random.pt")
+    return model.state_dict(), meta, path
+
+
+# ----------------------------------------------------------------------------------------
+# One 2-worker fit that records, per rank: synced gradients of a tiny MLP, and the state and
+# reduced metrics of a real worker Distiller.
+
+
+def tiny_mlp() -> nn.Module:
+    """No BatchNorm; tanh so that the second-order term of the meta-gradient is not zero."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+
+
+def rank_batches(rank: int) -> tuple[torch.Tensor, ...]:
+    """(x_new, y_new, x_mem, y_mem) of one rank: equal sizes on every rank."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return (torch.randn(8, 12, generator=g), torch.randn(8, 5, generator=g),
+            torch.randn(4, 12, generator=g), torch.randn(4, 5, generator=g))
+
+
+def probe_ranks(config: dict) -> None:
+    """Ray Train function: each rank saves what the tests compare to rank_<r>.pt under config["out"]."""
+    rank = ray.train.get_context().get_world_rank()
+    out = Path(config["out"])
+
+    grads = {}
+    for order in (0, 2):
+        student = tiny_mlp()
+        student_update(student, torch.optim.SGD(student.parameters(), lr=0.1), *rank_batches(rank),
+                       meta_lr=META_LR, weight_decay=WEIGHT_DECAY, retention_order=order,
+                       sync_grads=distributed.average_gradients)
+        grads[order] = [p.grad for p in student.parameters()]
+
+    distiller = distributed.worker_distiller(config)
+    metrics = [distributed.reduce_rank_metrics(distiller.train_epoch()) for _ in range(distiller.cfg.epochs)]
+    torch.save({"grads": grads, "student": distiller.student.state_dict(),
+                "generator": distiller.generator.state_dict(), "memory": distiller.memory.state_dict()["batches"],
+                "metrics": metrics}, out / f"rank_{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_rank_probe(ray_cluster, random_teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe")
+    teacher_state, teacher_meta, _ = random_teacher
+    config = distributed.train_loop_config(preset("digits", **DIGITS), teacher_state, teacher_meta)
+    TorchTrainer(probe_ranks, train_loop_config={**config, "out": str(out)},
+                 scaling_config=ScalingConfig(num_workers=2),
+                 run_config=RunConfig(name="probe", storage_path=str(out / "storage"))).fit()
+    return [torch.load(out / f"rank_{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", [0, 2])
+def test_synced_gradient_is_the_gradient_of_the_mean_objective(two_rank_probe, order):
+    rank0, rank1 = (probe["grads"][order] for probe in two_rank_probe)
+    for g0, g1 in zip(rank0, rank1, strict=True):
+        assert torch.equal(g0, g1)  # every rank steps with the same gradient
+
+    # The synced gradient is grad (1/W) sum_r L_r(theta), each L_r on its own rank's batches.
+    student = tiny_mlp()
+    params = list(student.parameters())
+    objectives = [student_objective(student, *rank_batches(r), meta_lr=META_LR, weight_decay=WEIGHT_DECAY,
+                                    retention_order=order)[0] for r in range(2)]
+    expected = torch.autograd.grad(sum(objectives) / 2, params)
+    for synced, want in zip(rank0, expected, strict=True):
+        torch.testing.assert_close(synced, want, rtol=0, atol=1e-6)
+
+    # Only plain KD (order 0) is linear in the batch: then it is also the gradient on the union of
+    # both ranks' batches. With retention the fast weights depend on the whole fresh batch, so one
+    # LRRA step on the union is a different update.
+    x_new, y_new, x_mem, y_mem = (torch.cat(parts) for parts in zip(rank_batches(0), rank_batches(1), strict=True))
+    if order == 0:
+        union = kd_loss(student(torch.cat([x_new, x_mem])), torch.cat([y_new, y_mem]))
+    else:
+        union = student_objective(student, x_new, y_new, x_mem, y_mem, meta_lr=META_LR,
+                                  weight_decay=WEIGHT_DECAY, retention_order=order)[0]
+    union_grads = torch.autograd.grad(union, params)
+    same = all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(rank0, union_grads, strict=True))
+    assert same == (order == 0)
+
+
+@pytest.mark.slow
+def test_ranks_hold_bit_identical_models_after_training(two_rank_probe):
+    rank0, rank1 = two_rank_probe
+    # Different latent streams (seed + rank): the memory shards differ...
+    assert len(rank0["memory"]) == len(rank1["memory"]) == DIGITS["epochs"]
+    assert not torch.equal(rank0["memory"][0], rank1["memory"][0])
+    # ...yet averaged gradients and BatchNorm statistics keep every parameter and buffer equal.
+    for part in ("student", "generator"):
+        for name, tensor in rank0[part].items():
+            assert torch.equal(tensor, rank1[part][name]), f"{part}.{name}"
+    torch.manual_seed(0)  # the Distiller's initial student
+    initial = build_classifier("convnet_half", 10, 1).state_dict()
+    assert not torch.equal(rank0["student"]["fc.weight"], initial["fc.weight"])  # it did train
+
+
+@pytest.mark.slow
+def test_metrics_are_reduced_across_ranks(two_rank_probe):
+    rank0, rank1 = (probe["metrics"] for probe in two_rank_probe)
+    for m0, m1 in zip(rank0, rank1, strict=True):
+        assert m0["perf/workers"] == 2
+        assert {k: v for k, v in m0.items() if k.startswith("loss/")} == \
+               {k: v for k, v in m1.items() if k.startswith("loss/")}
+        assert "eval/student_acc" in m0 and "eval/student_acc" not in m1  # rank 0 evaluates
+
+
+# ----------------------------------------------------------------------------------------
+# Failure recovery through the public entry point.
+
+
+class ReportLog(UserCallback):
+    """Appends what the controller sees to JSON lines (callbacks run in the controller process)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self._write({"metrics": metrics, "checkpoint": checkpoint.path if checkpoint else None})
+
+    def after_exception(self, run_context, worker_exceptions):
+        self._write({"failed_ranks": sorted(worker_exceptions),
+                     "errors": [type(e).__name__ + str(e) for e in worker_exceptions.values()]})
+
+
+@pytest.mark.slow
+def test_worker_failure_resumes_from_the_last_checkpoint(two_rank_probe, random_teacher, tmp_path):
+    _, _, teacher_path = random_teacher
+    cfg = preset("digits", **DIGITS, fault_at_epoch=1, teacher_path=str(teacher_path), data_dir=str(tmp_path))
+    log = tmp_path / "reports.jsonl"
+    summary = distributed.run_distributed(cfg, workers=2, storage_path=str(tmp_path / "storage"), name="fault",
+                                          max_failures=1, callbacks=[ReportLog(log)], log=lambda _: None)
+
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    failures = [r for r in records if "failed_ranks" in r]
+    reports = [r for r in records if "metrics" in r]
+    assert len(failures) == 1 and "InjectedFault" in failures[0]["errors"][0]
+    assert [r["metrics"][0]["epoch"] for r in reports] == [0, 1, 2]  # none repeated, none skipped
+    assert all(len(r["metrics"]) == 2 and r["checkpoint"] for r in reports)
+
+    # The resumed run continues exactly where the uninterrupted probe run went.
+    probe_metrics = two_rank_probe[0]["metrics"]
+    for reported, straight in zip(reports, probe_metrics, strict=True):
+        for key in straight:
+            if key.startswith(("loss/", "eval/", "memory/")):
+                assert reported["metrics"][0][key] == straight[key], key
+
+    assert summary["epochs"] == 3 and summary["workers"] == 2
+    assert summary["best_student_acc"] == max(m["eval/student_acc"] for m in probe_metrics)
+    checkpoint = Path(summary["checkpoint"])
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "best_student.pt", "rank_0.pt", "rank_1.pt", "state.pt"]
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input: clear errors before any work.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers, use_gpu", [(5, False), (1, True)])
+def test_more_workers_than_the_cluster_can_place_fail_fast(ray_cluster, tmp_path, workers, use_gpu):
+    storage = tmp_path / "storage"
+    expected = rf"--workers {workers} asks for .* the Ray cluster has"
+    with pytest.raises(distributed.DistributedSetupError, match=expected):
+        distributed.run_distributed(preset("digits"), workers=workers, use_gpu=use_gpu, storage_path=str(storage))
+    assert not storage.exists()
+
+
+def test_unwritable_storage_fails_before_training(tmp_path, capsys):
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    code = main(["distill", "--preset", "digits", "--workers", "2", "--storage", str(a_file / "runs")])
+    assert code == 2
+    assert f"--storage {a_file / 'runs'}: {a_file} is a file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--workers", "-1"], "--workers -1: Ray Train needs at least 1 worker"),
+    (["--gpu", "--max-failures", "1"], "--gpu, --max-failures only apply with --workers N >= 1"),
+    (["--workers", "2", "--resume", "x.pt"], "--out and --resume are for --workers 0"),
+])
+def test_cli_rejects_inconsistent_distributed_flags(argv, message, capsys, tmp_path):
+    if "--resume" in argv:
+        (tmp_path / "x.pt").write_text("")
+        argv = [str(tmp_path / "x.pt") if a == "x.pt" else a for a in argv]
+    assert main(["distill", "--preset", "digits", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_fault_switch_needs_a_checkpoint_before_it():
+    with pytest.raises(ConfigError, match="fault_at_epoch"):
+        distributed.build_trainer(preset("digits", fault_at_epoch=0), {}, {}, workers=2,
+                                  storage_path="/tmp/unused", name="unused")
