@@ -135,7 +135,7 @@ ARCHITECTURES: dict[str, Callable[[int, int], nn.Module]] = {
     "lenet5": lambda classes, channels: LeNet5(classes, channels, 1.0),
     "lenet5_half": lambda classes, channels: LeNet5(classes, channels, 0.5),
     "convnet": lambda classes, channels: ConvNet(classes, channels, 32),
-    "convnet_half": lambda classes, channels: ConvNet(classes, channels, 8),
+    "convnet_half": lambda classes, channels: ConvNet(classes, channels, 16),
 }
 
 
