@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +49,7 @@ BEST_STUDENT_FILE = "best_student.pt"
 # spare so that a checkpoint being replaced is never the only one.
 CHECKPOINTS_KEPT = 2
 DEFAULT_RESOURCES_PER_WORKER = {"CPU": 1}
+ADDRESS_TIMEOUT_S = 5.0
 
 # In a worker, Ray Train tees print() into its logger (each line would show twice): log instead.
 logger = logging.getLogger(__name__)
@@ -341,6 +343,17 @@ def _start_ray(address: str | None) -> None:
         raise DistributedSetupError(f"--address {address}: cannot join that Ray cluster ({err})") from None
 
 
+def check_address(address: str) -> None:
+    """Ray retries an unreachable head for minutes; a plain TCP connect says so in seconds."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and other forms that Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as err:
+        raise DistributedSetupError(f"--address {address}: nothing answers there ({err})") from None
+
+
 def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, storage_path: str,
                     name: str | None = None, max_failures: int = 0, address: str | None = None,
                     callbacks: list | None = None, log: Log = stderr_log) -> dict[str, Any]:
@@ -352,6 +365,8 @@ def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, sto
     check_workers(workers)
     _check_fault_switch(cfg)
     storage = check_storage(storage_path)
+    if address:
+        check_address(address)
     name = name or default_run_name(cfg)
     started_ray = not ray.is_initialized()
     if started_ray:

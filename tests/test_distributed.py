@@ -230,6 +230,12 @@ def test_unwritable_storage_fails_before_training(tmp_path, capsys):
     assert f"--storage {a_file / 'runs'}: {a_file} is a file" in capsys.readouterr().err
 
 
+def test_unreachable_address_fails_fast(tmp_path, capsys):
+    argv = ["--workers", "1", "--address", "127.0.0.1:1", "--storage", str(tmp_path)]
+    assert main(["distill", "--preset", "digits", *argv]) == 2
+    assert "--address 127.0.0.1:1: nothing answers there" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--workers", "-1"], "--workers -1: Ray Train needs at least 1 worker"),
     (["--gpu", "--max-failures", "1"], "--gpu, --max-failures only apply with --workers N >= 1"),
