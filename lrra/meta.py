@@ -22,7 +22,7 @@ Two traps this module avoids (design.md section 3):
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -60,7 +60,7 @@ def student_objective(student: nn.Module, x_new: torch.Tensor, y_new: torch.Tens
     params = dict(student.named_parameters())
     loss_acq = kd_loss(_functional_forward(student, params, x_new), y_new)
     grads = torch.autograd.grad(loss_acq, list(params.values()), create_graph=retention_order == 2)
-    fast = {name: p - meta_lr * (g + weight_decay * p) for (name, p), g in zip(params.items(), grads)}
+    fast = {name: p - meta_lr * (g + weight_decay * p) for (name, p), g in zip(params.items(), grads, strict=True)}
     # With order 1 the grads are constants, so d theta'/d theta = (1 - alpha*wd) I: first-order MAML.
 
     # Knowledge retention (meta-test): the memory batch evaluated at the fast weights.

@@ -6,7 +6,7 @@ its penultimate features (the generator's activation loss reads the teacher's).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ class ResNet(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
                                   nn.ReLU(inplace=True))
         layers, in_planes = [], 64
-        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), blocks)):
+        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), blocks, strict=True)):
             for j in range(count):
                 stride = 2 if (i > 0 and j == 0) else 1
                 layers.append(BasicBlock(in_planes, planes, stride))

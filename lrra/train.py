@@ -13,8 +13,9 @@ import copy
 import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,7 +132,7 @@ class Distiller:
             loss = generator_loss(terms, cfg.w_oh, cfg.w_ie, cfg.w_a, cfg.w_adv)
         params = list(self.generator.parameters())
         # autograd.grad rather than backward: the student's gradients from this phase are discarded.
-        for p, g in zip(params, torch.autograd.grad(loss, params)):
+        for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
             p.grad = g
         if self.sync_grads is not None:
             self.sync_grads(params)

@@ -34,8 +34,8 @@ def mlp(theta, x):
 
 def batches(seed=1):
     g = torch.Generator().manual_seed(seed)
-    x_new, x_mem = torch.randn(8, 12, generator=g, dtype=torch.float64), torch.randn(4, 12, generator=g, dtype=torch.float64)
-    y_new, y_mem = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    x_new, x_mem, y_new, y_mem = (torch.randn(*shape, generator=g, dtype=torch.float64)
+                                  for shape in ((8, 12), (4, 12), (8, 5), (4, 5)))
     return x_new, y_new, x_mem, y_mem
 
 
@@ -46,7 +46,7 @@ def reference_gradient(model, x_new, y_new, x_mem, y_mem, order):
     grads = torch.autograd.grad(loss_acq, list(theta.values()), create_graph=True)
     if order == 1:
         grads = [g.detach() for g in grads]
-    fast = {k: t - ALPHA * (g + WD * t) for (k, t), g in zip(theta.items(), grads)}
+    fast = {k: t - ALPHA * (g + WD * t) for (k, t), g in zip(theta.items(), grads, strict=True)}
     total = F.l1_loss(mlp(fast, x_mem), y_mem) + F.l1_loss(mlp(theta, torch.cat([x_new, x_mem])),
                                                              torch.cat([y_new, y_mem]))
     return torch.autograd.grad(total, list(theta.values()))
@@ -61,21 +61,21 @@ def applied_gradient(order, x_mem_present=True):
         x_mem = y_mem = None
     student_update(model, torch.optim.SGD(model.parameters(), lr=1.0), x_new, y_new, x_mem, y_mem,
                    meta_lr=ALPHA, weight_decay=WD, retention_order=order)
-    return [b - p.detach() for b, p in zip(before, model.parameters())]
+    return [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)]
 
 
 @pytest.mark.parametrize("order", [1, 2])
 def test_update_equals_hand_written_meta_gradient(order):
     got = applied_gradient(order)
     want = reference_gradient(TinyMLP(), *batches(), order=order)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
 
 
 def test_second_order_differs_from_first_order_and_from_replay_only():
     second, first, replay = applied_gradient(2), applied_gradient(1), applied_gradient(0)
-    assert max((a - b).abs().max().item() for a, b in zip(second, replay)) > 1e-4
-    assert max((a - b).abs().max().item() for a, b in zip(second, first)) > 1e-6
+    assert max((a - b).abs().max().item() for a, b in zip(second, replay, strict=True)) > 1e-4
+    assert max((a - b).abs().max().item() for a, b in zip(second, first, strict=True)) > 1e-6
 
 
 def test_replay_only_is_plain_l1_kd_on_the_concatenated_batch():
@@ -83,7 +83,7 @@ def test_replay_only_is_plain_l1_kd_on_the_concatenated_batch():
     x_new, y_new, x_mem, y_mem = batches()
     loss = F.l1_loss(model(torch.cat([x_new, x_mem])), torch.cat([y_new, y_mem]))
     want = torch.autograd.grad(loss, list(model.parameters()))
-    for g, w in zip(applied_gradient(0), want):
+    for g, w in zip(applied_gradient(0), want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
 
 
@@ -91,7 +91,7 @@ def test_empty_memory_is_plain_kd_on_the_fresh_batch():
     model = TinyMLP()
     x_new, y_new, _, _ = batches()
     want = torch.autograd.grad(F.l1_loss(model(x_new), y_new), list(model.parameters()))
-    for g, w in zip(applied_gradient(2, x_mem_present=False), want):
+    for g, w in zip(applied_gradient(2, x_mem_present=False), want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
 
 
@@ -103,7 +103,7 @@ def test_sync_hook_sees_gradients_before_the_step():
                    sync_grads=lambda params: seen.append([p.grad.clone() for p in params]))
     want = reference_gradient(TinyMLP(), *batches(), order=2)
     assert len(seen) == 1
-    for g, w in zip(seen[0], want):
+    for g, w in zip(seen[0], want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
 
 
@@ -119,5 +119,5 @@ def test_fast_weight_passes_leave_batchnorm_statistics_alone(order):
         expected(torch.cat([x_new, x_mem]))
     student_objective(student, x_new, y_new, x_mem, y_mem, meta_lr=ALPHA, weight_decay=WD,
                       retention_order=order)
-    for (name, got), want in zip(student.named_buffers(), expected.buffers()):
+    for (name, got), want in zip(student.named_buffers(), expected.buffers(), strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"buffer {name} moved")

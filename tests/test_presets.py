@@ -34,4 +34,4 @@ def test_one_iteration_on_random_tensors_passes_through_the_whole_update(name):
     second = distiller.train_epoch()  # full LRRA step with retention (order 2)
     assert first["memory/size"] == 1 and "loss/student_retention" in second
     assert all(0.0 <= m["eval/student_acc"] <= 1.0 for m in (first, second))
-    assert any(not torch.equal(b, p) for b, p in zip(before, distiller.student.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(before, distiller.student.parameters(), strict=True))
