@@ -1,8 +1,9 @@
-"""Command line: ``python -m lrra {teacher,distill} --preset NAME [...]``."""
+"""Command line: ``python -m lrra {teacher,distill,eval} --preset NAME [...]``."""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -50,7 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     ray_train.add_argument("--max-failures", type=int, default=0,
                            help="worker-group restarts from the latest checkpoint (default: 0)")
     ray_train.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
+    _tracking_uri(distill)
+
+    evaluate = sub.add_parser("eval", help="test accuracy of a logged student (an MLflow model URI)")
+    _common(evaluate)
+    evaluate.add_argument("--model", required=True,
+                          help="MLflow model URI, e.g. models:/lrra-mnist-student@champion")
+    _tracking_uri(evaluate)
+    evaluate.set_defaults(epochs=None)  # config_from_args reads it
     return parser
+
+
+def _tracking_uri(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tracking-uri",
+                        help="MLflow store: http://HOST:PORT for a tracking server (default: $MLFLOW_TRACKING_URI, "
+                             "else sqlite:///mlflow.db in this folder; 'none' logs nothing)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -64,6 +79,26 @@ def config_from_args(args: argparse.Namespace):
     return preset(args.preset, **overrides)
 
 
+def tracking_hook(args: argparse.Namespace):
+    """distill_local's ``track`` argument: checks the store now, before anything starts."""
+    if args.tracking_uri == "none":
+        return None
+    from lrra import tracking  # MLflow is imported only when it is used
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    tracking.check_tracking_uri(uri)
+    return functools.partial(tracking.tracked_distill, uri)
+
+
+def run_eval(cfg, args: argparse.Namespace) -> dict:
+    from lrra import tracking
+
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    tracking.check_tracking_uri(uri)
+    tracking.connect(uri)
+    return tracking.evaluate_logged_student(args.model, cfg)
+
+
 def run_distill(cfg, args: argparse.Namespace, resume: str | None):
     """In this process (--workers 0) or through Ray Train."""
     ray_flags = {"--gpu": args.gpu, "--storage": args.storage, "--name": args.name,
@@ -71,7 +106,7 @@ def run_distill(cfg, args: argparse.Namespace, resume: str | None):
     if args.workers == 0:
         if any(ray_flags.values()):
             raise ConfigError(f"{', '.join(k for k, v in ray_flags.items() if v)} only apply with --workers N >= 1")
-        return distill_local(cfg, args.out, resume)
+        return distill_local(cfg, args.out, resume, track=tracking_hook(args))
     if args.out or resume:
         raise ConfigError("--out and --resume are for --workers 0; under Ray Train the run lives in "
                           "--storage/--name, and running the same --name again resumes it")
@@ -92,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
             model, meta = train_teacher(cfg, log=stderr_log)
             path = save_teacher(model, meta, args.out or default_teacher_path(cfg))
             result = {"teacher": str(path), **meta}
+        elif args.command == "eval":
+            result = run_eval(cfg, args)
         else:
             result = run_distill(cfg, args, resume)
     except USER_ERRORS as err:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +19,9 @@ from lrra.teacher import obtain_teacher, save_teacher
 from lrra.train import Distiller, load_checkpoint, save_checkpoint
 
 Log = Callable[[str], None]
+# (cfg, teacher meta, teacher path) -> a context holding an experiment-tracking run, e.g.
+# lrra.tracking.tracked_distill; it gets on_epoch(metrics, distiller) and log_student(model, meta).
+TrackRun = Callable[[LRRAConfig, dict[str, Any], Path], AbstractContextManager[Any]]
 
 
 def stderr_log(message: str) -> None:
@@ -40,8 +44,10 @@ def default_run_dir(cfg: LRRAConfig) -> Path:
 
 
 def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: str | Path | None = None,
-                  log: Log = stderr_log) -> dict[str, Any]:
+                  log: Log = stderr_log, track: TrackRun | None = None) -> dict[str, Any]:
     """Distil in this process; write checkpoint.pt, metrics.jsonl and best_student.pt to out_dir.
+
+    With ``track``, the run is also logged there (metrics, images, the best student).
 
     Everything that can fail on bad input (teacher, dataset, checkpoint) is checked before the
     output folder is created.
@@ -65,13 +71,18 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
         finished = d.epoch == cfg.epochs
         if finished or (cfg.checkpoint_every and d.epoch % cfg.checkpoint_every == 0):
             save_checkpoint(d.state_dict(), out / "checkpoint.pt")
+        if run is not None:
+            run.on_epoch(metrics, d)
 
     start = time.perf_counter()
-    distiller.run(on_epoch)
-    student_meta = dict(teacher_meta, arch=cfg.student_arch, test_accuracy=distiller.best_accuracy,
-                        best_epoch=distiller.best_epoch, teacher=str(teacher_path))
-    save_teacher(distiller.best_student_model(), student_meta, out / "best_student.pt")
+    with track(cfg, teacher_meta, teacher_path) if track else nullcontext() as run:
+        distiller.run(on_epoch)
+        student_meta = dict(teacher_meta, arch=cfg.student_arch, test_accuracy=distiller.best_accuracy,
+                            best_epoch=distiller.best_epoch, teacher=str(teacher_path))
+        save_teacher(distiller.best_student_model(), student_meta, out / "best_student.pt")
+        model_uri = run.log_student(distiller.best_student_model(), student_meta) if run else None
     accs = distiller.accuracies
+    tracked = {"mlflow_run_id": run.run_id, "model_uri": model_uri} if run else {}
     return {
         "preset": cfg.preset,
         "teacher_acc": teacher_meta["test_accuracy"],
@@ -82,4 +93,5 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
         "epochs": distiller.epoch,
         "wall_s": round(time.perf_counter() - start, 2),
         "out_dir": str(out),
+        **tracked,
     }

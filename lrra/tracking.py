@@ -1,0 +1,544 @@
+"""MLflow tracking: runs, per-epoch metrics, generated images, the best student and its registry alias.
+
+Every run is addressed by its id through ``MlflowClient``, never through mlflow's active-run
+stack: a search's parent run belongs to the driver, while each trial's child run is written by
+the trial's Ray Train rank-0 worker, another process, possibly on another node. A child run is
+created with the ``mlflow.parentRunId`` tag and found again by its Tune trial id
+(``lrra.trial_id``), so a resumed trial continues its own run.
+
+Stores: ``sqlite:///mlflow.db`` in the working directory by default (one machine), or a tracking
+server (``http://HOST:PORT``) that every node of a cluster can reach. A server is probed with one
+short HTTP request before anything starts: MLflow's own client retries for minutes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import torch
+import torchvision.utils
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from torch import nn
+
+from lrra.config import ConfigError, LRRAConfig
+from lrra.data import dataset_info, load_split
+from lrra.train import Distiller, accuracy, resolve_device
+
+SQLITE = "sqlite:///"
+DEFAULT_TRACKING_URI = SQLITE + "mlflow.db"
+DISTILL_EXPERIMENT = "lrra-distill"
+SEARCH_EXPERIMENT = "lrra-search"
+
+TAG_KIND = "lrra.kind"                           # "distill", "search" or "trial"
+TAG_SEARCH = "lrra.search"                       # the search's name: finds its parent run on --resume
+TAG_TRIAL_ID = "lrra.trial_id"                   # the Tune trial id: finds a trial's run on resume
+TAG_OPTUNA_TRIAL = "lrra.optuna_trial_number"
+TAG_TEACHER_PATH = "lrra.teacher_path"
+
+SELECTION_METRIC = "eval/best_student_acc"
+STUDENT_MODEL_NAME = "student"
+CHAMPION_ALIAS = "champion"
+VERSION_ACCURACY_TAG = "test_accuracy"           # on a registered version: what the alias compares
+IMAGE_EVERY = 5                                  # epochs between two generated-image grids
+IMAGE_GRID_SAMPLES = 64
+
+SERVER_CHECK_TIMEOUT_S = 5.0
+# Defaults for MLflow's HTTP client once the server answered: fail within a minute or so instead
+# of retrying for minutes (7 retries with exponential backoff). A user's own setting wins.
+HTTP_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+VERSIONED_PACKAGES = ("lrra", "torch", "ray", "optuna", "mlflow")
+
+
+class TrackingError(ConfigError):
+    """The tracking store or a logged model cannot be used; the message says which and how to fix it."""
+
+
+# ----------------------------------------------------------------------------------------
+# Tracking URI
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else $MLFLOW_TRACKING_URI, else ./mlflow.db; SQLite paths are made absolute.
+
+    Absolute because Ray Train workers run in their own working directory.
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    database = sqlite_path(uri)
+    return SQLITE + str(database.absolute()) if database is not None else uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite store URI (None for any other store)."""
+    return Path(uri[len(SQLITE):]) if uri.startswith(SQLITE) else None
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Raise TrackingError, within seconds, when the store at ``uri`` cannot be used."""
+    database = sqlite_path(uri)
+    if is_server(uri):
+        _check_server(uri)
+    elif database is not None and not database.parent.is_dir():
+        raise TrackingError(f"--tracking-uri {uri}: folder {database.parent} does not exist; "
+                            "create it or pick another path")
+
+
+def _check_server(uri: str) -> None:
+    health = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(health, timeout=SERVER_CHECK_TIMEOUT_S) as response:
+            response.read()
+    except urllib.error.HTTPError as err:
+        raise TrackingError(f"--tracking-uri {uri}: {health} answered HTTP {err.code}; is that an MLflow "
+                            "tracking server?") from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(
+            f"--tracking-uri {uri}: no MLflow tracking server reachable there ({reason}). Start one with "
+            f"`mlflow server --backend-store-uri sqlite:///mlflow.db --host HOST --port PORT`, or leave out "
+            f"--tracking-uri to log to {DEFAULT_TRACKING_URI} in this folder") from None
+
+
+def connect(uri: str) -> MlflowClient:
+    """Point this process's MLflow at ``uri`` (model logging and registration read it) and return a client."""
+    if is_server(uri):
+        for name, value in HTTP_CLIENT_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database, wherever the process runs.
+
+    Not in ./mlruns (MLflow's default): `mlflow server` run in a folder that holds ./mlruns takes
+    it for a deprecated file store. A tracking server picks its own location (None).
+    """
+    database = sqlite_path(uri)
+    return str(database.parent / "mlartifacts" / experiment) if database is not None else None
+
+
+def ensure_experiment(client: MlflowClient, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+
+
+# ----------------------------------------------------------------------------------------
+# Runs
+
+
+def version_tags() -> dict[str, str]:
+    """``lrra.version.<package>`` for the packages a result depends on."""
+    tags = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            tags[f"lrra.version.{package}"] = version(package)
+        except PackageNotFoundError:
+            tags[f"lrra.version.{package}"] = "not installed"
+    return tags
+
+
+def _tag_filter(tags: dict[str, str]) -> str:
+    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+
+
+def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> str | None:
+    """The id of the newest run of the experiment carrying all ``tags``, or None."""
+    runs = client.search_runs([experiment_id], _tag_filter(tags), max_results=1,
+                              order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None
+
+
+def open_run(client: MlflowClient, experiment_id: str, tags: dict[str, str], run_name: str | None = None) -> str:
+    """Continue the run carrying ``tags`` (back to RUNNING) or create it; returns its id."""
+    run_id = find_run(client, experiment_id, tags)
+    if run_id is None:
+        return client.create_run(experiment_id, tags={**version_tags(), **tags}, run_name=run_name).info.run_id
+    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    return run_id
+
+
+def open_search_run(client: MlflowClient, search_name: str, params: dict[str, Any],
+                    experiment: str = SEARCH_EXPERIMENT) -> str:
+    """The parent run of a search, found again by name when the search resumes."""
+    experiment_id = ensure_experiment(client, experiment)
+    run_id = open_run(client, experiment_id, {TAG_KIND: "search", TAG_SEARCH: search_name}, run_name=search_name)
+    log_params(client, run_id, params)
+    return run_id
+
+
+def open_trial_run(client: MlflowClient, parent_run_id: str, trial_id: str, *,
+                   optuna_trial_number: int | None = None, run_name: str | None = None) -> str:
+    """A trial's child run under ``parent_run_id``, continued when the same Tune trial resumes."""
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    tags = {TAG_KIND: "trial", MLFLOW_PARENT_RUN_ID: parent_run_id, TAG_TRIAL_ID: trial_id}
+    run_id = open_run(client, experiment_id, tags, run_name=run_name or trial_id)
+    if optuna_trial_number is not None:
+        client.set_tag(run_id, TAG_OPTUNA_TRIAL, str(optuna_trial_number))
+    return run_id
+
+
+def open_distill_run(client: MlflowClient, cfg: LRRAConfig, run_name: str | None = None) -> str:
+    """A top-level run for a `distill` outside any search (always a new run)."""
+    experiment_id = ensure_experiment(client, DISTILL_EXPERIMENT)
+    tags = {**version_tags(), TAG_KIND: "distill"}
+    return client.create_run(experiment_id, tags=tags, run_name=run_name or cfg.preset).info.run_id
+
+
+def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
+    """Log params as strings. Re-logging an identical value (a resumed run) is accepted by MLflow."""
+    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+
+
+def log_run_inputs(client: MlflowClient, run_id: str, cfg: LRRAConfig, teacher_meta: dict[str, Any],
+                   teacher_path: str | os.PathLike) -> None:
+    """The full config as params, plus the teacher it distils."""
+    log_params(client, run_id, {**cfg.to_dict(), "teacher.test_accuracy": teacher_meta["test_accuracy"]})
+    client.set_tag(run_id, TAG_TEACHER_PATH, str(teacher_path))
+
+
+def run_status_for(error: BaseException | None) -> str:
+    """FINISHED, KILLED for an interruption (Ctrl-C, SystemExit), FAILED for any other error."""
+    if error is None:
+        return RunStatus.to_string(RunStatus.FINISHED)
+    if isinstance(error, KeyboardInterrupt | SystemExit):
+        return RunStatus.to_string(RunStatus.KILLED)
+    return RunStatus.to_string(RunStatus.FAILED)
+
+
+def end_run(client: MlflowClient, run_id: str, error: BaseException | None = None) -> None:
+    client.set_terminated(run_id, run_status_for(error))
+
+
+@contextmanager
+def ended_run(client: MlflowClient, run_id: str) -> Iterator[str]:
+    """Ends ``run_id`` FINISHED, KILLED or FAILED according to how the block exits."""
+    try:
+        yield run_id
+    except BaseException as error:
+        end_run(client, run_id, error)
+        raise
+    end_run(client, run_id)
+
+
+def end_running_children(client: MlflowClient, parent_run_id: str, status: str = "KILLED") -> list[str]:
+    """Mark the parent's children still RUNNING (their worker died before it could end them)."""
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    filter_string = f"{_tag_filter({MLFLOW_PARENT_RUN_ID: parent_run_id})} and attributes.status = 'RUNNING'"
+    stale = [run.info.run_id for run in client.search_runs([experiment_id], filter_string)]
+    for run_id in stale:
+        client.set_terminated(run_id, status)
+    return stale
+
+
+# ----------------------------------------------------------------------------------------
+# During training
+
+
+def last_logged_epoch(client: MlflowClient, run_id: str) -> int:
+    """The last epoch already in the run (-1 if none)."""
+    return max((int(m.step) for m in client.get_metric_history(run_id, "epoch")), default=-1)
+
+
+def log_epoch_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
+    """All of one epoch's metrics in one request, each at step = epoch."""
+    epoch, now = int(metrics["epoch"]), int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, epoch) for key, value in metrics.items()])
+
+
+def normalisation(meta: dict[str, Any], cfg: LRRAConfig) -> tuple[list[float], list[float]]:
+    """(mean, std) the teacher was trained with: from its metadata, else the dataset's known values."""
+    if "mean" in meta and "std" in meta:
+        return list(meta["mean"]), list(meta["std"])
+    info = dataset_info(cfg.dataset, cfg.data_dir)
+    return list(info.mean), list(info.std)
+
+
+@torch.no_grad()
+def generated_image_grid(generator: nn.Module, latent_dim: int, mean: list[float], std: list[float],
+                         samples: int = IMAGE_GRID_SAMPLES, seed: int = 0) -> np.ndarray:
+    """An [H, W, 3] uint8 grid of generator samples, de-normalised to pixels.
+
+    The same latents every call (own RNG, seeded), so successive grids show the same samples
+    evolving. A copy samples in train mode, as the student sees the images, without touching
+    the real generator's BatchNorm statistics or the run's random streams (resume stays exact).
+    """
+    sampler = copy.deepcopy(generator).train()
+    device = next(sampler.parameters()).device
+    z = torch.randn(samples, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    images = sampler(z).float().cpu()
+    images = images * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    grid = torchvision.utils.make_grid(images.clamp(0, 1), nrow=int(samples ** 0.5), padding=1)
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def image_due(epoch: int, epochs: int, every: int = IMAGE_EVERY) -> bool:
+    """The first epoch, every ``every``-th, and the last."""
+    return epoch % every == 0 or epoch == epochs - 1
+
+
+def image_artifact(epoch: int) -> str:
+    return f"images/epoch_{epoch:03d}.png"
+
+
+class RunTracker:
+    """What one run logs while a Distiller trains: metrics, image grids, system metrics, the student.
+
+    Created on the process that trains (rank 0 under Ray Train). Epochs already in the run are not
+    logged again: a resumed run re-trains, bit for bit, the epochs after its last checkpoint.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, cfg: LRRAConfig, teacher_meta: dict[str, Any], *,
+                 image_every: int = IMAGE_EVERY) -> None:
+        self.client, self.run_id, self.cfg = client, run_id, cfg
+        self.mean, self.std = normalisation(teacher_meta, cfg)
+        self.image_every = image_every
+        self.logged_through = last_logged_epoch(client, run_id)
+        self._system_metrics = start_system_metrics(run_id, client.tracking_uri)
+
+    def on_epoch(self, metrics: dict[str, float], distiller: Distiller) -> None:
+        epoch = int(metrics["epoch"])
+        if epoch <= self.logged_through:
+            return
+        log_epoch_metrics(self.client, self.run_id, metrics)
+        if image_due(epoch, self.cfg.epochs, self.image_every):
+            grid = generated_image_grid(distiller.generator, self.cfg.latent_dim, self.mean, self.std,
+                                        seed=self.cfg.seed)
+            self.client.log_image(self.run_id, grid, artifact_file=image_artifact(epoch))
+        self.logged_through = epoch
+
+    def log_student(self, model: nn.Module, student_meta: dict[str, Any]) -> str:
+        """Log the best student as this run's MLflow model; returns its model URI."""
+        return log_student_model(self.client, self.run_id, model, student_meta)
+
+    def end(self, error: BaseException | None = None) -> None:
+        if self._system_metrics is not None:
+            self._system_metrics.finish()
+        end_run(self.client, self.run_id, error)
+
+
+def start_system_metrics(run_id: str, tracking_uri: str):
+    """MLflow's CPU/memory/disk/network (and NVIDIA GPU) sampler on ``run_id``, or None without psutil.
+
+    Sampling every 10 s unless $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise; GPU
+    metrics need the nvidia-ml-py package.
+    """
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:  # psutil missing: training goes on without system metrics
+        return None
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
+@contextmanager
+def tracked_distill(tracking_uri: str, cfg: LRRAConfig, teacher_meta: dict[str, Any],
+                    teacher_path: str | os.PathLike) -> Iterator[RunTracker]:
+    """distill_local's ``track`` hook: a top-level run, ended according to how the block exits."""
+    client = connect(tracking_uri)
+    run_id = open_distill_run(client, cfg)
+    log_run_inputs(client, run_id, cfg, teacher_meta, teacher_path)
+    tracker = RunTracker(client, run_id, cfg, teacher_meta)
+    try:
+        yield tracker
+    except BaseException as error:
+        tracker.end(error)
+        raise
+    tracker.end()
+
+
+# ----------------------------------------------------------------------------------------
+# The student as an MLflow model
+
+
+def _pinned(package: str) -> str:
+    return f"{package}=={version(package).split('+')[0]}"
+
+
+def log_student_model(client: MlflowClient, run_id: str, model: nn.Module, student_meta: dict[str, Any]) -> str:
+    """Log ``model`` (eval mode) with signature, input example and metadata; returns the model URI.
+
+    Saved as a torch.export program (MLflow's default, loadable without unpickling code). Its
+    metadata (architecture, dataset, image size, normalisation, accuracy) lets `eval` rebuild
+    the test set. ``student_meta`` is a teacher-format meta dict of the student.
+    """
+    model = model.cpu().eval()
+    # Two images: torch.export fixes a batch dimension of size 1, and the program would then
+    # accept single images only.
+    example = torch.zeros(2, student_meta["channels"], student_meta["image_size"], student_meta["image_size"])
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), model(example).numpy())
+    # Created here, in the run's experiment: log_model alone would file it under the process's
+    # active experiment, which on a Ray worker is MLflow's "Default".
+    logged = client.create_logged_model(
+        client.get_run(run_id).info.experiment_id, name=STUDENT_MODEL_NAME, source_run_id=run_id,
+        params={f"student.{key}": _param_text(value) for key, value in student_meta.items()},
+        tags={TAG_KIND: "student"})
+    info = mlflow.pytorch.log_model(
+        model, name=STUDENT_MODEL_NAME, signature=signature, input_example=example.numpy(),
+        # Explicit requirements: inferring them runs the model in a subprocess (~10 s).
+        pip_requirements=[_pinned("torch"), _pinned("mlflow")],
+        metadata={"lrra": _plain(student_meta)},
+        step=max(int(student_meta.get("best_epoch", 0)), 0),  # links that epoch's metrics to the model
+        model_id=logged.model_id,
+        run_id=run_id,
+    )
+    return info.model_uri
+
+
+def _plain(meta: dict[str, Any]) -> dict[str, Any]:
+    """JSON-safe copy (the MLmodel file is YAML): paths and tensors become strings or lists."""
+    return json.loads(json.dumps(meta, default=str))
+
+
+def _param_text(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
+
+
+def registered_model_name(preset: str) -> str:
+    return f"lrra-{preset}-student"
+
+
+def champion_accuracy(client: MlflowClient, name: str) -> float | None:
+    """The test accuracy recorded on the version the champion alias points to (None: no champion)."""
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
+    except MlflowException:  # no such model or no such alias
+        return None
+    return float(champion.tags[VERSION_ACCURACY_TAG])
+
+
+def register_champion(client: MlflowClient, preset: str, model_uri: str, test_accuracy: float) -> dict[str, Any]:
+    """Register ``model_uri`` as a version of lrra-<preset>-student; move ``champion`` only if it beats it.
+
+    The accuracy is recorded on the version (tag ``test_accuracy``) so later calls compare with it.
+    """
+    name = registered_model_name(preset)
+    previous = champion_accuracy(client, name)
+    model_version = mlflow.register_model(model_uri, name, tags={VERSION_ACCURACY_TAG: repr(float(test_accuracy))})
+    is_champion = previous is None or test_accuracy > previous
+    if is_champion:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, model_version.version)
+    return {"name": name, "version": int(model_version.version), "champion": is_champion,
+            "previous_champion_accuracy": previous}
+
+
+# ----------------------------------------------------------------------------------------
+# `python -m lrra eval`
+
+
+class FrozenEvalModel(nn.Module):
+    """A loaded torch.export program for code that toggles train/eval mode.
+
+    The program was exported in eval mode and raises on .eval()/.train(); ``accuracy`` calls both.
+    """
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def train(self, mode: bool = True) -> FrozenEvalModel:
+        self.training = mode  # the program itself stays in the mode it was exported in
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.program(images)
+
+
+def logged_student_meta(model_uri: str) -> dict[str, Any]:
+    try:
+        metadata = mlflow.models.get_model_info(model_uri).metadata or {}
+    except MlflowException as err:
+        raise TrackingError(f"--model {model_uri}: {err.message}") from None
+    if "lrra" not in metadata:
+        raise TrackingError(f"--model {model_uri} is not an LRRA student (its MLmodel has no 'lrra' metadata)")
+    return metadata["lrra"]
+
+
+def check_model_fits(meta: dict[str, Any], cfg: LRRAConfig, model_uri: str) -> None:
+    for key, field in (("dataset", "dataset"), ("image_size", "image_size"), ("channels", "channels")):
+        if meta[key] != getattr(cfg, field):
+            raise TrackingError(f"--model {model_uri} was distilled with {key}={meta[key]!r} but preset "
+                                f"{cfg.preset!r} has {field}={getattr(cfg, field)!r}; use the matching --preset")
+
+
+def evaluate_logged_student(model_uri: str, cfg: LRRAConfig) -> dict[str, Any]:
+    """Load a logged student and score it on the real test set of its dataset."""
+    meta = logged_student_meta(model_uri)
+    check_model_fits(meta, cfg, model_uri)
+    test_set = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)
+    device = resolve_device(cfg.device)
+    model = FrozenEvalModel(mlflow.pytorch.load_model(model_uri)).to(device)
+    return {"model": model_uri, "arch": meta["arch"], "dataset": cfg.dataset, "test_examples": len(test_set),
+            "test_accuracy": accuracy(model, test_set, device, cfg.eval_batch_size),
+            "logged_accuracy": meta["test_accuracy"]}
+
+
+# ----------------------------------------------------------------------------------------
+# Search-level pictures and table (on the parent run)
+
+
+def log_search_plots(client: MlflowClient, run_id: str, study) -> list[str]:
+    """Optuna's optimisation history, parameter importances and parallel coordinates as figures.
+
+    Importances need two or more complete trials whose parameters vary; the other plots need one.
+    Returns the artifact paths written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as optuna_plots
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    plots = {}
+    if complete:
+        plots["plots/optimization_history.png"] = optuna_plots.plot_optimization_history
+        plots["plots/parallel_coordinate.png"] = optuna_plots.plot_parallel_coordinate
+    if len(complete) >= 2 and _params_vary(complete):
+        plots["plots/param_importances.png"] = optuna_plots.plot_param_importances
+    for artifact_file, plot in plots.items():
+        figure = plot(study).figure
+        figure.set_size_inches(10, 6)
+        figure.tight_layout()
+        client.log_figure(run_id, figure, artifact_file)
+        plt.close(figure)
+    return list(plots)
+
+
+def _params_vary(trials) -> bool:
+    return any(len({json.dumps(t.params.get(name), default=str) for t in trials}) > 1
+               for name in trials[0].params)
+
+
+def log_results_table(client: MlflowClient, run_id: str, frame, artifact_file: str = "results/trials.parquet") -> None:
+    """A pandas DataFrame as a Parquet artifact of the run."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / Path(artifact_file).name
+        frame.to_parquet(path)
+        client.log_artifact(run_id, str(path), str(Path(artifact_file).parent))

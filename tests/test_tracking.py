@@ -1,0 +1,301 @@
+"""MLflow tracking with a real store: SQLite in tmp_path, and a real `mlflow server` (slow tier).
+
+One tiny digits distillation per store serves the run, metric, image, model, registry and
+`eval` checks; the search-level helpers run on small synthetic Optuna studies.
+"""
+
+import contextlib
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from lrra import tracking
+from lrra.cli import main
+from lrra.config import preset
+from lrra.models import build_generator
+
+EPOCHS = 3
+# Tiny budget: these tests check what is logged, not how well the student learns.
+DISTILL = ["distill", "--preset", "digits", "--epochs", str(EPOCHS),
+           "--set", "iters_per_epoch=2", "--set", "kd_steps=2"]
+PER_EPOCH_METRICS = ["epoch", "eval/student_acc", "eval/best_student_acc", "eval/mean_student_acc",
+                     "loss/generator", "loss/student_total", "memory/size", "perf/student_steps_per_s"]
+
+
+def run_cli(argv: list[str]) -> tuple[int, dict | None, str]:
+    """(exit code, the JSON line printed, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    lines = out.getvalue().strip().splitlines()
+    return code, json.loads(lines[-1]) if lines else None, err.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fast_system_metrics():
+    # MLflow samples every 10 s by default: longer than these runs.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+        yield
+
+
+def distill_into(uri: str, teacher_path, workdir) -> dict:
+    code, result, err = run_cli([*DISTILL, "--teacher", str(teacher_path), "--out", str(workdir / "run"),
+                                 "--data-dir", str(workdir / "data"), "--tracking-uri", uri])
+    assert code == 0, err
+    return result
+
+
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def distilled(sqlite_store, digits_teacher, tmp_path_factory):
+    """The CLI result of one tracked digits distillation into the SQLite store."""
+    return distill_into(sqlite_store, digits_teacher[0], tmp_path_factory.mktemp("distill"))
+
+
+@pytest.fixture
+def client(sqlite_store):
+    return tracking.connect(sqlite_store)
+
+
+# ----------------------------------------------------------------------------------------
+# A distill run
+
+
+def check_distill_run(client: MlflowClient, result: dict) -> None:
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.TAG_KIND] == "distill" and MLFLOW_PARENT_RUN_ID not in run.data.tags
+    assert run.data.tags["lrra.version.mlflow"] == "3.17.2"
+    cfg = preset("digits", epochs=EPOCHS, iters_per_epoch=2, kd_steps=2)
+    for name in ("preset", "epochs", "iters_per_epoch", "meta_lr", "student_arch", "retention_order"):
+        assert run.data.params[name] == str(getattr(cfg, name))
+    for name in PER_EPOCH_METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(EPOCHS)), name
+    assert run.data.metrics["eval/best_student_acc"] == result["best_student_acc"]
+    assert any(name.startswith("system/cpu") for name in run.data.metrics)
+    images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+    assert images == ["images/epoch_000.png", "images/epoch_002.png"]  # the first and the last epoch
+    [output] = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.experiment_id == run.info.experiment_id and result["model_uri"] == f"models:/{model.model_id}"
+    assert model.params["student.arch"] == "convnet_half" and model.params["student.dataset"] == "digits"
+
+
+def test_distill_logs_config_metric_histories_images_and_the_student(client, distilled):
+    check_distill_run(client, distilled)
+
+
+def test_eval_of_the_champion_reproduces_the_logged_accuracy(client, distilled, tmp_path):
+    check_eval_reproduces(client, distilled, client.tracking_uri, tmp_path)
+
+
+def check_eval_reproduces(client: MlflowClient, result: dict, uri: str, tmp_path) -> None:
+    registered = tracking.register_champion(client, "digits", result["model_uri"], result["best_student_acc"])
+    assert registered["champion"]
+    code, evaluated, err = run_cli(["eval", "--model", "models:/lrra-digits-student@champion", "--preset", "digits",
+                                    "--data-dir", str(tmp_path), "--tracking-uri", uri])
+    assert code == 0, err
+    assert evaluated["test_accuracy"] == evaluated["logged_accuracy"] == result["best_student_acc"]
+    assert evaluated["test_examples"] == 360
+
+
+def test_eval_with_the_wrong_preset_is_a_clear_error(sqlite_store, distilled, tmp_path):
+    code, _, err = run_cli(["eval", "--model", distilled["model_uri"], "--preset", "mnist",
+                            "--data-dir", str(tmp_path), "--tracking-uri", sqlite_store])
+    assert code == 2 and "dataset='digits'" in err and "--preset" in err
+
+
+def test_register_champion_moves_the_alias_only_when_beaten(client, distilled):
+    outcomes = [tracking.register_champion(client, "alias-test", distilled["model_uri"], acc)
+                for acc in (0.5, 0.4, 0.5, 0.6)]
+    assert [(o["version"], o["champion"]) for o in outcomes] == [(1, True), (2, False), (3, False), (4, True)]
+    assert int(client.get_model_version_by_alias("lrra-alias-test-student", "champion").version) == 4
+    assert tracking.champion_accuracy(client, "lrra-alias-test-student") == 0.6
+
+
+# ----------------------------------------------------------------------------------------
+# Search and trial runs, run status
+
+
+def test_trial_run_is_a_child_found_again_by_its_trial_id(client):
+    parent = tracking.open_search_run(client, "search-a", {"preset": "digits"})
+    child = tracking.open_trial_run(client, parent, "trial_0001", optuna_trial_number=0)
+    tracking.end_run(client, child, KeyboardInterrupt())
+    assert client.get_run(child).info.status == "KILLED"
+
+    assert tracking.open_search_run(client, "search-a", {"preset": "digits"}) == parent
+    assert tracking.open_trial_run(client, parent, "trial_0001", optuna_trial_number=0) == child
+    run = client.get_run(child)
+    assert run.info.status == "RUNNING"
+    assert run.data.tags[MLFLOW_PARENT_RUN_ID] == parent
+    assert run.data.tags[tracking.TAG_TRIAL_ID] == "trial_0001"
+    assert run.data.tags[tracking.TAG_OPTUNA_TRIAL] == "0"
+    other = tracking.open_trial_run(client, parent, "trial_0002")
+    assert other != child
+    assert sorted(tracking.end_running_children(client, parent)) == sorted([child, other])
+    assert {client.get_run(r).info.status for r in (child, other)} == {"KILLED"}
+
+
+@pytest.mark.parametrize("error, status", [(None, "FINISHED"), (KeyboardInterrupt(), "KILLED"),
+                                           (RuntimeError("boom"), "FAILED")])
+def test_ended_run_sets_the_status_from_how_the_block_exits(client, error, status):
+    run_id = tracking.open_search_run(client, f"status-{status}", {})
+    with contextlib.suppress(BaseException), tracking.ended_run(client, run_id):
+        if error is not None:
+            raise error
+    assert client.get_run(run_id).info.status == status
+
+
+def test_resumed_tracker_skips_epochs_already_logged(client, digits_teacher):
+    cfg = preset("digits")
+    run_id = tracking.open_search_run(client, "resume-metrics", {})
+    tracking.log_epoch_metrics(client, run_id, {"epoch": 0, "loss/generator": 1.0})
+    tracker = tracking.RunTracker(client, run_id, cfg, digits_teacher[1])
+    tracker.on_epoch({"epoch": 0, "loss/generator": 2.0}, distiller=None)  # re-trained after a restore
+    tracker.end()
+    assert [m.value for m in client.get_metric_history(run_id, "loss/generator")] == [1.0]
+
+
+# ----------------------------------------------------------------------------------------
+# Pictures and tables
+
+
+def test_image_grid_is_uint8_and_leaves_the_generator_and_rng_alone():
+    torch.manual_seed(0)
+    generator = build_generator(32, 8, 1, 16)
+    before = {k: v.clone() for k, v in generator.state_dict().items()}
+    rng = torch.get_rng_state()
+    grid = tracking.generated_image_grid(generator, 32, [0.3], [0.4], samples=64)
+    assert grid.dtype.name == "uint8" and grid.shape == (8 * 9 + 1, 8 * 9 + 1, 3)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in generator.state_dict().items())
+    assert (grid == tracking.generated_image_grid(generator, 32, [0.3], [0.4], samples=64)).all()
+
+
+def toy_study(trials: int, vary: bool = True) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+
+    def objective(trial):
+        lr = trial.suggest_float("meta_lr", 0.01, 1.0, log=True) if vary else 0.1
+        order = trial.suggest_categorical("retention_order", [1, 2])
+        return lr * order
+
+    study.optimize(objective, n_trials=trials)
+    return study
+
+
+def test_search_plots_and_results_table_on_the_parent_run(client, tmp_path):
+    run_id = tracking.open_search_run(client, "plots", {})
+    study = toy_study(6)
+    written = tracking.log_search_plots(client, run_id, study)
+    tracking.log_results_table(client, run_id, study.trials_dataframe())
+    plots = sorted(f.path for f in client.list_artifacts(run_id, "plots"))
+    assert plots == sorted(written) == ["plots/optimization_history.png", "plots/parallel_coordinate.png",
+                                        "plots/param_importances.png"]
+    table = client.download_artifacts(run_id, "results/trials.parquet", str(tmp_path))
+    assert len(pd.read_parquet(table)) == 6
+
+
+def test_param_importances_need_two_trials(client):
+    run_id = tracking.open_search_run(client, "one-trial", {})
+    assert "plots/param_importances.png" not in tracking.log_search_plots(client, run_id, toy_study(1))
+    assert tracking.log_search_plots(client, run_id, optuna.create_study()) == []
+
+
+# ----------------------------------------------------------------------------------------
+# Tracking URIs
+
+
+def test_relative_sqlite_uri_becomes_absolute(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking.resolve_tracking_uri() == "http://127.0.0.1:5000"
+    assert tracking.resolve_tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+
+
+def test_unreachable_tracking_server_fails_fast_before_anything_starts(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.perf_counter()
+    # No --teacher: a reachable store would first train one into the data folder.
+    code, result, err = run_cli([*DISTILL, "--out", str(tmp_path / "run"), "--data-dir", str(tmp_path / "data"),
+                                 "--tracking-uri", uri])
+    assert code == 2 and result is None
+    assert f"--tracking-uri {uri}: no MLflow tracking server reachable there" in err
+    assert time.perf_counter() - start < 15
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+    code, _, err = run_cli(["eval", "--model", "models:/x@champion", "--preset", "digits", "--tracking-uri", uri])
+    assert code == 2 and "no MLflow tracking server reachable" in err
+
+
+def test_sqlite_store_in_a_missing_folder_is_a_clear_error(tmp_path):
+    code, _, err = run_cli([*DISTILL, "--tracking-uri", f"sqlite:///{tmp_path}/nope/mlflow.db"])
+    assert code == 2 and "does not exist" in err
+
+
+# ----------------------------------------------------------------------------------------
+# A real tracking server (integration tier)
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """URI of a real `mlflow server` on a free loopback port, with proxied artifacts."""
+    folder = tmp_path_factory.mktemp("server")
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]  # the default 4 processes take a minute to start on two busy cores
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(uri, server, timeout_s=120)
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def wait_for_health(uri: str, server: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "mlflow server exited during startup"
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"mlflow server at {uri} did not answer /health within {timeout_s} s")
+
+
+@pytest.mark.slow
+def test_distill_register_and_eval_through_a_tracking_server(tracking_server, digits_teacher, tmp_path):
+    result = distill_into(tracking_server, digits_teacher[0], tmp_path)
+    client = tracking.connect(tracking_server)
+    check_distill_run(client, result)
+    assert client.get_run(result["mlflow_run_id"]).info.artifact_uri.startswith("mlflow-artifacts:")
+    check_eval_reproduces(client, result, tracking_server, tmp_path)
