@@ -79,23 +79,30 @@ def config_from_args(args: argparse.Namespace):
     return preset(args.preset, **overrides)
 
 
-def tracking_hook(args: argparse.Namespace):
-    """distill_local's ``track`` argument: checks the store now, before anything starts."""
+def checked_tracking_uri(args: argparse.Namespace) -> str | None:
+    """The MLflow store of --tracking-uri, checked now, before anything starts; None for 'none'."""
     if args.tracking_uri == "none":
         return None
     from lrra import tracking  # MLflow is imported only when it is used
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     tracking.check_tracking_uri(uri)
-    return functools.partial(tracking.tracked_distill, uri)
+    return uri
+
+
+def local_tracking_hook(uri: str | None):
+    """distill_local's ``track`` argument."""
+    if uri is None:
+        return None
+    from lrra.tracking import tracked_distill
+
+    return functools.partial(tracked_distill, uri)
 
 
 def run_eval(cfg, args: argparse.Namespace) -> dict:
     from lrra import tracking
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri)
-    tracking.check_tracking_uri(uri)
-    tracking.connect(uri)
+    tracking.connect(checked_tracking_uri(args) or tracking.resolve_tracking_uri())
     return tracking.evaluate_logged_student(args.model, cfg)
 
 
@@ -106,14 +113,15 @@ def run_distill(cfg, args: argparse.Namespace, resume: str | None):
     if args.workers == 0:
         if any(ray_flags.values()):
             raise ConfigError(f"{', '.join(k for k, v in ray_flags.items() if v)} only apply with --workers N >= 1")
-        return distill_local(cfg, args.out, resume, track=tracking_hook(args))
+        return distill_local(cfg, args.out, resume, track=local_tracking_hook(checked_tracking_uri(args)))
     if args.out or resume:
         raise ConfigError("--out and --resume are for --workers 0; under Ray Train the run lives in "
                           "--storage/--name, and running the same --name again resumes it")
     from lrra.distributed import run_distributed  # Ray is imported only when it is used
 
     return run_distributed(cfg, workers=args.workers, use_gpu=args.gpu, storage_path=args.storage or RAY_STORAGE,
-                           name=args.name, max_failures=args.max_failures, address=args.address, log=stderr_log)
+                           name=args.name, max_failures=args.max_failures, address=args.address,
+                           tracking_uri=checked_tracking_uri(args), log=stderr_log)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,9 @@ import os
 import socket
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.fs
 import ray
@@ -50,6 +51,9 @@ BEST_STUDENT_FILE = "best_student.pt"
 CHECKPOINTS_KEPT = 2
 DEFAULT_RESOURCES_PER_WORKER = {"CPU": 1}
 ADDRESS_TIMEOUT_S = 5.0
+
+if TYPE_CHECKING:
+    from lrra.tracking import RunTarget
 
 # In a worker, Ray Train tees print() into its logger (each line would show twice): log instead.
 logger = logging.getLogger(__name__)
@@ -123,10 +127,11 @@ def reduce_rank_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_loop_config(cfg: LRRAConfig, teacher_state: dict[str, torch.Tensor],
-                      teacher_meta: dict[str, Any]) -> dict[str, Any]:
+                      teacher_meta: dict[str, Any], tracking: RunTarget | None = None) -> dict[str, Any]:
     """What every worker receives. The teacher travels by value (Ray's object store), not as a
-    path: on a multi-node cluster a driver-side file does not exist on the workers."""
-    return {"cfg": cfg.to_dict(), "teacher_state": teacher_state, "teacher_meta": teacher_meta}
+    path: on a multi-node cluster a driver-side file does not exist on the workers. ``tracking``
+    says where rank 0 logs to MLflow (None: nowhere)."""
+    return {"cfg": cfg.to_dict(), "teacher_state": teacher_state, "teacher_meta": teacher_meta, "tracking": tracking}
 
 
 def teacher_from_state(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> nn.Module:
@@ -166,10 +171,14 @@ def save(distiller: Distiller, directory: Path, teacher_meta: dict[str, Any]) ->
         return
     torch.save(distiller.state_dict(), directory / STATE_FILE)
     if distiller.epoch == distiller.cfg.epochs:
-        cfg = distiller.cfg
-        meta = dict(teacher_meta, arch=cfg.student_arch, test_accuracy=distiller.best_accuracy,
-                    best_epoch=distiller.best_epoch)
-        save_teacher(distiller.best_student_model(), meta, directory / BEST_STUDENT_FILE)
+        save_teacher(distiller.best_student_model(), best_student_meta(distiller, teacher_meta),
+                     directory / BEST_STUDENT_FILE)
+
+
+def best_student_meta(distiller: Distiller, teacher_meta: dict[str, Any]) -> dict[str, Any]:
+    """The best student's teacher-format metadata."""
+    return dict(teacher_meta, arch=distiller.cfg.student_arch, test_accuracy=distiller.best_accuracy,
+                best_epoch=distiller.best_epoch)
 
 
 def checkpoint_due(cfg: LRRAConfig, finished_epochs: int) -> bool:
@@ -199,6 +208,16 @@ def summary(distiller: Distiller) -> dict[str, Any]:
     }
 
 
+def rank0_tracking(config: dict[str, Any], distiller: Distiller):
+    """Rank 0's MLflow run context (yields a lrra.tracking.RunTracker); a no-op elsewhere."""
+    target = config.get("tracking")
+    if target is None or distiller.rank != 0:
+        return nullcontext()
+    from lrra.tracking import tracked_worker  # MLflow is imported only where it logs
+
+    return tracked_worker(target, distiller.cfg, config["teacher_meta"])
+
+
 def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """The Ray Train function: one rank's Distiller, reporting every epoch from every rank."""
     distiller = worker_distiller(config)
@@ -208,19 +227,24 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         restore(distiller, checkpoint)
     resumed = checkpoint is not None
 
-    while distiller.epoch < cfg.epochs:
-        maybe_inject_fault(cfg, distiller.epoch, rank, resumed)
-        metrics = reduce_rank_metrics(distiller.train_epoch())
-        if rank == 0:
-            logger.info(format_progress(metrics, cfg.epochs))
-        if not checkpoint_due(cfg, distiller.epoch):
-            ray.train.report(metrics)  # V2: every rank reports, every epoch (it is a barrier)
-            continue
-        with tempfile.TemporaryDirectory(prefix="lrra-checkpoint-") as directory:
-            save(distiller, Path(directory), config["teacher_meta"])
-            # Only rank 0's metrics are attached to the checkpoint; the name is shared by all ranks.
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                             checkpoint_dir_name=f"checkpoint_epoch_{int(metrics['epoch']):04d}")
+    with rank0_tracking(config, distiller) as run:
+        while distiller.epoch < cfg.epochs:
+            maybe_inject_fault(cfg, distiller.epoch, rank, resumed)
+            metrics = reduce_rank_metrics(distiller.train_epoch())
+            if rank == 0:
+                logger.info(format_progress(metrics, cfg.epochs))
+            if run is not None:
+                run.on_epoch(metrics, distiller)  # before the report, after which a scheduler may stop the trial
+            if not checkpoint_due(cfg, distiller.epoch):
+                ray.train.report(metrics)  # V2: every rank reports, every epoch (it is a barrier)
+                continue
+            with tempfile.TemporaryDirectory(prefix="lrra-checkpoint-") as directory:
+                save(distiller, Path(directory), config["teacher_meta"])
+                # Only rank 0's metrics are attached to the checkpoint; the name is shared by all ranks.
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                                 checkpoint_dir_name=f"checkpoint_epoch_{int(metrics['epoch']):04d}")
+        if run is not None:
+            run.log_student(distiller.best_student_model(), best_student_meta(distiller, config["teacher_meta"]))
     return summary(distiller) if rank == 0 else None
 
 
@@ -297,7 +321,7 @@ def check_cluster_fits(workers: int, resources: dict[str, float]) -> None:
 def build_trainer(cfg: LRRAConfig, teacher_state: dict[str, torch.Tensor], teacher_meta: dict[str, Any], *,
                   workers: int, use_gpu: bool = False, resources_per_worker: dict[str, float] | None = None,
                   storage_path: str, name: str, max_failures: int = 0,
-                  callbacks: list | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, tracking: RunTarget | None = None) -> TorchTrainer:
     """A TorchTrainer running ``train_worker`` on ``workers`` ranks (gloo on CPUs, NCCL on GPUs).
 
     Pure builder: nothing is checked against the cluster or storage (see check_cluster_fits and
@@ -309,7 +333,7 @@ def build_trainer(cfg: LRRAConfig, teacher_state: dict[str, torch.Tensor], teach
     cfg = cfg.replace(data_dir=os.path.abspath(cfg.data_dir))
     return TorchTrainer(
         train_worker,
-        train_loop_config=train_loop_config(cfg, teacher_state, teacher_meta),
+        train_loop_config=train_loop_config(cfg, teacher_state, teacher_meta, tracking),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(use_gpu, resources_per_worker)),
@@ -356,11 +380,13 @@ def check_address(address: str) -> None:
 
 def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, storage_path: str,
                     name: str | None = None, max_failures: int = 0, address: str | None = None,
-                    callbacks: list | None = None, log: Log = stderr_log) -> dict[str, Any]:
+                    callbacks: list | None = None, tracking_uri: str | None = None,
+                    log: Log = stderr_log) -> dict[str, Any]:
     """Distil with Ray Train; returns the run's summary (what the CLI prints as JSON).
 
     Every check that can fail on bad input runs before any training: workers, storage, cluster
     resources, dataset, teacher. Without ``address`` a private local Ray is started (and stopped).
+    With ``tracking_uri`` (already checked), rank 0 logs the run to MLflow.
     """
     check_workers(workers)
     _check_fault_switch(cfg)
@@ -375,13 +401,15 @@ def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, sto
         check_cluster_fits(workers, worker_resources(use_gpu))
         load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)  # fails early if unavailable
         teacher, teacher_meta, _ = obtain_teacher(cfg, log=log)
-        trainer = build_trainer(cfg, teacher.state_dict(), teacher_meta, workers=workers, use_gpu=use_gpu,
-                                storage_path=storage, name=name, max_failures=max_failures, callbacks=callbacks)
-        log(f"distilling {cfg.teacher_arch} -> {cfg.student_arch} on {cfg.dataset} with {workers} Ray Train "
-            f"worker(s) (teacher acc {teacher_meta['test_accuracy']:.4f}); storage {storage}/{name}")
-        start = time.perf_counter()
-        result = trainer.fit()
-        wall_s = time.perf_counter() - start
+        with tracked_target(tracking_uri, cfg) as target:
+            trainer = build_trainer(cfg, teacher.state_dict(), teacher_meta, workers=workers, use_gpu=use_gpu,
+                                    storage_path=storage, name=name, max_failures=max_failures,
+                                    callbacks=callbacks, tracking=target)
+            log(f"distilling {cfg.teacher_arch} -> {cfg.student_arch} on {cfg.dataset} with {workers} Ray Train "
+                f"worker(s) (teacher acc {teacher_meta['test_accuracy']:.4f}); storage {storage}/{name}")
+            start = time.perf_counter()
+            result = trainer.fit()
+            wall_s = time.perf_counter() - start
     finally:
         if started_ray:
             ray.shutdown()
@@ -392,4 +420,14 @@ def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, sto
         "workers": workers,
         "wall_s": round(wall_s, 2),
         "checkpoint": f"{storage.rstrip('/')}/{name}/{Path(result.checkpoint.path).name}",
+        **({"mlflow_run_id": target.run_id} if target else {}),
     }
+
+
+def tracked_target(tracking_uri: str | None, cfg: LRRAConfig):
+    """A new MLflow run for the workers to log to (lrra.tracking.distill_target), or no tracking."""
+    if tracking_uri is None:
+        return nullcontext()
+    from lrra.tracking import distill_target
+
+    return distill_target(tracking_uri, cfg)

@@ -22,6 +22,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from torch import nn
 
 from lrra.config import ConfigError, LRRAConfig
 from lrra.data import dataset_info, load_split
+from lrra.teacher import default_teacher_path
 from lrra.train import Distiller, accuracy, resolve_device
 
 SQLITE = "sqlite:///"
@@ -52,6 +54,7 @@ TAG_SEARCH = "lrra.search"                       # the search's name: finds its 
 TAG_TRIAL_ID = "lrra.trial_id"                   # the Tune trial id: finds a trial's run on resume
 TAG_OPTUNA_TRIAL = "lrra.optuna_trial_number"
 TAG_TEACHER_PATH = "lrra.teacher_path"
+TAG_MODEL_URI = "lrra.model_uri"                 # the run's logged best student
 
 SELECTION_METRIC = "eval/best_student_acc"
 STUDENT_MODEL_NAME = "student"
@@ -60,6 +63,7 @@ VERSION_ACCURACY_TAG = "test_accuracy"           # on a registered version: what
 IMAGE_EVERY = 5                                  # epochs between two generated-image grids
 IMAGE_GRID_SAMPLES = 64
 
+SEARCH_MAX_RESULTS = 10_000                      # child runs read back at once (one per trial)
 SERVER_CHECK_TIMEOUT_S = 5.0
 # Defaults for MLflow's HTTP client once the server answered: fail within a minute or so instead
 # of retrying for minutes (7 retries with exponential backoff). A user's own setting wins.
@@ -244,11 +248,15 @@ def ended_run(client: MlflowClient, run_id: str) -> Iterator[str]:
     end_run(client, run_id)
 
 
+def child_runs(client: MlflowClient, parent_run_id: str, extra_filter: str = "") -> list:
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    filter_string = " and ".join(filter(None, [_tag_filter({MLFLOW_PARENT_RUN_ID: parent_run_id}), extra_filter]))
+    return list(client.search_runs([experiment_id], filter_string, max_results=SEARCH_MAX_RESULTS))
+
+
 def end_running_children(client: MlflowClient, parent_run_id: str, status: str = "KILLED") -> list[str]:
     """Mark the parent's children still RUNNING (their worker died before it could end them)."""
-    experiment_id = client.get_run(parent_run_id).info.experiment_id
-    filter_string = f"{_tag_filter({MLFLOW_PARENT_RUN_ID: parent_run_id})} and attributes.status = 'RUNNING'"
-    stale = [run.info.run_id for run in client.search_runs([experiment_id], filter_string)]
+    stale = [run.info.run_id for run in child_runs(client, parent_run_id, "attributes.status = 'RUNNING'")]
     for run_id in stale:
         client.set_terminated(run_id, status)
     return stale
@@ -356,11 +364,9 @@ def start_system_metrics(run_id: str, tracking_uri: str):
 
 
 @contextmanager
-def tracked_distill(tracking_uri: str, cfg: LRRAConfig, teacher_meta: dict[str, Any],
-                    teacher_path: str | os.PathLike) -> Iterator[RunTracker]:
-    """distill_local's ``track`` hook: a top-level run, ended according to how the block exits."""
-    client = connect(tracking_uri)
-    run_id = open_distill_run(client, cfg)
+def tracked_run(client: MlflowClient, run_id: str, cfg: LRRAConfig, teacher_meta: dict[str, Any],
+                teacher_path: str | os.PathLike) -> Iterator[RunTracker]:
+    """A RunTracker on ``run_id`` (config logged), ended according to how the block exits."""
     log_run_inputs(client, run_id, cfg, teacher_meta, teacher_path)
     tracker = RunTracker(client, run_id, cfg, teacher_meta)
     try:
@@ -369,6 +375,55 @@ def tracked_distill(tracking_uri: str, cfg: LRRAConfig, teacher_meta: dict[str, 
         tracker.end(error)
         raise
     tracker.end()
+
+
+def tracked_distill(tracking_uri: str, cfg: LRRAConfig, teacher_meta: dict[str, Any],
+                    teacher_path: str | os.PathLike):
+    """distill_local's ``track`` hook: a new top-level run."""
+    client = connect(tracking_uri)
+    return tracked_run(client, open_distill_run(client, cfg), cfg, teacher_meta, teacher_path)
+
+
+@dataclass(frozen=True)
+class RunTarget:
+    """Where a Ray Train rank-0 worker logs; it travels to the worker in the train loop config.
+
+    Either a run the driver created (``run_id``: distill --workers N), or a search trial's child
+    run, found by its Tune trial id under ``parent_run_id`` or created there.
+    """
+
+    tracking_uri: str
+    run_id: str | None = None
+    parent_run_id: str | None = None
+    trial_id: str | None = None
+    optuna_trial_number: int | None = None
+
+    def open(self, client: MlflowClient) -> str:
+        if self.run_id is not None:
+            client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))  # a restarted worker group
+            return self.run_id
+        return open_trial_run(client, self.parent_run_id, self.trial_id,
+                              optuna_trial_number=self.optuna_trial_number)
+
+
+def tracked_worker(target: RunTarget, cfg: LRRAConfig, teacher_meta: dict[str, Any]):
+    """The rank-0 worker's tracking context for ``target``."""
+    client = connect(target.tracking_uri)
+    # An empty teacher_path means the cached teacher, by the rule obtain_teacher follows.
+    teacher_path = cfg.teacher_path or default_teacher_path(cfg)
+    return tracked_run(client, target.open(client), cfg, teacher_meta, teacher_path)
+
+
+@contextmanager
+def distill_target(tracking_uri: str, cfg: LRRAConfig) -> Iterator[RunTarget]:
+    """A new top-level run for `distill --workers N`, handed to the workers.
+
+    Rank 0 ends it; ending it here too, as the block exits, covers a worker group that died
+    without a word (FAILED) or a driver interrupted (KILLED).
+    """
+    client = connect(tracking_uri)
+    with ended_run(client, open_distill_run(client, cfg)) as run_id:
+        yield RunTarget(tracking_uri, run_id=run_id)
 
 
 # ----------------------------------------------------------------------------------------
@@ -407,6 +462,7 @@ def log_student_model(client: MlflowClient, run_id: str, model: nn.Module, stude
         model_id=logged.model_id,
         run_id=run_id,
     )
+    client.set_tag(run_id, TAG_MODEL_URI, info.model_uri)
     return info.model_uri
 
 
@@ -417,6 +473,17 @@ def _plain(meta: dict[str, Any]) -> dict[str, Any]:
 
 def _param_text(value: Any) -> str:
     return json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
+
+
+def best_logged_student(client: MlflowClient, parent_run_id: str) -> tuple[str, float] | None:
+    """(model URI, test accuracy) of the search's best logged student; None if no trial logged one."""
+    logged = [(run.data.metrics[SELECTION_METRIC], run.data.tags[TAG_MODEL_URI])
+              for run in child_runs(client, parent_run_id)
+              if TAG_MODEL_URI in run.data.tags and SELECTION_METRIC in run.data.metrics]
+    if not logged:
+        return None
+    best_accuracy, model_uri = max(logged)
+    return model_uri, best_accuracy
 
 
 def registered_model_name(preset: str) -> str:
