@@ -11,6 +11,14 @@ from lrra.config import preset
 from lrra.teacher import save_teacher, train_teacher
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_mlflow_store(tmp_path_factory):
+    """Runs that track by default (sqlite:///mlflow.db) write to a temporary store, not the repo."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_threads():
     torch.set_num_threads(1)  # bit-for-bit comparisons need the same reduction order every run
