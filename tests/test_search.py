@@ -1,0 +1,239 @@
+"""tune/search.py end to end: real Ray, a real Optuna SQLite study, the digits preset, tiny budgets.
+
+Searches run as subprocesses (``python tune/search.py ...``), as a user runs them: each starts
+a private local Ray that ends with it. Bad input is checked through ``main()`` in this process,
+where it must fail before Ray starts.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pyarrow.parquet as pq
+import pytest
+import ray
+from optuna.trial import TrialState
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
+
+from tune import search, space  # noqa: E402
+from tune.study import TUNE_TRIAL_ID  # noqa: E402
+
+SEARCH = ROOT / "tune" / "search.py"
+SEARCH_TIMEOUT_S = 240
+# The useless trial: a student that barely moves. The preset's own trial (the first) learns, so
+# ASHA stops the useless one at its first rung (after epoch 1, grace period 1).
+USELESS = ["--bound", "student_lr=1e-5:0.3", "--point", "student_lr=1e-5"]
+
+
+def search_command(storage: Path, teacher: Path, *args: str) -> list[str]:
+    return [sys.executable, str(SEARCH), "--smoke-test", "--teacher", str(teacher),
+            "--storage-path", str(storage), "--data-dir", str(storage / "data"), *args]
+
+
+def run_search(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=SEARCH_TIMEOUT_S, cwd=ROOT)
+
+
+def study_of(storage: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{storage / 'optuna.db'}")
+
+
+def results_of(storage: Path, name: str) -> list[dict]:
+    return pq.read_table(storage / name / "results.parquet").to_pylist()
+
+
+def assert_study_matches_results(study: optuna.Study, rows: list[dict], trials: int) -> None:
+    """``trials`` finished trials with values, none RUNNING, and one parquet row for each."""
+    assert len(study.trials) == trials
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and t.value is not None for t in study.trials)
+    by_number = {row["optuna_trial_number"]: row for row in rows}
+    assert sorted(by_number) == [t.number for t in study.trials]
+    for trial in study.trials:
+        row = by_number[trial.number]
+        assert row["tune_trial_id"] == trial.user_attrs[TUNE_TRIAL_ID]
+        assert row["state"] == trial.state.name
+        assert row["final_student_acc"] == pytest.approx(trial.value)
+        assert row["epochs"] == max(trial.intermediate_values)
+        assert all(row[name] == pytest.approx(value) for name, value in trial.params.items())
+    assert len({row["tune_trial_id"] for row in rows}) == trials  # no trial ran twice
+
+
+# ----------------------------------------------------------------------------------------
+# One uninterrupted smoke search: the study, the parquet file and ASHA.
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, digits_teacher):
+    storage = tmp_path_factory.mktemp("search")
+    started = time.monotonic()
+    done = run_search(search_command(storage, digits_teacher[0], "--name", "smoke", *USELESS))
+    return done, storage, time.monotonic() - started
+
+
+@pytest.mark.slow
+def test_smoke_search_fills_the_study_and_the_results_file(smoke):
+    done, storage, _ = smoke
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = results_of(storage, "smoke")
+    assert_study_matches_results(study_of(storage, "smoke"), rows, trials=3)
+    assert {row["stop_reason"] for row in rows} <= {"completed", "early-stopped"}
+    assert "best student accuracy" in done.stdout and str(storage / "smoke" / "results.parquet") in done.stdout
+
+
+@pytest.mark.slow
+def test_asha_stops_the_useless_trial_at_its_first_rung(smoke):
+    done, storage, _ = smoke
+    rows = {row["optuna_trial_number"]: row for row in results_of(storage, "smoke")}
+    # The preset's point first, its no-memory variant second, then --point.
+    preset_trial, plain_kd_trial, useless_trial = rows[0], rows[1], rows[2]
+    assert plain_kd_trial["memory_capacity"] == 0
+    assert preset_trial["stop_reason"] == "completed" and preset_trial["epochs"] == 3
+    assert useless_trial["student_lr"] == pytest.approx(1e-5)
+    assert useless_trial["stop_reason"] == "early-stopped" and useless_trial["state"] == "PRUNED"
+    assert useless_trial["epochs"] == 1
+    assert useless_trial["best_student_acc"] < preset_trial["best_student_acc"]
+
+
+# ----------------------------------------------------------------------------------------
+# Interrupt and resume.
+
+
+def wait_for(condition, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert process.poll() is None, f"the search ended early: {process.communicate()[1][-3000:]}"
+        assert time.monotonic() < deadline, "timed out waiting for the search"
+        time.sleep(0.5)
+
+
+def second_trial_is_midway(storage: Path, name: str) -> bool:
+    """The first trial has finished and the second has reported at least one epoch."""
+    try:
+        trials = study_of(storage, name).trials
+    except KeyError:  # the study does not exist yet
+        return False
+    return (len(trials) >= 2 and trials[0].state.is_finished() and trials[1].state == TrialState.RUNNING
+            and len(trials[1].intermediate_values) >= 1)
+
+
+@pytest.mark.slow
+def test_resume_after_ctrl_c_finishes_the_same_trials(tmp_path, digits_teacher):
+    epochs = 5  # the second trial must still be running when the signal lands
+    command = search_command(tmp_path, digits_teacher[0], "--name", "interrupted", "--epochs", str(epochs))
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        wait_for(lambda: second_trial_is_midway(tmp_path, "interrupted"), driver, SEARCH_TIMEOUT_S)
+        driver.send_signal(signal.SIGINT)
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == search.EXIT_INTERRUPTED, stderr[-3000:]
+    assert "--resume interrupted" in stderr
+    before = study_of(tmp_path, "interrupted").trials
+    assert before[1].state == TrialState.RUNNING  # kept for the resumed search to continue
+    epochs_before = len(before[1].intermediate_values)
+    assert epochs_before < epochs
+
+    resumed = run_search(search_command(tmp_path, digits_teacher[0], "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    study = study_of(tmp_path, "interrupted")
+    rows = results_of(tmp_path, "interrupted")
+    assert_study_matches_results(study, rows, trials=3)
+    assert all(row["stop_reason"] in ("completed", "early-stopped") for row in rows)
+    # The interrupted trial went on from its last checkpoint, not from scratch: what Tune saw of it
+    # after the resume (its result.json starts afresh) begins after the epochs Optuna already had.
+    interrupted = before[1].user_attrs[TUNE_TRIAL_ID]
+    assert study.trials[1].user_attrs[TUNE_TRIAL_ID] == interrupted
+    result_file = next((tmp_path / "interrupted").glob(f"*{interrupted}*/result.json"))
+    resumed_epochs = [json.loads(line)["epochs_done"] for line in result_file.read_text().splitlines()]
+    assert resumed_epochs == list(range(resumed_epochs[0], epochs + 1)) and resumed_epochs[0] > epochs_before
+
+
+# ----------------------------------------------------------------------------------------
+# Bad input: one clear message, exit 2, nothing started.
+
+
+@pytest.fixture
+def bad_input(tmp_path, capsys):
+    """Runs main() on arguments that must fail fast; returns its stderr."""
+
+    def run(*args: str) -> str:
+        started = time.monotonic()
+        code = search.main(["--storage-path", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"), *args])
+        assert code == 2
+        assert time.monotonic() - started < 10
+        assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+        return capsys.readouterr().err
+
+    return run
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--preset", "digits", "--bound", "meta_lr=0.5:0.01"], "inverted bounds (low 0.5 > high 0.01)"),
+    (["--preset", "digits", "--bound", "meta_lr=0.1:0.1"], "empty range"),
+    (["--preset", "digits", "--bound", "kd_steps=4:"], "expected LOW:HIGH"),
+    (["--preset", "digits", "--bound", "retention_order=0,3"], "config field 'retention_order' = 3 is invalid"),
+    (["--preset", "digits", "--bound", "epochs=1:5"], "--bound epochs: not a searched knob"),
+    (["--preset", "digits", "--time-budget", "soon"], "--time-budget soon"),
+    (["--preset", "digits", "--address", "127.0.0.1:1"], "--address 127.0.0.1:1: no Ray cluster answers there"),
+])
+def test_bad_input_fails_before_anything_starts(bad_input, args, message):
+    assert message in bad_input(*args)
+
+
+def test_a_teacher_of_another_preset_is_refused(bad_input, digits_teacher):
+    err = bad_input("--preset", "mnist", "--teacher", str(digits_teacher[0]))
+    assert "has image_size=8 but the config has image_size=32" in err
+
+
+def test_a_space_file_with_bad_bounds_is_refused(bad_input, tmp_path):
+    space_file = tmp_path / "space.json"
+    space_file.write_text(json.dumps({"student_lr": [0.3, 0.1]}))
+    assert "inverted bounds" in bad_input("--preset", "digits", "--space-file", str(space_file))
+
+
+@pytest.mark.slow
+def test_unwritable_storage_exits_2_from_the_command_line(tmp_path):
+    a_file = tmp_path / "not-a-folder"
+    a_file.write_text("")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(SEARCH), "--preset", "digits", "--storage-path", str(a_file / "runs")],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 2
+    assert f"--storage {a_file / 'runs'}: {a_file} is a file" in done.stderr
+    assert "Traceback" not in done.stderr and time.monotonic() - started < 30
+
+
+# ----------------------------------------------------------------------------------------
+# The space (no Ray).
+
+
+def test_every_preset_has_a_space_that_contains_its_own_configuration():
+    from lrra.config import PRESETS, preset
+
+    for name in PRESETS:
+        cfg = preset(name)
+        knobs = space.build_space(name, {}, set(), cfg)
+        assert space.preset_point(knobs, cfg) is not None, name
+
+
+def test_bounds_and_set_reshape_the_space():
+    from lrra.config import preset
+
+    cfg = preset("mnist")
+    knobs = space.build_space("mnist", {"meta_lr": "0.01:0.5", "retention_order": "0,2", "kd_steps": [2, 8]},
+                              {"w_adv"}, cfg)
+    assert (knobs["meta_lr"].low, knobs["meta_lr"].high, knobs["meta_lr"].log) == (0.01, 0.5, True)
+    assert knobs["retention_order"].choices == (0, 2)
+    assert (knobs["kd_steps"].low, knobs["kd_steps"].high) == (2, 8)
+    assert "w_adv" not in knobs  # fixed by --set
+    assert space.space_from_json(space.space_to_json(knobs)) == knobs

@@ -1,0 +1,104 @@
+"""What the search tells its user: a line per trial event while it runs, then results.parquet and
+a final table."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from ray.tune import Callback
+
+from tune.plan import SearchPlan, filesystem
+from tune.study import COMPLETED, EARLY_STOPPED, EPOCHS_DONE, ERROR, METRIC, OPTUNA_NUMBER, TIME_BUDGET
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def format_knobs(config: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in config.items() if k != OPTUNA_NUMBER)
+
+
+class ProgressLines(Callback):
+    """One line when a trial starts, after each of its epochs, and when it ends (driver side)."""
+
+    def __init__(self, epochs: int, num_samples: int) -> None:
+        self.epochs = epochs
+        self.num_samples = num_samples
+        self.start = time.monotonic()
+
+    def setup(self, **info) -> None:
+        self.start = time.monotonic()  # also when a resumed search unpickles this callback
+
+    def _say(self, trial, message: str) -> None:
+        minutes, seconds = divmod(int(time.monotonic() - self.start), 60)
+        number = trial.config.get(OPTUNA_NUMBER, "?")
+        say(f"[{minutes:3d}:{seconds:02d}] trial {number} ({trial.trial_id}) {message}")
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._say(trial, f"started ({len(trials)}/{self.num_samples}): {format_knobs(trial.config)}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self._say(trial, f"epoch {result[EPOCHS_DONE]}/{self.epochs}  acc {result[METRIC]:.4f}  "
+                         f"best {result['eval/best_student_acc']:.4f}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        done = trial.last_result.get(EPOCHS_DONE, 0)
+        how = COMPLETED if done >= self.epochs else f"{EARLY_STOPPED} by ASHA"
+        best = trial.last_result.get("eval/best_student_acc", 0.0)
+        self._say(trial, f"{how} after {done} epoch(s), best acc {best:.4f}")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._say(trial, f"failed: {trial.error_file or 'see the Ray logs'}")
+
+
+def write_parquet(rows: list[dict[str, Any]], path: str) -> None:
+    """One row per trial, readable with pyarrow.parquet.read_table(path)."""
+    fs, target = filesystem(path)
+    pq.write_table(pa.Table.from_pylist(rows), target, filesystem=fs)
+
+
+def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The best completed trial (it has a saved best student), else the best of any trial."""
+    scored = [r for r in rows if r["best_student_acc"] is not None]
+    completed = [r for r in scored if r["stop_reason"] == COMPLETED]
+    return max(completed or scored, key=lambda r: r["best_student_acc"], default=None)
+
+
+def best_student_file(row: dict[str, Any]) -> str:
+    """The best student of a completed trial, written by its last checkpoint."""
+    files = sorted(Path(row["train_run"]).glob("checkpoint_*/best_student.pt"))
+    return str(files[-1]) if files else f"{row['train_run']} (checkpoints)"
+
+
+def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float) -> None:
+    count = {reason: sum(r["stop_reason"] == reason for r in rows)
+             for reason in (COMPLETED, EARLY_STOPPED, TIME_BUDGET, ERROR)}
+    best = best_row(rows)
+    lines = [
+        "",
+        f"search {plan.name}: {len(rows)} trial(s) in {wall_s / 60:.1f} min",
+        f"  completed {count[COMPLETED]}, stopped early by ASHA {count[EARLY_STOPPED]}, "
+        f"cut by the time budget {count[TIME_BUDGET]}, failed {count[ERROR]}",
+    ]
+    if best is not None:
+        lines += [
+            f"  best student accuracy  {best['best_student_acc']:.4f}  (trial {best['optuna_trial_number']}, "
+            f"{best['stop_reason']}, final {best['final_student_acc']:.4f} after {best['epochs']} epochs)",
+            f"  best configuration     {format_knobs({k: best[k] for k in plan.space})}",
+        ]
+        if best["stop_reason"] == COMPLETED:
+            lines.append(f"  best student           {best_student_file(best)}")
+    lines += [
+        f"  experiment             {plan.experiment_path}",
+        f"  results (one row/trial) {plan.results_path}",
+        f"  Optuna study           {plan.study_name!r} in {plan.study_storage}",
+        f"  dashboard              optuna-dashboard {plan.study_storage}",
+    ]
+    print("\n".join(lines), flush=True)

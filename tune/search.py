@@ -1,0 +1,327 @@
+"""Search the LRRA knobs with Ray Tune and Optuna: ``python tune/search.py [--preset mnist] [...]``.
+
+Each trial is one Ray Train run of the LRRA trainer (tune/trial.py). Optuna's seeded
+multivariate TPE proposes the next configuration and keeps every trial in a persistent study
+(tune/study.py); ASHA stops weak trials after a few epochs of student accuracy. The preset's own
+configuration is always the first trial, and the same without replay memory (plain KD, LRRA's
+retention off) the second. With no flags: a local Ray, the cached (or a freshly
+trained) MNIST teacher, and a search sized for ~12 minutes on two CPU cores.
+
+Everything a search writes lives in STORAGE_PATH/NAME: search.json (its settings, for --resume),
+Tune's experiment state, one Ray Train run per trial under train/, and results.parquet (one row
+per trial). The Optuna study is NAME in --study-storage (default STORAGE_PATH/optuna.db).
+"""
+
+# ruff: noqa: E402 - the imports below the sys.path line need it when run as a script
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the tune/ modules importable as tune.*
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ray
+import ray.cloudpickle
+from ray.tune import ExperimentAnalysis, RunConfig, TuneConfig, Tuner
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler
+
+from lrra.cli import USER_ERRORS
+from lrra.config import PRESETS, ConfigError, parse_assignments, preset
+from lrra.data import load_split
+from lrra.distributed import DistributedSetupError, check_cluster_fits, check_storage
+from lrra.teacher import load_teacher, obtain_teacher
+from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, load_plan, save_plan
+from tune.report import ProgressLines, print_summary, say, write_parquet
+from tune.space import baseline_points, build_space, describe_space, parse_bounds, parse_point, read_space_file
+from tune.study import (
+    ABANDONED,
+    EPOCHS_DONE,
+    METRIC,
+    TIME_BUDGET,
+    StudySearch,
+    default_study_storage,
+    load_study,
+    open_storage,
+    settle_unfinished,
+    trial_rows,
+)
+from tune.trial import TrialSetup, trainable, worker_resources
+
+DEFAULT_STORAGE = "runs/search"
+ADDRESS_TIMEOUT_S = 3
+EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C: the search can be continued with --resume
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python tune/search.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = parser.add_argument_group("what to search")
+    what.add_argument("--preset", help=f"one of {sorted(PRESETS)} (default: mnist; digits with --smoke-test)")
+    what.add_argument("--teacher", help="teacher file (default: the cached one, trained first if missing)")
+    what.add_argument("--data-dir", help="dataset and teacher cache root (default: ./data)")
+    what.add_argument("--epochs", type=int, help="distillation epochs per trial (default: the preset's)")
+    what.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                      help="set a base config field; setting a searched knob fixes it (repeatable)")
+    what.add_argument("--bound", action="append", default=[], metavar="KNOB=LOW:HIGH",
+                      help="change a knob's range, or its choices with KNOB=A,B (repeatable)")
+    what.add_argument("--space-file",
+                      help='JSON object of bounds, e.g. {"meta_lr": "0.01:0.5", "retention_order": [0, 2]}')
+    what.add_argument("--point", action="append", default=[], metavar="KNOB=VALUE,...",
+                      help="a configuration to try early, after the preset's own and its no-memory variant; "
+                           "other knobs keep the preset's values (repeatable)")
+
+    budget = parser.add_argument_group("how much to search")
+    budget.add_argument("--num-samples", type=int, help="trials (default: 8 for mnist, 32 for the ResNet presets)")
+    budget.add_argument("--time-budget", metavar="DURATION",
+                        help="stop the search after this long, e.g. 720, 12m, 1.5h, or none "
+                             "(default: 12m for mnist, none for the ResNet presets)")
+    budget.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial (default: per preset)")
+    budget.add_argument("--reduction-factor", type=float, default=3.0,
+                        help="ASHA keeps the best 1/RF of the trials at each rung (default: 3)")
+    budget.add_argument("--smoke-test", action="store_true",
+                        help="3 trials of 3 short epochs on the digits preset: seconds of work per trial")
+
+    where = parser.add_argument_group("where it runs and writes")
+    where.add_argument("--address", help="Ray cluster to join, HOST:PORT or auto (default: start a local Ray)")
+    where.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default: 1)")
+    where.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default: 1)")
+    where.add_argument("--gpus-per-worker", type=float,
+                       help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
+    where.add_argument("--driver-cpus", type=float, default=1.0,
+                       help="CPUs reserved for each trial's own process, which drives its Ray Train run "
+                            "(default: 1, Ray Tune's default)")
+    where.add_argument("--storage-path", default=DEFAULT_STORAGE,
+                       help=f"experiments folder or URI, e.g. s3://bucket/runs (default: {DEFAULT_STORAGE})")
+    where.add_argument("--name", help="experiment name (default: <preset>-<date>-<time>)")
+    where.add_argument("--study-storage", metavar="URL",
+                       help="Optuna storage, any SQLAlchemy URL (default: sqlite:///STORAGE_PATH/optuna.db)")
+    where.add_argument("--resume", nargs="?", const="", metavar="NAME",
+                       help="continue an interrupted search (default NAME: the latest one under --storage-path) "
+                            "with its saved settings; finished trials are kept, unfinished ones continue")
+    return parser
+
+
+# ----------------------------------------------------------------------------------------
+# Checks that need no Ray: they run first, in seconds.
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'720', '720s', '12m', '1.5h' -> seconds; 'none' or '0' -> no budget."""
+    if text is None or text.lower() in ("none", "0"):
+        return None
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1].lower())
+    try:
+        seconds = float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        raise ConfigError(f"--time-budget {text}: expected seconds or a duration such as 12m or 1.5h") from None
+    if seconds <= 0:
+        raise ConfigError(f"--time-budget {text}: must be positive (or none)")
+    return seconds
+
+
+def check_address(address: str | None) -> None:
+    """Fail in seconds, not after ray.init's minute of retries, when nothing listens at --address."""
+    if address in (None, "auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address}: expected HOST:PORT (the head's GCS, e.g. 10.0.0.5:6379), "
+                          "ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+    except OSError as err:
+        raise DistributedSetupError(f"--address {address}: no Ray cluster answers there "
+                                    f"({err.strerror or err}); start one with `ray start --head`") from None
+
+
+def check_positive(args: argparse.Namespace) -> None:
+    for flag, value in (("--num-samples", args.num_samples), ("--epochs", args.epochs),
+                        ("--grace-period", args.grace_period), ("--workers-per-trial", args.workers_per_trial)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: must be >= 1")
+    for flag, value in (("--cpus-per-worker", args.cpus_per_worker), ("--driver-cpus", args.driver_cpus),
+                        ("--gpus-per-worker", args.gpus_per_worker)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{flag} {value}: must be >= 0")
+    if args.reduction_factor <= 1:
+        raise ConfigError(f"--reduction-factor {args.reduction_factor}: must be > 1")
+
+
+def new_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
+    """A fresh search's plan from the flags; every check that fails on bad input runs here."""
+    check_positive(args)
+    smoke = SMOKE_TEST if args.smoke_test else {}
+    preset_name = args.preset or smoke.get("preset", "mnist")
+    overrides = parse_assignments(args.overrides)
+    fixed = set(overrides)  # before the flags below: only --set fixes a knob
+    if smoke:
+        overrides.setdefault("iters_per_epoch", str(smoke["iters_per_epoch"]))
+    if args.epochs or smoke:
+        overrides["epochs"] = str(args.epochs or smoke["epochs"])
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    if args.teacher:
+        overrides["teacher_path"] = args.teacher
+    cfg = preset(preset_name, **overrides)
+
+    bounds = read_space_file(args.space_file) if args.space_file else {}
+    bounds.update(parse_bounds(args.bound))
+    space = build_space(preset_name, bounds, fixed, cfg)
+    points = baseline_points(space, cfg) + [parse_point(text, space, cfg) for text in args.point]
+
+    budget = BUDGETS.get(preset_name, CLUSTER_BUDGET)
+    default_time_budget = smoke.get("time_budget_s", budget.time_budget_s)
+    time_budget = parse_duration(args.time_budget) if args.time_budget else default_time_budget
+    name = args.name or f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return SearchPlan(
+        name=name, storage_path=storage_path, config=cfg.to_dict(), space=space, points_to_evaluate=points,
+        num_samples=args.num_samples or smoke.get("num_samples", budget.num_samples),
+        time_budget_s=time_budget, grace_period=min(args.grace_period or budget.grace_period, cfg.epochs),
+        reduction_factor=args.reduction_factor, workers_per_trial=args.workers_per_trial,
+        cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
+        driver_cpus=args.driver_cpus, study_storage=args.study_storage or default_study_storage(storage_path),
+        created=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def resumed_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
+    plan = load_plan(storage_path, args.resume or None)
+    shaping = {"--preset": args.preset, "--teacher": args.teacher, "--data-dir": args.data_dir,
+               "--epochs": args.epochs, "--set": args.overrides, "--bound": args.bound,
+               "--space-file": args.space_file, "--point": args.point, "--num-samples": args.num_samples,
+               "--time-budget": args.time_budget, "--grace-period": args.grace_period,
+               "--smoke-test": args.smoke_test, "--name": args.name, "--study-storage": args.study_storage}
+    ignored = [flag for flag, value in shaping.items() if value]
+    if ignored:
+        say(f"note: --resume continues {plan.name} with its saved settings; ignoring {', '.join(ignored)}")
+    return plan
+
+
+# ----------------------------------------------------------------------------------------
+# Ray side.
+
+
+def start_ray(address: str | None) -> None:
+    try:
+        # "local": a private Ray that ends with this process, even if another one runs here. Its
+        # dashboard stays on: Ray Train frees a stopped trial's workers through the state API it serves.
+        # Workers' logs stay in Ray's session folder: the driver prints one line per trial event.
+        ray.init(address=address or "local", logging_level="WARNING", log_to_driver=False)
+    except ConnectionError as err:
+        raise DistributedSetupError(f"--address {address}: cannot join that Ray cluster ({err})") from None
+    # Trial functions are pickled by value: a cluster's nodes have the lrra package, not this folder.
+    ray.cloudpickle.register_pickle_by_value(sys.modules["tune"])
+
+
+def fit_resources(plan: SearchPlan) -> SearchPlan:
+    """Resolve the GPU default and derive how many trials run at once from the free resources."""
+    if plan.gpus_per_worker is None:
+        plan.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    check_cluster_fits(plan.workers_per_trial, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
+    free = ray.available_resources()
+    need = {k: v for k, v in plan.trial_resources().items() if v > 0}
+    plan.max_concurrent_trials = min(int(free.get(k, 0) // v) for k, v in need.items())
+    if plan.max_concurrent_trials < 1:
+        have = {k: free.get(k, 0) for k in need}
+        raise DistributedSetupError(f"one trial needs {need} (its driver plus {plan.workers_per_trial} worker(s)) "
+                                    f"but the cluster has {have} free; lower --workers-per-trial/--driver-cpus")
+    return plan
+
+
+def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
+    cfg = plan.cfg
+    searcher = StudySearch(plan.space, storage=storage, study_name=plan.study_name, seed=cfg.seed,
+                           epochs=cfg.epochs, points_to_evaluate=plan.points_to_evaluate,
+                           n_startup_trials=max(1, min(10, plan.num_samples // 2)))
+    scheduler = ASHAScheduler(time_attr=EPOCHS_DONE, metric=METRIC, mode="max", max_t=cfg.epochs,
+                              grace_period=plan.grace_period, reduction_factor=plan.reduction_factor)
+    return Tuner(
+        trainable(setup, plan.driver_cpus),
+        tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
+                               max_concurrent_trials=plan.max_concurrent_trials, time_budget_s=plan.time_budget_s),
+        run_config=RunConfig(name=plan.name, storage_path=plan.storage_path, verbose=0,
+                             callbacks=[ProgressLines(cfg.epochs, plan.num_samples)]))
+
+
+def unfinished_trials(experiment_path: str) -> set[str]:
+    """Tune trial ids that a --resume would continue, from Tune's last saved experiment state."""
+    return {t.trial_id for t in ExperimentAnalysis(experiment_path).trials
+            if t.status not in (Trial.TERMINATED, Trial.ERROR)}
+
+
+def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool) -> int:
+    study_args = (plan.study_storage, plan.study_name)
+    if resume:
+        # Optuna trials asked after Tune's last state save belong to no Tune trial: close them.
+        settle_unfinished(load_study(*study_args), unfinished_trials(plan.experiment_path), ABANDONED)
+        tuner = Tuner.restore(plan.experiment_path, trainable=trainable(setup, plan.driver_cpus),
+                              resume_unfinished=True, resume_errored=False)
+    else:
+        tuner = new_tuner(plan, setup, storage)
+
+    start = time.monotonic()
+    tuner.fit()
+    wall_s = time.monotonic() - start
+
+    study = load_study(*study_args)
+    unfinished = unfinished_trials(plan.experiment_path)  # empty unless the search was interrupted
+    settle_unfinished(study, unfinished, TIME_BUDGET)
+    rows = trial_rows(study, list(plan.space), plan.train_path)
+    write_parquet(rows, plan.results_path)
+    print_summary(rows, plan, wall_s)
+    if unfinished:
+        say(f"\ninterrupted with {len(unfinished)} trial(s) unfinished; continue with:\n"
+            f"  python tune/search.py --resume {plan.name} --storage-path {plan.storage_path}")
+        return EXIT_INTERRUPTED
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    resume = args.resume is not None
+    try:
+        check_address(args.address)
+        storage_path = check_storage(args.storage_path)
+        plan = resumed_plan(args, storage_path) if resume else new_plan(args, storage_path)
+        cfg = plan.cfg
+        if cfg.teacher_path:
+            load_teacher(cfg.teacher_path, cfg)  # a teacher that does not fit fails now, before anything is written
+        storage = open_storage(plan.study_storage)
+        teacher, teacher_meta, teacher_path = obtain_teacher(cfg, log=say)  # trains and caches one if needed
+        load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)  # fails early if unavailable
+        plan.config["teacher_path"] = str(Path(teacher_path).absolute())  # a resume uses this very teacher
+        if resume and not Tuner.can_restore(plan.experiment_path):
+            raise ConfigError(f"--resume {plan.name}: {plan.experiment_path} holds no Tune state to resume")
+        start_ray(args.address)
+    except USER_ERRORS as err:
+        say(f"error: {err}")
+        return 2
+
+    try:
+        if not resume:
+            plan = fit_resources(plan)
+            save_plan(plan)
+        say(f"search {plan.name}: {plan.num_samples} trial(s) of {cfg.epochs} epochs on {cfg.preset}, "
+            f"{plan.max_concurrent_trials} at a time, {plan.workers_per_trial} worker(s) each; "
+            f"time budget {f'{plan.time_budget_s / 60:g} min' if plan.time_budget_s else 'none'}; "
+            f"teacher {teacher_path} (acc {teacher_meta['test_accuracy']:.4f})\nknobs:\n{describe_space(plan.space)}")
+        setup = TrialSetup(config=plan.config, teacher_state=teacher.state_dict(), teacher_meta=teacher_meta,
+                           workers=plan.workers_per_trial, cpus_per_worker=plan.cpus_per_worker,
+                           gpus_per_worker=plan.gpus_per_worker, train_path=plan.train_path)
+        return run_search(plan, setup, storage, resume)
+    except USER_ERRORS as err:
+        say(f"error: {err}")
+        return 2
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The search space: which LRRA knobs the search tunes, and within which bounds, per preset.
+
+Each preset's ranges sit around its own values (the preset's configuration is always the first
+trial, so a range must contain it). A user changes a range with ``--bound NAME=LOW:HIGH`` (or
+``NAME=A,B`` for a choice) or a JSON file of the same entries, and fixes a knob with
+``--set NAME=VALUE``, which takes it out of the search.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna.distributions as od
+
+from lrra.config import ConfigError, LRRAConfig, coerce
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A numeric range (``low``..``high``, inclusive) or a set of ``choices``."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: tuple[int, ...] | None = None
+
+    def distribution(self) -> od.BaseDistribution:
+        if self.choices is not None:
+            return od.CategoricalDistribution(self.choices)
+        if self.integer:
+            return od.IntDistribution(int(self.low), int(self.high), log=self.log)
+        return od.FloatDistribution(self.low, self.high, log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        return self.low <= value <= self.high
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "{" + ", ".join(map(str, self.choices)) + "}"
+        scale = "log" if self.log else "integer" if self.integer else "uniform"
+        return f"{self.low:g} .. {self.high:g} ({scale})"
+
+
+def log_range(low: float, high: float) -> Knob:
+    return Knob(low, high, log=True)
+
+
+def int_range(low: int, high: int) -> Knob:
+    return Knob(low, high, integer=True)
+
+
+def choice(*values: int) -> Knob:
+    return Knob(choices=values)
+
+
+Space = dict[str, Knob]
+
+# MNIST on two CPU cores, 15 short epochs: a student lr at or below the preset's 0.1 (0.3
+# diverges), meta_lr well under the ResNet reference's 0.9 (it diverges on LeNet, which has no
+# BatchNorm), and small step counts, which set both the generator/student ratio and the cost of
+# an epoch. One-hot weights above ~2 and entropy weights near 1 learned clearly worse.
+MNIST: Space = {
+    "meta_lr": log_range(0.02, 0.2),
+    "memory_capacity": int_range(0, 10),
+    "gen_steps": int_range(1, 2),
+    "kd_steps": int_range(3, 8),
+    "retention_order": choice(0, 1, 2),
+    "student_lr": log_range(0.02, 0.15),
+    "generator_lr": log_range(3e-4, 3e-3),
+    "w_oh": log_range(0.3, 2.0),
+    "w_ie": log_range(2.0, 10.0),
+    "w_a": log_range(0.01, 0.3),
+    "w_adv": log_range(0.1, 2.0),
+}
+
+# The authors' ResNet setup (design.md section 3): alpha 0.9, student SGD 0.1, generator Adam 0.02.
+REFERENCE: Space = {
+    "meta_lr": log_range(0.1, 1.0),
+    "memory_capacity": int_range(0, 20),
+    "gen_steps": int_range(1, 3),
+    "kd_steps": int_range(5, 15),
+    "retention_order": choice(0, 1, 2),
+    "student_lr": log_range(0.03, 0.3),
+    "generator_lr": log_range(1e-3, 5e-2),
+    "w_oh": log_range(0.3, 3.0),
+    "w_ie": log_range(1.0, 20.0),
+    "w_a": log_range(0.01, 1.0),
+    "w_adv": log_range(0.1, 3.0),
+}
+
+# Seconds-fast tests: the same knobs, ranges around the digits preset.
+DIGITS: Space = dict(MNIST, memory_capacity=int_range(0, 8), kd_steps=int_range(2, 6))
+
+SPACES: dict[str, Space] = {
+    "mnist": MNIST, "digits": DIGITS,
+    "cifar10": REFERENCE, "cifar100": REFERENCE, "svhn": REFERENCE, "tiny-imagenet": REFERENCE,
+}
+
+
+# ----------------------------------------------------------------------------------------
+# User overrides: --bound NAME=SPEC, --space-file FILE, --set NAME=VALUE.
+
+
+def parse_bounds(items: list[str]) -> dict[str, str]:
+    """['meta_lr=0.01:0.5'] -> {'meta_lr': '0.01:0.5'}."""
+    bounds = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise ConfigError(f"--bound expects NAME=LOW:HIGH or NAME=A,B,..., got {item!r}")
+        bounds[name.strip()] = spec.strip()
+    return bounds
+
+
+def read_space_file(path: str) -> dict[str, Any]:
+    """A JSON object of bounds: {"meta_lr": "0.01:0.5", "kd_steps": [2, 8], "retention_order": [0, 2]}."""
+    try:
+        entries = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"--space-file {path}: cannot read it ({err.strerror})") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--space-file {path}: not valid JSON ({err})") from None
+    if not isinstance(entries, dict):
+        raise ConfigError(f"--space-file {path}: expected a JSON object of NAME: bounds, got {type(entries).__name__}")
+    return entries
+
+
+def build_space(preset_name: str, bounds: dict[str, Any], fixed: set[str], base: LRRAConfig) -> Space:
+    """The preset's space with ``bounds`` applied and the ``fixed`` fields (from --set) left out.
+
+    Every bound is checked twice: as a range (not empty, not inverted, positive on a log scale)
+    and as config values (both ends must make a valid LRRAConfig, e.g. retention_order <= 2).
+    """
+    if preset_name not in SPACES:
+        raise ConfigError(f"preset {preset_name!r} has no search space yet: add one to SPACES in tune/space.py")
+    space = dict(SPACES[preset_name])
+    for name, spec in bounds.items():
+        if name not in space:
+            raise ConfigError(f"--bound {name}: not a searched knob; the knobs are {sorted(space)}")
+        space[name] = _apply_bound(name, space[name], spec)
+    for name in fixed:
+        space.pop(name, None)
+    if not space:
+        raise ConfigError("every knob is fixed by --set: nothing left to search")
+    for name, knob in space.items():
+        for value in (knob.choices if knob.choices is not None else (knob.low, knob.high)):
+            base.replace(**{name: value})  # raises ConfigError naming the field and what is allowed
+    return space
+
+
+def _apply_bound(name: str, knob: Knob, spec: Any) -> Knob:
+    where = f"--bound {name}={spec}"
+    if knob.choices is not None:
+        values = spec.split(",") if isinstance(spec, str) else spec if isinstance(spec, list) else None
+        if not values:
+            raise ConfigError(f"{where}: expected a non-empty list of choices such as 0,2")
+        return Knob(choices=tuple(sorted({coerce(name, v) for v in values})))
+    if isinstance(spec, str):
+        parts = spec.split(":")
+    elif isinstance(spec, list):
+        parts = spec
+    else:
+        parts = []
+    if len(parts) != 2 or any(str(p).strip() == "" for p in parts):
+        raise ConfigError(f"{where}: expected LOW:HIGH (or [LOW, HIGH] in a space file)")
+    low, high = (coerce(name, p) for p in parts)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ConfigError(f"{where}: bounds must be finite numbers")
+    if low > high:
+        raise ConfigError(f"{where}: inverted bounds (low {low:g} > high {high:g})")
+    if low == high:
+        raise ConfigError(f"{where}: empty range (low = high = {low:g}); to fix a knob use --set {name}={low:g}")
+    if knob.log and low <= 0:
+        raise ConfigError(f"{where}: {name} is searched on a log scale, so LOW must be > 0")
+    return Knob(low, high, log=knob.log, integer=knob.integer)
+
+
+def preset_point(space: Space, base: LRRAConfig) -> dict[str, Any] | None:
+    """The base configuration's value of every knob, or None when a bound excludes one of them."""
+    point = {name: getattr(base, name) for name in space}
+    return point if all(space[name].contains(value) for name, value in point.items()) else None
+
+
+def baseline_points(space: Space, base: LRRAConfig) -> list[dict[str, Any]]:
+    """The first trials of every search: the preset as it is, then the same without replay memory.
+
+    The second is plain KD on synthetic images, LRRA's retention switched off: whether retention
+    helps at all is the first question a search answers (on MNIST with 15 short epochs it did not).
+    """
+    point = preset_point(space, base)
+    if point is None:
+        return []
+    points = [point]
+    if "memory_capacity" in space and point["memory_capacity"] != 0 and space["memory_capacity"].contains(0):
+        points.append({**point, "memory_capacity": 0})
+    return points
+
+
+def parse_point(text: str, space: Space, base: LRRAConfig) -> dict[str, Any]:
+    """--point 'student_lr=1e-5,kd_steps=2': a configuration to try early; other knobs keep the base values."""
+    point = {name: getattr(base, name) for name in space}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or name not in space:
+            raise ConfigError(f"--point {text}: expected KNOB=VALUE[,KNOB=VALUE...] with knobs among {sorted(space)}")
+        point[name] = coerce(name, value.strip())
+        if not space[name].contains(point[name]):
+            raise ConfigError(f"--point {text}: {name}={point[name]} lies outside its range {space[name].describe()}")
+    return point
+
+
+def space_to_json(space: Space) -> dict[str, dict]:
+    # Only what is set: a bound of 0 stays (0 == False, hence the identity tests).
+    return {name: {k: v for k, v in asdict(knob).items() if v is not None and v is not False}
+            for name, knob in space.items()}
+
+
+def space_from_json(entries: dict[str, dict]) -> Space:
+    return {name: Knob(**{k: tuple(v) if k == "choices" else v for k, v in entry.items()})
+            for name, entry in entries.items()}
+
+
+def describe_space(space: Space) -> str:
+    width = max(map(len, space))
+    return "\n".join(f"  {name:<{width}}  {knob.describe()}" for name, knob in space.items())

@@ -1,0 +1,154 @@
+"""The Optuna side of the search: a persistent study that Tune's OptunaSearch fills.
+
+The study lives in an Optuna RDB storage (SQLite by default), so ``optuna-dashboard`` and
+``optuna.load_study`` read it while the search runs. It is the search's record of every trial:
+params, the per-epoch student accuracy (intermediate values, step = epoch), the final value,
+the state and why the trial ended (user attribute ``stop_reason``):
+
+    COMPLETE  ran all its epochs                       stop_reason "completed"
+    PRUNED    ASHA stopped it early                    "early-stopped"
+    PRUNED    the time budget ended it                 "time budget"
+    FAIL      it raised, or it never ran               "error" / "abandoned"
+
+A pruned trial's value is its last accuracy (Optuna's rule), which TPE ranks below the trials
+that completed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.samplers import TPESampler
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from lrra.config import ConfigError
+from tune.space import Space
+
+METRIC = "eval/student_acc"
+EPOCHS_DONE = "epochs_done"            # reported by tune/trial.py; ASHA's time attribute
+TUNE_TRIAL_ID = "tune_trial_id"        # user attribute: the Tune trial behind an Optuna trial
+STOP_REASON = "stop_reason"            # user attribute, see the module docstring
+OPTUNA_NUMBER = "optuna_trial_number"  # added to each trial's config: joins Tune results and the study
+
+COMPLETED, EARLY_STOPPED, TIME_BUDGET, ERROR, ABANDONED = (
+    "completed", "early-stopped", "time budget", "error", "abandoned")
+
+
+def default_study_storage(storage_path: str) -> str:
+    """A SQLite file next to the experiments; a remote --storage-path keeps it in this folder."""
+    folder = Path(storage_path) if "://" not in storage_path else Path.cwd()
+    return f"sqlite:///{(folder / 'optuna.db').absolute()}"
+
+
+def open_storage(url: str) -> RDBStorage:
+    """An RDBStorage for ``url`` (creating the tables), or a ConfigError saying why not."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return RDBStorage(url)
+    except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many types for a bad URL or an unreachable server
+        raise ConfigError(f"--study-storage {url}: cannot open it as an Optuna storage ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0]})") from None
+
+
+def load_study(storage_url: str, study_name: str) -> optuna.Study:
+    return optuna.load_study(study_name=study_name, storage=storage_url)
+
+
+class StudySearch(OptunaSearch):
+    """OptunaSearch on a persistent study, keeping the study's record true to what Tune did.
+
+    Differences from OptunaSearch: the sampler is a seeded multivariate TPE; intermediate values
+    are stored per epoch (not per Tune iteration, which restarts at 1 when a trial resumes);
+    a trial stopped before its last epoch is PRUNED rather than COMPLETE; every trial records
+    its Tune trial id and stop reason.
+    """
+
+    def __init__(self, space: Space, *, storage: RDBStorage, study_name: str, seed: int, epochs: int,
+                 points_to_evaluate: list[dict], n_startup_trials: int) -> None:
+        # TPE models the space only after n_startup_trials random ones; a short search gets a
+        # shorter random phase so that half of it is guided.
+        sampler = TPESampler(seed=seed, multivariate=True, n_startup_trials=n_startup_trials)
+        self._epochs = epochs
+        super().__init__(space={name: knob.distribution() for name, knob in space.items()}, metric=METRIC,
+                         mode="max", points_to_evaluate=points_to_evaluate, sampler=sampler,
+                         study_name=study_name, storage=storage)
+
+    def suggest(self, trial_id: str) -> dict | None:
+        config = super().suggest(trial_id)
+        ot_trial = self._ot_trials[trial_id]
+        ot_trial.set_user_attr(TUNE_TRIAL_ID, trial_id)
+        return {**config, OPTUNA_NUMBER: ot_trial.number}
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials:
+            return
+        self._ot_trials[trial_id].report(result[METRIC], step=int(result[EPOCHS_DONE]))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return
+        ot_trial = self._ot_trials[trial_id]
+        if error or not result or METRIC not in result:
+            reason, state, value = ERROR, TrialState.FAIL, None
+        elif int(result[EPOCHS_DONE]) < self._epochs:
+            # Tune calls this for a trial that ends before its last epoch only when the scheduler
+            # stops it; the time budget and Ctrl-C stop trials without it (see settle_unfinished).
+            reason, state, value = EARLY_STOPPED, TrialState.PRUNED, None
+        else:
+            reason, state, value = COMPLETED, TrialState.COMPLETE, result[METRIC]
+        if state != TrialState.FAIL:
+            # Tune hands the result that ends a trial to on_trial_complete only, not to on_trial_result.
+            self.on_trial_result(trial_id, result)
+        ot_trial.set_user_attr(STOP_REASON, reason)
+        self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
+        self._completed_trials.add(trial_id)
+
+
+def settle_unfinished(study: optuna.Study, resumable: set[str], reason: str) -> int:
+    """Close the study's RUNNING trials that no Tune trial will continue; returns how many.
+
+    Tune ends trials without telling the searcher in two cases: the time budget runs out (the
+    trials become TERMINATED), and the driver is interrupted (they stay RUNNING in Tune's saved
+    state and resume with --resume). A trial asked from Optuna after Tune's last state save
+    (the driver killed) belongs to no Tune trial at all. ``resumable`` holds the Tune trial ids
+    that will continue; every other RUNNING trial is closed with ``reason``: PRUNED with its
+    last accuracy when it reported any, else FAIL.
+    """
+    settled = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get(TUNE_TRIAL_ID) in resumable:
+            continue
+        ran = bool(trial.intermediate_values)
+        # Optuna's public set_user_attr lives on a live Trial; this one belongs to no running code.
+        study._storage.set_trial_user_attr(trial._trial_id, STOP_REASON, reason)
+        study.tell(trial.number, state=TrialState.PRUNED if ran else TrialState.FAIL)
+        settled += 1
+    return settled
+
+
+def trial_rows(study: optuna.Study, knobs: list[str], train_path: str) -> list[dict[str, Any]]:
+    """One row per Optuna trial: its configuration, accuracies, epochs, stop reason and wall time."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        accs = [trial.intermediate_values[step] for step in sorted(trial.intermediate_values)]
+        tune_id = trial.user_attrs.get(TUNE_TRIAL_ID)
+        end = trial.datetime_complete
+        rows.append({
+            "optuna_trial_number": trial.number,
+            "tune_trial_id": tune_id,
+            **{knob: trial.params.get(knob) for knob in knobs},
+            "final_student_acc": accs[-1] if accs else None,
+            "best_student_acc": max(accs) if accs else None,
+            "epochs": max(trial.intermediate_values, default=0),
+            "stop_reason": trial.user_attrs.get(STOP_REASON, "running" if trial.state == TrialState.RUNNING else None),
+            "state": trial.state.name,
+            # Start to end, including any time the search spent interrupted before a --resume.
+            "wall_s": (end - trial.datetime_start).total_seconds() if end and trial.datetime_start else None,
+            "train_run": f"{train_path}/{tune_id}" if tune_id else None,
+        })
+    return rows

@@ -1,0 +1,82 @@
+"""One Tune trial: a Tune function that runs one Ray Train run of the LRRA Distiller.
+
+This is the Ray Train V2 pattern (``Tuner(trainer)`` is deprecated): the trial function builds a
+``TorchTrainer`` with ``TuneReportCallback`` and calls ``fit()``. The function itself only
+drives; the work happens in the trainer's workers, which reserve their own CPUs/GPUs.
+
+Where things happen, for whoever extends a trial:
+- trial start: the top of ``run_trial`` (in the trial's process);
+- every epoch: ``EpochReport.after_report`` (in the trial's Ray Train controller), right
+  before the metrics reach Tune, ASHA and Optuna;
+- trial end: after ``trainer.fit()`` returns. A trial that ASHA or the time budget stops is
+  killed instead and never gets there: the driver-side Tune callbacks see every end.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray.tune
+import torch
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from lrra.config import LRRAConfig
+from lrra.distributed import build_trainer
+from tune.study import EPOCHS_DONE, OPTUNA_NUMBER
+
+
+@dataclass
+class TrialSetup:
+    """What every trial shares; Tune ships it once through the object store (tune.with_parameters)."""
+
+    config: dict[str, Any]                 # the base LRRAConfig; the trial's knobs override it
+    teacher_state: dict[str, torch.Tensor]
+    teacher_meta: dict[str, Any]
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    train_path: str                        # Ray Train storage for the trials' runs
+
+
+class EpochReport(TuneReportCallback):
+    """Forwards rank 0's metrics of every epoch to Tune, with the 1-based ``epochs_done``.
+
+    ASHA and Optuna count progress in epochs, not in Tune iterations: a resumed trial restarts
+    Tune's iteration count at 1 while its Ray Train run continues from its checkpoint's epoch.
+    """
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        rank0 = {**metrics[0], EPOCHS_DONE: int(metrics[0]["epoch"]) + 1}
+        super().after_report(run_context, [rank0, *metrics[1:]], checkpoint)
+
+
+def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
+    """The Tune function trainable: the base configuration with this trial's knobs, under Ray Train.
+
+    The Ray Train run is named after the Tune trial id: when a resumed search restarts an
+    unfinished trial, Ray Train finds that run and continues it from its latest checkpoint.
+    """
+    trial_id = ray.tune.get_context().get_trial_id()
+    knobs = {name: value for name, value in config.items() if name != OPTUNA_NUMBER}
+    cfg = LRRAConfig.from_dict({**setup.config, **knobs})
+    trainer = build_trainer(
+        cfg, setup.teacher_state, setup.teacher_meta, workers=setup.workers,
+        use_gpu=setup.gpus_per_worker > 0,
+        resources_per_worker=worker_resources(setup.cpus_per_worker, setup.gpus_per_worker),
+        storage_path=setup.train_path, name=trial_id, callbacks=[EpochReport()])
+    trainer.fit()
+
+
+def worker_resources(cpus: float, gpus: float) -> dict[str, float]:
+    return {"CPU": cpus, "GPU": gpus} if gpus > 0 else {"CPU": cpus}
+
+
+def trainable(setup: TrialSetup, driver_cpus: float):
+    """``run_trial`` with its setup attached and the trial process's own resources declared.
+
+    Only the trial's process is declared here (by default 1 CPU, Ray Tune's own default, which
+    also keeps the driver, Ray's daemons and the trainer's controller off the workers' cores on a
+    small machine); the Ray Train workers reserve theirs when the trainer starts.
+    """
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), {"CPU": driver_cpus})
