@@ -184,7 +184,7 @@ def bad_input(tmp_path, capsys):
     (["--preset", "digits", "--bound", "retention_order=0,3"], "config field 'retention_order' = 3 is invalid"),
     (["--preset", "digits", "--bound", "epochs=1:5"], "--bound epochs: not a searched knob"),
     (["--preset", "digits", "--time-budget", "soon"], "--time-budget soon"),
-    (["--preset", "digits", "--address", "127.0.0.1:1"], "--address 127.0.0.1:1: no Ray cluster answers there"),
+    (["--preset", "digits", "--address", "127.0.0.1:1"], "--address 127.0.0.1:1: nothing answers there"),
 ])
 def test_bad_input_fails_before_anything_starts(bad_input, args, message):
     assert message in bad_input(*args)

@@ -16,7 +16,6 @@ per trial). The Optuna study is NAME in --study-storage (default STORAGE_PATH/op
 from __future__ import annotations
 
 import argparse
-import socket
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from ray.tune.schedulers import ASHAScheduler
 from lrra.cli import USER_ERRORS
 from lrra.config import PRESETS, ConfigError, parse_assignments, preset
 from lrra.data import load_split
-from lrra.distributed import DistributedSetupError, check_cluster_fits, check_storage
+from lrra.distributed import DistributedSetupError, check_address, check_cluster_fits, check_storage
 from lrra.teacher import load_teacher, obtain_teacher
 from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, load_plan, save_plan
 from tune.report import ProgressLines, print_summary, say, write_parquet
@@ -53,7 +52,6 @@ from tune.study import (
 from tune.trial import TrialSetup, trainable, worker_resources
 
 DEFAULT_STORAGE = "runs/search"
-ADDRESS_TIMEOUT_S = 3
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C: the search can be continued with --resume
 
 
@@ -124,21 +122,6 @@ def parse_duration(text: str | None) -> float | None:
     return seconds
 
 
-def check_address(address: str | None) -> None:
-    """Fail in seconds, not after ray.init's minute of retries, when nothing listens at --address."""
-    if address in (None, "auto", "local"):
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--address {address}: expected HOST:PORT (the head's GCS, e.g. 10.0.0.5:6379), "
-                          "ray://HOST:PORT or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S).close()
-    except OSError as err:
-        raise DistributedSetupError(f"--address {address}: no Ray cluster answers there "
-                                    f"({err.strerror or err}); start one with `ray start --head`") from None
-
-
 def check_positive(args: argparse.Namespace) -> None:
     for flag, value in (("--num-samples", args.num_samples), ("--epochs", args.epochs),
                         ("--grace-period", args.grace_period), ("--workers-per-trial", args.workers_per_trial)):
@@ -169,19 +152,24 @@ def new_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
         overrides["teacher_path"] = args.teacher
     cfg = preset(preset_name, **overrides)
 
+    budget = BUDGETS.get(preset_name, CLUSTER_BUDGET)
     bounds = read_space_file(args.space_file) if args.space_file else {}
     bounds.update(parse_bounds(args.bound))
     space = build_space(preset_name, bounds, fixed, cfg)
     points = baseline_points(space, cfg) + [parse_point(text, space, cfg) for text in args.point]
+    num_samples = args.num_samples or smoke.get("num_samples", budget.num_samples)
+    if len(points) > num_samples:
+        say(f"note: --num-samples {num_samples} runs only the first {num_samples} of the {len(points)} points "
+            "to evaluate first (the preset's, its no-memory variant, then --point)")
+        points = points[:num_samples]
 
-    budget = BUDGETS.get(preset_name, CLUSTER_BUDGET)
     default_time_budget = smoke.get("time_budget_s", budget.time_budget_s)
     time_budget = parse_duration(args.time_budget) if args.time_budget else default_time_budget
     name = args.name or f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return SearchPlan(
         name=name, storage_path=storage_path, config=cfg.to_dict(), space=space, points_to_evaluate=points,
-        num_samples=args.num_samples or smoke.get("num_samples", budget.num_samples),
-        time_budget_s=time_budget, grace_period=min(args.grace_period or budget.grace_period, cfg.epochs),
+        num_samples=num_samples, time_budget_s=time_budget,
+        grace_period=min(args.grace_period or budget.grace_period, cfg.epochs),
         reduction_factor=args.reduction_factor, workers_per_trial=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
         driver_cpus=args.driver_cpus, study_storage=args.study_storage or default_study_storage(storage_path),
@@ -237,12 +225,18 @@ def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
     searcher = StudySearch(plan.space, storage=storage, study_name=plan.study_name, seed=cfg.seed,
                            epochs=cfg.epochs, points_to_evaluate=plan.points_to_evaluate,
                            n_startup_trials=max(1, min(10, plan.num_samples // 2)))
+    # stop_last_trials=False: a trial that reaches its last epoch ends by itself, after its Ray Train
+    # run has finished and released its workers, instead of being cut while its run writes the best
+    # student. reuse_actors=False: a stopped trial's process ends, and its Ray Train run with it,
+    # rather than training on in the background while the next trial waits for its workers' CPUs.
     scheduler = ASHAScheduler(time_attr=EPOCHS_DONE, metric=METRIC, mode="max", max_t=cfg.epochs,
-                              grace_period=plan.grace_period, reduction_factor=plan.reduction_factor)
+                              grace_period=plan.grace_period, reduction_factor=plan.reduction_factor,
+                              stop_last_trials=False)
     return Tuner(
         trainable(setup, plan.driver_cpus),
         tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
-                               max_concurrent_trials=plan.max_concurrent_trials, time_budget_s=plan.time_budget_s),
+                               max_concurrent_trials=plan.max_concurrent_trials, time_budget_s=plan.time_budget_s,
+                               reuse_actors=False),
         run_config=RunConfig(name=plan.name, storage_path=plan.storage_path, verbose=0,
                              callbacks=[ProgressLines(cfg.epochs, plan.num_samples)]))
 
@@ -287,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     resume = args.resume is not None
     try:
-        check_address(args.address)
+        if args.address:
+            check_address(args.address)  # seconds, not ray.init's minutes of retries
         storage_path = check_storage(args.storage_path)
         plan = resumed_plan(args, storage_path) if resume else new_plan(args, storage_path)
         cfg = plan.cfg

@@ -132,9 +132,12 @@ def settle_unfinished(study: optuna.Study, resumable: set[str], reason: str) -> 
 
 
 def trial_rows(study: optuna.Study, knobs: list[str], train_path: str) -> list[dict[str, Any]]:
-    """One row per Optuna trial: its configuration, accuracies, epochs, stop reason and wall time."""
+    """One row per trial the search asked for: its configuration, accuracies, epochs, stop reason and
+    wall time. Points enqueued but never asked (a search cut by its time budget) are left out."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
+        if trial.state == TrialState.WAITING:
+            continue
         accs = [trial.intermediate_values[step] for step in sorted(trial.intermediate_values)]
         tune_id = trial.user_attrs.get(TUNE_TRIAL_ID)
         end = trial.datetime_complete
