@@ -11,12 +11,19 @@ from lrra.config import preset
 from lrra.teacher import save_teacher, train_teacher
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _private_mlflow_store(tmp_path_factory):
-    """Runs that track by default (sqlite:///mlflow.db) write to a temporary store, not the repo."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db")
-        yield
+@pytest.fixture(scope="session")
+def _mlflow_store_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(autouse=True)
+def _private_mlflow_store(_mlflow_store_uri, monkeypatch):
+    """Runs that track by default (sqlite:///mlflow.db) write to a temporary store, not the repo.
+
+    Per test, because mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI: a test that talks
+    to a server it then stops must not leave that address to the tests after it.
+    """
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", _mlflow_store_uri)
 
 
 @pytest.fixture(autouse=True)
