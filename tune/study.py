@@ -74,6 +74,7 @@ class StudySearch(OptunaSearch):
         # shorter random phase so that half of it is guided.
         sampler = TPESampler(seed=seed, multivariate=True, n_startup_trials=n_startup_trials)
         self._epochs = epochs
+        self._last_epoch: dict[str, int] = {}  # Tune trial id -> last epoch stored as an intermediate value
         super().__init__(space={name: knob.distribution() for name, knob in space.items()}, metric=METRIC,
                          mode="max", points_to_evaluate=points_to_evaluate, sampler=sampler,
                          study_name=study_name, storage=storage)
@@ -85,9 +86,11 @@ class StudySearch(OptunaSearch):
         return {**config, OPTUNA_NUMBER: ot_trial.number}
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials:
+        epoch = int(result[EPOCHS_DONE])
+        if trial_id in self._completed_trials or epoch <= self._last_epoch.get(trial_id, 0):
             return
-        self._ot_trials[trial_id].report(result[METRIC], step=int(result[EPOCHS_DONE]))
+        self._ot_trials[trial_id].report(result[METRIC], step=epoch)
+        self._last_epoch[trial_id] = epoch
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed_trials:
@@ -102,7 +105,7 @@ class StudySearch(OptunaSearch):
         else:
             reason, state, value = COMPLETED, TrialState.COMPLETE, result[METRIC]
         if state != TrialState.FAIL:
-            # Tune hands the result that ends a trial to on_trial_complete only, not to on_trial_result.
+            # A result that makes the scheduler stop a trial reaches on_trial_complete only.
             self.on_trial_result(trial_id, result)
         ot_trial.set_user_attr(STOP_REASON, reason)
         self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
