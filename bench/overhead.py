@@ -48,7 +48,7 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
 
 def bare_command(args, teacher: str, out: Path) -> list[str]:
     command = [sys.executable, "-m", "lrra", "distill", "--preset", args.preset, "--workers", "0",
-               "--teacher", teacher, "--epochs", str(args.epochs), "--out", str(out)]
+               "--teacher", teacher, "--data-dir", args.data_dir, "--epochs", str(args.epochs), "--out", str(out)]
     # The search does not log to MLflow: neither does the bare run, where the CLI can log.
     help_text = subprocess.run([sys.executable, "-m", "lrra", "distill", "--help"], capture_output=True,
                                text=True, cwd=ROOT).stdout
@@ -57,7 +57,7 @@ def bare_command(args, teacher: str, out: Path) -> list[str]:
 
 def search_command(args, teacher: str, storage: Path, name: str) -> list[str]:
     return [sys.executable, str(ROOT / "tune" / "search.py"), "--preset", args.preset, "--teacher", teacher,
-            "--epochs", str(args.epochs), "--num-samples", "1", "--time-budget", "none",
+            "--data-dir", args.data_dir, "--epochs", str(args.epochs), "--num-samples", "1", "--time-budget", "none",
             "--storage-path", str(storage), "--name", name]
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     if args.smoke_test:
         args.preset, args.epochs, args.repeats = "digits", args.epochs or 2, 1
     cfg = preset(args.preset, **({"epochs": args.epochs} if args.epochs else {}))
-    args.epochs = cfg.epochs
+    args.epochs, args.data_dir = cfg.epochs, str(Path(cfg.data_dir).absolute())
     _, _, teacher_path = obtain_teacher(cfg, log=lambda m: print(m, file=sys.stderr))
     teacher = str(Path(teacher_path).absolute())
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONUNBUFFERED="1")
