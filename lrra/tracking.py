@@ -14,6 +14,7 @@ short HTTP request before anything starts: MLflow's own client retries for minut
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -50,11 +51,15 @@ DISTILL_EXPERIMENT = "lrra-distill"
 SEARCH_EXPERIMENT = "lrra-search"
 
 TAG_KIND = "lrra.kind"                           # "distill", "search" or "trial"
-TAG_SEARCH = "lrra.search"                       # the search's name: finds its parent run on --resume
+TAG_SEARCH = "lrra.search"                       # the search's experiment path: finds its parent run on --resume
 TAG_TRIAL_ID = "lrra.trial_id"                   # the Tune trial id: finds a trial's run on resume
 TAG_OPTUNA_TRIAL = "lrra.optuna_trial_number"
 TAG_TEACHER_PATH = "lrra.teacher_path"
 TAG_MODEL_URI = "lrra.model_uri"                 # the run's logged best student
+TAG_STOP_REASON = "lrra.stop_reason"             # why a search trial ended
+
+RUNNING, FINISHED, KILLED, FAILED = (RunStatus.to_string(s) for s in (
+    RunStatus.RUNNING, RunStatus.FINISHED, RunStatus.KILLED, RunStatus.FAILED))
 
 SELECTION_METRIC = "eval/best_student_acc"
 STUDENT_MODEL_NAME = "student"
@@ -176,20 +181,28 @@ def find_run(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> 
     return runs[0].info.run_id if runs else None
 
 
+def new_run(client: MlflowClient, experiment_id: str, tags: dict[str, str], run_name: str | None = None) -> str:
+    return client.create_run(experiment_id, tags={**version_tags(), **tags}, run_name=run_name).info.run_id
+
+
 def open_run(client: MlflowClient, experiment_id: str, tags: dict[str, str], run_name: str | None = None) -> str:
     """Continue the run carrying ``tags`` (back to RUNNING) or create it; returns its id."""
     run_id = find_run(client, experiment_id, tags)
     if run_id is None:
-        return client.create_run(experiment_id, tags={**version_tags(), **tags}, run_name=run_name).info.run_id
-    client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return new_run(client, experiment_id, tags, run_name)
+    client.update_run(run_id, status=RUNNING)
     return run_id
 
 
-def open_search_run(client: MlflowClient, search_name: str, params: dict[str, Any],
-                    experiment: str = SEARCH_EXPERIMENT) -> str:
-    """The parent run of a search, found again by name when the search resumes."""
+def open_search_run(client: MlflowClient, search_id: str, params: dict[str, Any], *, resume: bool = False,
+                    run_name: str | None = None, experiment: str = SEARCH_EXPERIMENT) -> str:
+    """The parent run of a search: a new one, or with ``resume`` the one of the same ``search_id``.
+
+    ``search_id`` names the search uniquely (its experiment path): two searches may share a name.
+    """
     experiment_id = ensure_experiment(client, experiment)
-    run_id = open_run(client, experiment_id, {TAG_KIND: "search", TAG_SEARCH: search_name}, run_name=search_name)
+    tags = {TAG_KIND: "search", TAG_SEARCH: search_id}
+    run_id = (open_run if resume else new_run)(client, experiment_id, tags, run_name or search_id)
     log_params(client, run_id, params)
     return run_id
 
@@ -207,9 +220,8 @@ def open_trial_run(client: MlflowClient, parent_run_id: str, trial_id: str, *,
 
 def open_distill_run(client: MlflowClient, cfg: LRRAConfig, run_name: str | None = None) -> str:
     """A top-level run for a `distill` outside any search (always a new run)."""
-    experiment_id = ensure_experiment(client, DISTILL_EXPERIMENT)
-    tags = {**version_tags(), TAG_KIND: "distill"}
-    return client.create_run(experiment_id, tags=tags, run_name=run_name or cfg.preset).info.run_id
+    return new_run(client, ensure_experiment(client, DISTILL_EXPERIMENT), {TAG_KIND: "distill"},
+                   run_name or cfg.preset)
 
 
 def log_params(client: MlflowClient, run_id: str, params: dict[str, Any]) -> None:
@@ -227,10 +239,10 @@ def log_run_inputs(client: MlflowClient, run_id: str, cfg: LRRAConfig, teacher_m
 def run_status_for(error: BaseException | None) -> str:
     """FINISHED, KILLED for an interruption (Ctrl-C, SystemExit), FAILED for any other error."""
     if error is None:
-        return RunStatus.to_string(RunStatus.FINISHED)
+        return FINISHED
     if isinstance(error, KeyboardInterrupt | SystemExit):
-        return RunStatus.to_string(RunStatus.KILLED)
-    return RunStatus.to_string(RunStatus.FAILED)
+        return KILLED
+    return FAILED
 
 
 def end_run(client: MlflowClient, run_id: str, error: BaseException | None = None) -> None:
@@ -254,12 +266,19 @@ def child_runs(client: MlflowClient, parent_run_id: str, extra_filter: str = "")
     return list(client.search_runs([experiment_id], filter_string, max_results=SEARCH_MAX_RESULTS))
 
 
-def end_running_children(client: MlflowClient, parent_run_id: str, status: str = "KILLED") -> list[str]:
-    """Mark the parent's children still RUNNING (their worker died before it could end them)."""
-    stale = [run.info.run_id for run in child_runs(client, parent_run_id, "attributes.status = 'RUNNING'")]
-    for run_id in stale:
-        client.set_terminated(run_id, status)
-    return stale
+def end_trial_runs(client: MlflowClient, parent_run_id: str, outcomes: dict[str, tuple[str, str]]) -> None:
+    """Tag each child run with why its trial ended, and end those still RUNNING.
+
+    ``outcomes``: Tune trial id -> (run status, stop reason). A trial that a scheduler, the time
+    budget or Ctrl-C stopped had its worker killed before it could end its own run; a trial
+    missing from ``outcomes`` ends KILLED.
+    """
+    for run in child_runs(client, parent_run_id):
+        status, reason = outcomes.get(run.data.tags.get(TAG_TRIAL_ID), (KILLED, None))
+        if reason is not None:
+            client.set_tag(run.info.run_id, TAG_STOP_REASON, reason)
+        if run.info.status == RUNNING:
+            client.set_terminated(run.info.run_id, status)
 
 
 # ----------------------------------------------------------------------------------------
@@ -388,8 +407,9 @@ def tracked_distill(tracking_uri: str, cfg: LRRAConfig, teacher_meta: dict[str, 
 class RunTarget:
     """Where a Ray Train rank-0 worker logs; it travels to the worker in the train loop config.
 
-    Either a run the driver created (``run_id``: distill --workers N), or a search trial's child
-    run, found by its Tune trial id under ``parent_run_id`` or created there.
+    ``run_id``: the run the distill driver created, or a search trial's child run. A search's own
+    target holds only ``parent_run_id``; ``for_trial`` turns it into a trial's, whose child run is
+    found by the Tune trial id (a resumed trial continues it) or created.
     """
 
     tracking_uri: str
@@ -398,9 +418,18 @@ class RunTarget:
     trial_id: str | None = None
     optuna_trial_number: int | None = None
 
+    def for_trial(self, trial_id: str, optuna_trial_number: int | None) -> RunTarget:
+        """This search target (``parent_run_id`` set) narrowed to one trial's child run, opened now.
+
+        Opened by the trial's process, before its workers start: a trial whose workers never
+        start still has its run (ended FAILED or KILLED when the search ends).
+        """
+        trial = dataclasses.replace(self, trial_id=trial_id, optuna_trial_number=optuna_trial_number)
+        return dataclasses.replace(trial, run_id=trial.open(connect(self.tracking_uri)))
+
     def open(self, client: MlflowClient) -> str:
         if self.run_id is not None:
-            client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))  # a restarted worker group
+            client.update_run(self.run_id, status=RUNNING)  # a restarted worker group
             return self.run_id
         return open_trial_run(client, self.parent_run_id, self.trial_id,
                               optuna_trial_number=self.optuna_trial_number)
@@ -486,6 +515,12 @@ def best_logged_student(client: MlflowClient, parent_run_id: str) -> tuple[str, 
     return model_uri, best_accuracy
 
 
+def register_best_student(client: MlflowClient, parent_run_id: str, preset: str) -> dict[str, Any] | None:
+    """Register the search's best logged student (register_champion); None if no trial logged one."""
+    best = best_logged_student(client, parent_run_id)
+    return register_champion(client, preset, *best) if best is not None else None
+
+
 def registered_model_name(preset: str) -> str:
     return f"lrra-{preset}-student"
 
@@ -563,6 +598,55 @@ def evaluate_logged_student(model_uri: str, cfg: LRRAConfig) -> dict[str, Any]:
     return {"model": model_uri, "arch": meta["arch"], "dataset": cfg.dataset, "test_examples": len(test_set),
             "test_accuracy": accuracy(model, test_set, device, cfg.eval_batch_size),
             "logged_accuracy": meta["test_accuracy"]}
+
+
+# ----------------------------------------------------------------------------------------
+# A search's parent run
+
+
+class SearchTracker:
+    """The driver's side of a search: its parent run, the trials' child runs at the end, the champion."""
+
+    def __init__(self, tracking_uri: str, search_id: str, params: dict[str, Any], *, resume: bool,
+                 run_name: str, tags: dict[str, str]) -> None:
+        self.client = connect(tracking_uri)
+        self.run_id = open_search_run(self.client, search_id, params, resume=resume, run_name=run_name)
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+        self.trial_target = RunTarget(tracking_uri, parent_run_id=self.run_id)
+        self.interrupted = False
+
+    def finish(self, study, frame, outcomes: dict[str, tuple[str, str]], preset: str,
+               interrupted: bool) -> dict[str, Any] | None:
+        """Settle the child runs, log the plots and the results table; register the champion when done.
+
+        ``outcomes`` as in end_trial_runs. An interrupted search registers nothing yet: its
+        resumption will. Returns register_champion's answer (None when nothing was registered).
+        """
+        self.interrupted = interrupted
+        end_trial_runs(self.client, self.run_id, outcomes)
+        log_search_plots(self.client, self.run_id, study)
+        log_results_table(self.client, self.run_id, frame)
+        return None if interrupted else register_best_student(self.client, self.run_id, preset)
+
+    def end(self, error: BaseException | None = None) -> None:
+        """End the parent run, and any child run still RUNNING (KILLED): nothing stays RUNNING."""
+        end_trial_runs(self.client, self.run_id, {})
+        status = run_status_for(error) if error is not None else KILLED if self.interrupted else FINISHED
+        self.client.set_terminated(self.run_id, status)
+
+
+@contextmanager
+def tracked_search(tracking_uri: str, search_id: str, params: dict[str, Any], *, resume: bool, run_name: str,
+                   tags: dict[str, str]) -> Iterator[SearchTracker]:
+    """A SearchTracker whose runs end FINISHED, KILLED (interrupted) or FAILED as the block exits."""
+    tracker = SearchTracker(tracking_uri, search_id, params, resume=resume, run_name=run_name, tags=tags)
+    try:
+        yield tracker
+    except BaseException as error:
+        tracker.end(error)
+        raise
+    tracker.end()
 
 
 # ----------------------------------------------------------------------------------------

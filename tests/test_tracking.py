@@ -1,21 +1,26 @@
 """MLflow tracking with a real store: SQLite in tmp_path, and a real `mlflow server` (slow tier).
 
 One tiny digits distillation per store serves the run, metric, image, model, registry and
-`eval` checks; the search-level helpers run on small synthetic Optuna studies.
+`eval` checks; the search-level helpers run on small synthetic Optuna studies. The slow tier
+runs `tune/search.py` smoke searches against a tracking server, as a user does, and reads what
+they logged back through MlflowClient.
 """
 
 import contextlib
 import io
 import json
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
+import ray
 import torch
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -24,6 +29,11 @@ from lrra import tracking
 from lrra.cli import main
 from lrra.config import preset
 from lrra.models import build_generator
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
+
+from tune import search  # noqa: E402
 
 EPOCHS = 3
 # Tiny budget: these tests check what is logged, not how well the student learns.
@@ -108,14 +118,14 @@ def test_distill_logs_config_metric_histories_images_and_the_student(client, dis
 
 
 def test_eval_of_the_champion_reproduces_the_logged_accuracy(client, distilled, tmp_path):
-    check_eval_reproduces(client, distilled, client.tracking_uri, tmp_path)
+    check_eval_reproduces(client, distilled, client.tracking_uri, tmp_path, "digits")
 
 
-def check_eval_reproduces(client: MlflowClient, result: dict, uri: str, tmp_path) -> None:
-    registered = tracking.register_champion(client, "digits", result["model_uri"], result["best_student_acc"])
+def check_eval_reproduces(client: MlflowClient, result: dict, uri: str, tmp_path, registry_preset: str) -> None:
+    registered = tracking.register_champion(client, registry_preset, result["model_uri"], result["best_student_acc"])
     assert registered["champion"]
-    code, evaluated, err = run_cli(["eval", "--model", "models:/lrra-digits-student@champion", "--preset", "digits",
-                                    "--data-dir", str(tmp_path), "--tracking-uri", uri])
+    code, evaluated, err = run_cli(["eval", "--model", f"models:/lrra-{registry_preset}-student@champion",
+                                    "--preset", "digits", "--data-dir", str(tmp_path), "--tracking-uri", uri])
     assert code == 0, err
     assert evaluated["test_accuracy"] == evaluated["logged_accuracy"] == result["best_student_acc"]
     assert evaluated["test_examples"] == 360
@@ -145,17 +155,22 @@ def test_trial_run_is_a_child_found_again_by_its_trial_id(client):
     tracking.end_run(client, child, KeyboardInterrupt())
     assert client.get_run(child).info.status == "KILLED"
 
-    assert tracking.open_search_run(client, "search-a", {"preset": "digits"}) == parent
+    assert tracking.open_search_run(client, "search-a", {"preset": "digits"}, resume=True) == parent
+    assert tracking.open_search_run(client, "search-a", {"preset": "digits"}) != parent  # a new search
     assert tracking.open_trial_run(client, parent, "trial_0001", optuna_trial_number=0) == child
     run = client.get_run(child)
     assert run.info.status == "RUNNING"
     assert run.data.tags[MLFLOW_PARENT_RUN_ID] == parent
     assert run.data.tags[tracking.TAG_TRIAL_ID] == "trial_0001"
     assert run.data.tags[tracking.TAG_OPTUNA_TRIAL] == "0"
-    other = tracking.open_trial_run(client, parent, "trial_0002")
-    assert other != child
-    assert sorted(tracking.end_running_children(client, parent)) == sorted([child, other])
-    assert {client.get_run(r).info.status for r in (child, other)} == {"KILLED"}
+    stopped = tracking.open_trial_run(client, parent, "trial_0002")
+    assert stopped != child
+
+    # The search's end: trial_0002 was stopped early by the scheduler; trial_0001 has no outcome.
+    tracking.end_trial_runs(client, parent, {"trial_0002": ("FINISHED", "early-stopped")})
+    assert client.get_run(child).info.status == "KILLED"
+    assert client.get_run(stopped).info.status == "FINISHED"
+    assert client.get_run(stopped).data.tags[tracking.TAG_STOP_REASON] == "early-stopped"
 
 
 @pytest.mark.parametrize("error, status", [(None, "FINISHED"), (KeyboardInterrupt(), "KILLED"),
@@ -292,10 +307,118 @@ def wait_for_health(uri: str, server: subprocess.Popen, timeout_s: float) -> Non
     raise TimeoutError(f"mlflow server at {uri} did not answer /health within {timeout_s} s")
 
 
+def search_command(storage: Path, teacher: Path, uri: str, *args: str) -> list[str]:
+    """A two-trial smoke search in which ASHA stops nothing (grace period = epochs) and no budget cuts."""
+    return [sys.executable, str(ROOT / "tune" / "search.py"), "--smoke-test", "--num-samples", "2",
+            "--time-budget", "none", "--teacher", str(teacher), "--storage-path", str(storage),
+            "--data-dir", str(storage / "data"), "--tracking-uri", uri, *args]
+
+
+def search_runs(client: MlflowClient, experiment_path: Path) -> tuple[list, list]:
+    """(parent runs, child runs) of the search stored at ``experiment_path``."""
+    experiment_id = client.get_experiment_by_name(tracking.SEARCH_EXPERIMENT).experiment_id
+    parents = client.search_runs([experiment_id], f"tags.`{tracking.TAG_SEARCH}` = '{experiment_path}'")
+    children = [r for p in parents for r in tracking.child_runs(client, p.info.run_id)]
+    return parents, children
+
+
+def epochs_logged(client: MlflowClient, run) -> list[int]:
+    return [int(m.step) for m in client.get_metric_history(run.info.run_id, "eval/student_acc")]
+
+
+@pytest.mark.slow
+def test_smoke_search_logs_parent_children_plots_and_a_champion(tracking_server, digits_teacher, tmp_path):
+    epochs = 3
+    done = subprocess.run(search_command(tmp_path, digits_teacher[0], tracking_server, "--name", "tracked"),
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = tracking.connect(tracking_server)
+    [parent], children = search_runs(client, tmp_path / "tracked")
+    assert parent.info.status == "FINISHED" and parent.data.params["preset"] == "digits"
+    assert parent.data.params["space.meta_lr"] and parent.data.tags["lrra.cluster.cpus"]
+    assert sorted(f.path for f in client.list_artifacts(parent.info.run_id, "plots")) == [
+        "plots/optimization_history.png", "plots/parallel_coordinate.png", "plots/param_importances.png"]
+    assert [f.path for f in client.list_artifacts(parent.info.run_id, "results")] == ["results/trials.parquet"]
+
+    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags[tracking.TAG_OPTUNA_TRIAL] for r in children} == {"0", "1"}
+    for run in children:
+        assert epochs_logged(client, run) == list(range(epochs))
+        assert run.data.tags[tracking.TAG_STOP_REASON] == "completed"
+        assert "images/epoch_000.png" in [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+        assert run.data.params["epochs"] == str(epochs)
+
+    best = max(children, key=lambda r: r.data.metrics["eval/best_student_acc"])
+    champion = client.get_model_version_by_alias("lrra-digits-student", "champion")
+    assert champion.source == best.data.tags[tracking.TAG_MODEL_URI]
+    assert float(champion.tags["test_accuracy"]) == best.data.metrics["eval/best_student_acc"]
+    code, evaluated, err = run_cli(["eval", "--model", "models:/lrra-digits-student@champion", "--preset", "digits",
+                                    "--data-dir", str(tmp_path), "--tracking-uri", tracking_server])
+    assert code == 0, err
+    assert evaluated["test_accuracy"] == best.data.metrics["eval/best_student_acc"]
+
+
+def second_trial_is_midway(client: MlflowClient, experiment_path: Path) -> bool:
+    with contextlib.suppress(AttributeError):  # the experiment does not exist yet
+        _, children = search_runs(client, experiment_path)
+        by_number = {r.data.tags.get(tracking.TAG_OPTUNA_TRIAL): r for r in children}
+        return ("0" in by_number and by_number["0"].info.status == "FINISHED"
+                and "1" in by_number and len(epochs_logged(client, by_number["1"])) >= 1)
+    return False
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_search_keeps_one_run_per_trial_and_none_running(
+        tracking_server, digits_teacher, tmp_path):
+    epochs = 5  # the second trial must still be running when the signal lands
+    command = search_command(tmp_path, digits_teacher[0], tracking_server, "--name", "resumed", "--epochs",
+                             str(epochs), "--grace-period", str(epochs))
+    client = tracking.connect(tracking_server)
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 600
+        while not second_trial_is_midway(client, tmp_path / "resumed"):
+            assert driver.poll() is None, f"the search ended early: {driver.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "timed out waiting for the second trial"
+            time.sleep(0.5)
+        driver.send_signal(signal.SIGINT)
+        _, stderr = driver.communicate(timeout=180)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == search.EXIT_INTERRUPTED, stderr[-3000:]
+    [parent], children = search_runs(client, tmp_path / "resumed")
+    assert parent.info.status == "KILLED"
+    assert "RUNNING" not in {r.info.status for r in children}
+
+    resumed = subprocess.run(search_command(tmp_path, digits_teacher[0], tracking_server, "--resume"),
+                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    [parent_after], children = search_runs(client, tmp_path / "resumed")
+    assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
+    trial_ids = [r.data.tags[tracking.TAG_TRIAL_ID] for r in children]
+    assert len(trial_ids) == len(set(trial_ids)) == 2  # one run per trial: the resumed trial continued its own
+    assert {r.info.status for r in children} == {"FINISHED"}
+    for run in children:
+        assert epochs_logged(client, run) == list(range(epochs))  # each epoch once, though re-trained after resume
+
+
+def test_search_with_an_unreachable_tracking_server_starts_nothing(tmp_path, capsys):
+    started = time.monotonic()
+    uri = f"http://127.0.0.1:{free_port()}"
+    code = search.main(["--preset", "digits", "--storage-path", str(tmp_path / "runs"),
+                        "--data-dir", str(tmp_path / "data"), "--tracking-uri", uri])
+    assert code == 2 and time.monotonic() - started < 15
+    assert f"--tracking-uri {uri}: no MLflow tracking server reachable there" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+    assert not ray.is_initialized()
+
+
 @pytest.mark.slow
 def test_distill_register_and_eval_through_a_tracking_server(tracking_server, digits_teacher, tmp_path):
     result = distill_into(tracking_server, digits_teacher[0], tmp_path)
     client = tracking.connect(tracking_server)
     check_distill_run(client, result)
     assert client.get_run(result["mlflow_run_id"]).info.artifact_uri.startswith("mlflow-artifacts:")
-    check_eval_reproduces(client, result, tracking_server, tmp_path)
+    # Its own registered model: the searches in this module register lrra-digits-student.
+    check_eval_reproduces(client, result, tracking_server, tmp_path, "digits-distill")

@@ -23,12 +23,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the tune/ modules importable as tune.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import pandas as pd
 import ray
 import ray.cloudpickle
 from ray.tune import ExperimentAnalysis, RunConfig, TuneConfig, Tuner
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
 
+from lrra import tracking
 from lrra.cli import USER_ERRORS
 from lrra.config import PRESETS, ConfigError, parse_assignments, preset
 from lrra.data import load_split
@@ -39,7 +41,10 @@ from tune.report import ProgressLines, print_summary, say, write_parquet
 from tune.space import baseline_points, build_space, describe_space, parse_bounds, parse_point, read_space_file
 from tune.study import (
     ABANDONED,
+    COMPLETED,
+    EARLY_STOPPED,
     EPOCHS_DONE,
+    ERROR,
     METRIC,
     TIME_BUDGET,
     StudySearch,
@@ -98,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--name", help="experiment name (default: <preset>-<date>-<time>)")
     where.add_argument("--study-storage", metavar="URL",
                        help="Optuna storage, any SQLAlchemy URL (default: sqlite:///STORAGE_PATH/optuna.db)")
+    where.add_argument("--tracking-uri", metavar="URI",
+                       help="MLflow store: http://HOST:PORT for a tracking server, which a cluster's nodes need "
+                            "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder); "
+                            "give the same one with --resume")
     where.add_argument("--resume", nargs="?", const="", metavar="NAME",
                        help="continue an interrupted search (default NAME: the latest one under --storage-path) "
                             "with its saved settings; finished trials are kept, unfinished ones continue")
@@ -247,7 +256,37 @@ def unfinished_trials(experiment_path: str) -> set[str]:
             if t.status not in (Trial.TERMINATED, Trial.ERROR)}
 
 
-def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool) -> int:
+# How each trial's MLflow run ends, by the study's stop reason. "running": a trial that --resume continues.
+RUN_STATUS = {COMPLETED: tracking.FINISHED, EARLY_STOPPED: tracking.FINISHED, TIME_BUDGET: tracking.KILLED,
+              ERROR: tracking.FAILED, ABANDONED: tracking.KILLED, "running": tracking.KILLED}
+
+
+def trial_outcomes(rows: list[dict]) -> dict[str, tuple[str, str]]:
+    """Tune trial id -> (MLflow run status, stop reason), for SearchTracker.finish."""
+    return {row["tune_trial_id"]: (RUN_STATUS.get(row["stop_reason"], tracking.KILLED), row["stop_reason"])
+            for row in rows if row["tune_trial_id"]}
+
+
+def search_params(plan: SearchPlan, teacher_meta: dict) -> dict:
+    """The parent run's params: what the search fixed when it started (the same on --resume)."""
+    cfg = plan.cfg
+    return {"preset": cfg.preset, "epochs": cfg.epochs, "teacher.path": cfg.teacher_path,
+            "teacher.test_accuracy": teacher_meta["test_accuracy"], "num_samples": plan.num_samples,
+            "time_budget_s": plan.time_budget_s, "grace_period": plan.grace_period,
+            "reduction_factor": plan.reduction_factor, "workers_per_trial": plan.workers_per_trial,
+            "cpus_per_worker": plan.cpus_per_worker, "gpus_per_worker": plan.gpus_per_worker,
+            "max_concurrent_trials": plan.max_concurrent_trials, "study": f"{plan.study_storage}#{plan.study_name}",
+            **{f"space.{name}": knob.describe() for name, knob in plan.space.items()}}
+
+
+def cluster_tags() -> dict[str, str]:
+    """The Ray cluster this (part of the) search ran on; tags, since a resumed search may run elsewhere."""
+    resources = ray.cluster_resources()
+    return {"lrra.cluster.nodes": str(len([n for n in ray.nodes() if n["Alive"]])),
+            "lrra.cluster.cpus": f"{resources.get('CPU', 0):g}", "lrra.cluster.gpus": f"{resources.get('GPU', 0):g}"}
+
+
+def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, tracker: tracking.SearchTracker) -> int:
     study_args = (plan.study_storage, plan.study_name)
     if resume:
         # Optuna trials asked after Tune's last state save belong to no Tune trial: close them.
@@ -267,6 +306,11 @@ def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool) -> in
     rows = trial_rows(study, list(plan.space), plan.train_path)
     write_parquet(rows, plan.results_path)
     print_summary(rows, plan, wall_s)
+    champion = tracker.finish(study, pd.DataFrame(rows), trial_outcomes(rows), plan.cfg.preset,
+                              interrupted=bool(unfinished))
+    if champion is not None:
+        say(f"MLflow: registered {champion['name']} version {champion['version']}"
+            + (" as the new champion" if champion["champion"] else "; the champion stays"))
     if unfinished:
         say(f"\ninterrupted with {len(unfinished)} trial(s) unfinished; continue with:\n"
             f"  python tune/search.py --resume {plan.name} --storage-path {plan.storage_path}")
@@ -284,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.address:
             check_address(args.address)  # seconds, not ray.init's minutes of retries
         storage_path = check_storage(args.storage_path)
+        tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
+        tracking.check_tracking_uri(tracking_uri)
         plan = resumed_plan(args, storage_path) if resume else new_plan(args, storage_path)
         cfg = plan.cfg
         if cfg.teacher_path:
@@ -307,10 +353,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{plan.max_concurrent_trials} at a time, {plan.workers_per_trial} worker(s) each; "
             f"time budget {f'{plan.time_budget_s / 60:g} min' if plan.time_budget_s else 'none'}; "
             f"teacher {teacher_path} (acc {teacher_meta['test_accuracy']:.4f})\nknobs:\n{describe_space(plan.space)}")
-        setup = TrialSetup(config=plan.config, teacher_state=teacher.state_dict(), teacher_meta=teacher_meta,
-                           workers=plan.workers_per_trial, cpus_per_worker=plan.cpus_per_worker,
-                           gpus_per_worker=plan.gpus_per_worker, train_path=plan.train_path)
-        return run_search(plan, setup, storage, resume)
+        with tracking.tracked_search(tracking_uri, plan.experiment_path, search_params(plan, teacher_meta),
+                                     resume=resume, run_name=plan.name, tags=cluster_tags()) as tracker:
+            setup = TrialSetup(config=plan.config, teacher_state=teacher.state_dict(), teacher_meta=teacher_meta,
+                               workers=plan.workers_per_trial, cpus_per_worker=plan.cpus_per_worker,
+                               gpus_per_worker=plan.gpus_per_worker, train_path=plan.train_path,
+                               tracking=tracker.trial_target)
+            return run_search(plan, setup, storage, resume, tracker)
     except USER_ERRORS as err:
         say(f"error: {err}")
         return 2

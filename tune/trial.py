@@ -23,6 +23,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from lrra.config import LRRAConfig
 from lrra.distributed import build_trainer
+from lrra.tracking import RunTarget
 from tune.study import EPOCHS_DONE, OPTUNA_NUMBER
 
 
@@ -37,6 +38,7 @@ class TrialSetup:
     cpus_per_worker: float
     gpus_per_worker: float
     train_path: str                        # Ray Train storage for the trials' runs
+    tracking: RunTarget | None = None      # the search's MLflow parent run; each trial logs a child run
 
 
 class EpochReport(TuneReportCallback):
@@ -60,11 +62,12 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     knobs = {name: value for name, value in config.items() if name != OPTUNA_NUMBER}
     cfg = LRRAConfig.from_dict({**setup.config, **knobs})
+    tracking = setup.tracking.for_trial(trial_id, config.get(OPTUNA_NUMBER)) if setup.tracking else None
     trainer = build_trainer(
         cfg, setup.teacher_state, setup.teacher_meta, workers=setup.workers,
         use_gpu=setup.gpus_per_worker > 0,
         resources_per_worker=worker_resources(setup.cpus_per_worker, setup.gpus_per_worker),
-        storage_path=setup.train_path, name=trial_id, callbacks=[EpochReport()])
+        storage_path=setup.train_path, name=trial_id, callbacks=[EpochReport()], tracking=tracking)
     trainer.fit()
 
 
