@@ -1,9 +1,9 @@
 """MLflow tracking: runs, per-epoch metrics, generated images, the best student and its registry alias.
 
 Every run is addressed by its id through ``MlflowClient``, never through mlflow's active-run
-stack: a search's parent run belongs to the driver, while each trial's child run is written by
-the trial's Ray Train rank-0 worker, another process, possibly on another node. A child run is
-created with the ``mlflow.parentRunId`` tag and found again by its Tune trial id
+stack: a search's parent run belongs to the driver, while each trial's child run is opened by
+the trial's process and written by its Ray Train rank-0 worker, possibly on another node. A
+child run carries the ``mlflow.parentRunId`` tag and is found again by its Tune trial id
 (``lrra.trial_id``), so a resumed trial continues its own run.
 
 Stores: ``sqlite:///mlflow.db`` in the working directory by default (one machine), or a tracking
@@ -208,11 +208,11 @@ def open_search_run(client: MlflowClient, search_id: str, params: dict[str, Any]
 
 
 def open_trial_run(client: MlflowClient, parent_run_id: str, trial_id: str, *,
-                   optuna_trial_number: int | None = None, run_name: str | None = None) -> str:
-    """A trial's child run under ``parent_run_id``, continued when the same Tune trial resumes."""
+                   optuna_trial_number: int | None = None) -> str:
+    """A trial's child run under ``parent_run_id`` (named after the trial), continued when it resumes."""
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     tags = {TAG_KIND: "trial", MLFLOW_PARENT_RUN_ID: parent_run_id, TAG_TRIAL_ID: trial_id}
-    run_id = open_run(client, experiment_id, tags, run_name=run_name or trial_id)
+    run_id = open_run(client, experiment_id, tags, run_name=trial_id)
     if optuna_trial_number is not None:
         client.set_tag(run_id, TAG_OPTUNA_TRIAL, str(optuna_trial_number))
     return run_id
@@ -260,9 +260,9 @@ def ended_run(client: MlflowClient, run_id: str) -> Iterator[str]:
     end_run(client, run_id)
 
 
-def child_runs(client: MlflowClient, parent_run_id: str, extra_filter: str = "") -> list:
+def child_runs(client: MlflowClient, parent_run_id: str) -> list:
     experiment_id = client.get_run(parent_run_id).info.experiment_id
-    filter_string = " and ".join(filter(None, [_tag_filter({MLFLOW_PARENT_RUN_ID: parent_run_id}), extra_filter]))
+    filter_string = _tag_filter({MLFLOW_PARENT_RUN_ID: parent_run_id})
     return list(client.search_runs([experiment_id], filter_string, max_results=SEARCH_MAX_RESULTS))
 
 
@@ -338,11 +338,9 @@ class RunTracker:
     logged again: a resumed run re-trains, bit for bit, the epochs after its last checkpoint.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str, cfg: LRRAConfig, teacher_meta: dict[str, Any], *,
-                 image_every: int = IMAGE_EVERY) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, cfg: LRRAConfig, teacher_meta: dict[str, Any]) -> None:
         self.client, self.run_id, self.cfg = client, run_id, cfg
         self.mean, self.std = normalisation(teacher_meta, cfg)
-        self.image_every = image_every
         self.logged_through = last_logged_epoch(client, run_id)
         self._system_metrics = start_system_metrics(run_id, client.tracking_uri)
 
@@ -351,7 +349,7 @@ class RunTracker:
         if epoch <= self.logged_through:
             return
         log_epoch_metrics(self.client, self.run_id, metrics)
-        if image_due(epoch, self.cfg.epochs, self.image_every):
+        if image_due(epoch, self.cfg.epochs):
             grid = generated_image_grid(distiller.generator, self.cfg.latent_dim, self.mean, self.std,
                                         seed=self.cfg.seed)
             self.client.log_image(self.run_id, grid, artifact_file=image_artifact(epoch))
