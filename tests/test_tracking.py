@@ -7,6 +7,7 @@ they logged back through MlflowClient.
 """
 
 import contextlib
+import importlib.util
 import io
 import json
 import signal
@@ -104,7 +105,8 @@ def check_distill_run(client: MlflowClient, result: dict) -> None:
     for name in PER_EPOCH_METRICS:
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(EPOCHS)), name
     assert run.data.metrics["eval/best_student_acc"] == result["best_student_acc"]
-    assert any(name.startswith("system/cpu") for name in run.data.metrics)
+    if importlib.util.find_spec("psutil"):  # MLflow's system metrics need it; without it they are skipped
+        assert any(name.startswith("system/cpu") for name in run.data.metrics)
     images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
     assert images == ["images/epoch_000.png", "images/epoch_002.png"]  # the first and the last epoch
     [output] = run.outputs.model_outputs
