@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import itertools
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -213,7 +214,7 @@ def describe() -> dict[str, str]:
     tree = ast.parse(source)
     docs: dict[str, str] = {}
     body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, following in zip(body, body[1:]):
+    for node, following in itertools.pairwise(body):
         if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
             docs[node.target.id] = following.value.value  # type: ignore[union-attr]
     return docs
@@ -240,9 +241,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         teacher_arch="lenet5", student_arch="lenet5_half",
         # B=128 and a 32-wide generator keep an epoch at ~10 s on two CPU cores. meta_lr=0.9
         # (the ResNet reference) diverges here: LeNet has no BatchNorm to absorb a fast step 9x
-        # the student's learning rate, so alpha equals the student lr.
+        # the student's learning rate. Student lr 0.05 beat 0.1 and 0.2 over 6 epochs, with
+        # retention (85% vs 79%) and without memory (96% vs 95% and 92%).
         batch_size=128, latent_dim=100, generator_width=32, gen_steps=1, kd_steps=5,
-        iters_per_epoch=20, epochs=15, student_lr=0.1, generator_lr=1e-3, meta_lr=0.1,
+        iters_per_epoch=20, epochs=15, student_lr=0.05, generator_lr=1e-3, meta_lr=0.1,
         memory_capacity=10, memory_push_every=1, memory_push_size=16,
         teacher_epochs=10, teacher_lr=1e-3, teacher_batch_size=128,
     ),

@@ -197,17 +197,6 @@ def maybe_inject_fault(cfg: LRRAConfig, epoch: int, rank: int, resumed: bool) ->
         raise InjectedFault(f"fault_at_epoch={epoch}: rank 0 fails on purpose (test-only switch)")
 
 
-def summary(distiller: Distiller) -> dict[str, Any]:
-    accs = distiller.accuracies
-    return {
-        "final_student_acc": accs[-1] if accs else None,
-        "best_student_acc": distiller.best_accuracy,
-        "mean_student_acc": sum(accs) / len(accs) if accs else None,
-        "best_epoch": distiller.best_epoch,
-        "epochs": distiller.epoch,
-    }
-
-
 def rank0_tracking(config: dict[str, Any], distiller: Distiller):
     """Rank 0's MLflow run context (yields a lrra.tracking.RunTracker); a no-op elsewhere."""
     target = config.get("tracking")
@@ -245,7 +234,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                                  checkpoint_dir_name=f"checkpoint_epoch_{int(metrics['epoch']):04d}")
         if run is not None:
             run.log_student(distiller.best_student_model(), best_student_meta(distiller, config["teacher_meta"]))
-    return summary(distiller) if rank == 0 else None
+    return distiller.summary() if rank == 0 else None
 
 
 # ----------------------------------------------------------------------------------------

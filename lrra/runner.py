@@ -82,16 +82,11 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
                             best_epoch=distiller.best_epoch, teacher=str(teacher_path))
         save_teacher(distiller.best_student_model(), student_meta, out / "best_student.pt")
         model_uri = run.log_student(distiller.best_student_model(), student_meta) if run else None
-    accs = distiller.accuracies
     tracked = {"mlflow_run_id": run.run_id, "model_uri": model_uri} if run else {}
     return {
         "preset": cfg.preset,
         "teacher_acc": teacher_meta["test_accuracy"],
-        "final_student_acc": accs[-1] if accs else None,
-        "best_student_acc": distiller.best_accuracy,
-        "mean_student_acc": sum(accs) / len(accs) if accs else None,
-        "best_epoch": distiller.best_epoch,
-        "epochs": distiller.epoch,
+        **distiller.summary(),
         "wall_s": round(time.perf_counter() - start, 2),
         "out_dir": str(out),
         **tracked,

@@ -275,6 +275,17 @@ class Distiller:
         self.replay_rng.set_state(rank_state["replay_rng"])
         torch.set_rng_state(rank_state["torch_rng"])
 
+    def summary(self) -> dict[str, Any]:
+        """The run's accuracy record so far: final, best (and when), mean over epochs."""
+        accs = self.accuracies
+        return {
+            "final_student_acc": accs[-1] if accs else None,
+            "best_student_acc": self.best_accuracy,
+            "mean_student_acc": float(np.mean(accs)) if accs else None,
+            "best_epoch": self.best_epoch,
+            "epochs": self.epoch,
+        }
+
     def best_student_model(self) -> nn.Module:
         """A copy of the student with the best test accuracy so far (the current one if none)."""
         model = copy.deepcopy(self.student).cpu()
