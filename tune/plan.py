@@ -60,6 +60,7 @@ class SearchPlan:
     study_storage: str
     max_concurrent_trials: int = 1
     created: str = field(default="")
+    tracking_uri: str = ""     # the MLflow store; --resume logs to it unless given another
 
     @property
     def cfg(self) -> LRRAConfig:

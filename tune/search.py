@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--tracking-uri", metavar="URI",
                        help="MLflow store: http://HOST:PORT for a tracking server, which a cluster's nodes need "
                             "(default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in this folder); "
-                            "give the same one with --resume")
+                            "--resume uses the search's own unless given one")
     where.add_argument("--resume", nargs="?", const="", metavar="NAME",
                        help="continue an interrupted search (default NAME: the latest one under --storage-path) "
                             "with its saved settings; finished trials are kept, unfinished ones continue")
@@ -328,9 +328,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.address:
             check_address(args.address)  # seconds, not ray.init's minutes of retries
         storage_path = check_storage(args.storage_path)
-        tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
-        tracking.check_tracking_uri(tracking_uri)
         plan = resumed_plan(args, storage_path) if resume else new_plan(args, storage_path)
+        # A resumed search logs where it started unless told otherwise (a server that moved).
+        plan.tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri or plan.tracking_uri or None)
+        tracking_uri = plan.tracking_uri
+        tracking.check_tracking_uri(tracking_uri)
         cfg = plan.cfg
         if cfg.teacher_path:
             load_teacher(cfg.teacher_path, cfg)  # a teacher that does not fit fails now, before anything is written
