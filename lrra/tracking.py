@@ -21,6 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -661,6 +662,7 @@ def log_search_plots(client: MlflowClient, run_id: str, study) -> list[str]:
 
     matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
+    from optuna.exceptions import ExperimentalWarning
     from optuna.trial import TrialState
     from optuna.visualization import matplotlib as optuna_plots
 
@@ -672,7 +674,12 @@ def log_search_plots(client: MlflowClient, run_id: str, study) -> list[str]:
     if len(complete) >= 2 and _params_vary(complete):
         plots["plots/param_importances.png"] = optuna_plots.plot_param_importances
     for artifact_file, plot in plots.items():
-        figure = plot(study).figure
+        # Optuna marks its matplotlib plots experimental, and matplotlib warns about a knob
+        # that all trials share: neither says anything to the person watching the search.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            warnings.filterwarnings("ignore", message="Attempting to set identical low and high")
+            figure = plot(study).figure
         figure.set_size_inches(10, 6)
         figure.tight_layout()
         client.log_figure(run_id, figure, artifact_file)
