@@ -1,7 +1,8 @@
 """What a search adds to a run: one trial of ``tune/search.py`` vs the bare ``python -m lrra distill``.
 
 Both run the same configuration (the preset's own, which is a search's first trial) with the same
-teacher and one CPU thread (a Ray Train worker gets OMP_NUM_THREADS=1 per CPU). The runs are
+teacher, one CPU thread (a Ray Train worker gets OMP_NUM_THREADS=1 per CPU) and MLflow logging
+to a temporary store, as both log by default. The runs are
 interleaved, bare then search, ``--repeats`` times, so that load from other work on a shared
 machine hits both alike; the load average is recorded next to every run.
 
@@ -46,19 +47,16 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     return wall, os.getloadavg()[0], done.stderr
 
 
-def bare_command(args, teacher: str, out: Path) -> list[str]:
-    command = [sys.executable, "-m", "lrra", "distill", "--preset", args.preset, "--workers", "0",
-               "--teacher", teacher, "--data-dir", args.data_dir, "--epochs", str(args.epochs), "--out", str(out)]
-    # The search does not log to MLflow: neither does the bare run, where the CLI can log.
-    help_text = subprocess.run([sys.executable, "-m", "lrra", "distill", "--help"], capture_output=True,
-                               text=True, cwd=ROOT).stdout
-    return command + (["--tracking-uri", "none"] if "--tracking-uri" in help_text else [])
+def bare_command(args, teacher: str, out: Path, tracking_uri: str) -> list[str]:
+    return [sys.executable, "-m", "lrra", "distill", "--preset", args.preset, "--workers", "0",
+            "--teacher", teacher, "--data-dir", args.data_dir, "--epochs", str(args.epochs), "--out", str(out),
+            "--tracking-uri", tracking_uri]
 
 
-def search_command(args, teacher: str, storage: Path, name: str) -> list[str]:
+def search_command(args, teacher: str, storage: Path, name: str, tracking_uri: str) -> list[str]:
     return [sys.executable, str(ROOT / "tune" / "search.py"), "--preset", args.preset, "--teacher", teacher,
             "--data-dir", args.data_dir, "--epochs", str(args.epochs), "--num-samples", "1", "--time-budget", "none",
-            "--storage-path", str(storage), "--name", name]
+            "--storage-path", str(storage), "--name", name, "--tracking-uri", tracking_uri]
 
 
 def trial_wall_s(storage: Path, name: str) -> float:
@@ -85,11 +83,13 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory(prefix="lrra-overhead-") as tmp:
         work = Path(tmp)
+        # Both log to MLflow, as they do by default, into a store of their own.
+        tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
         for repeat in range(args.repeats):
-            bare_s, bare_load, _ = timed(bare_command(args, teacher, work / f"bare-{repeat}"), env)
+            bare_s, bare_load, _ = timed(bare_command(args, teacher, work / f"bare-{repeat}", tracking_uri), env)
             print(f"repeat {repeat + 1}: bare   {bare_s:7.1f} s  (load {bare_load:.1f})", file=sys.stderr, flush=True)
             name = f"overhead-{repeat}"
-            search_s, search_load, _ = timed(search_command(args, teacher, work / "search", name), env)
+            search_s, search_load, _ = timed(search_command(args, teacher, work / "search", name, tracking_uri), env)
             trial_s = trial_wall_s(work / "search", name)
             print(f"repeat {repeat + 1}: search {search_s:7.1f} s, its trial {trial_s:.1f} s  (load {search_load:.1f})",
                   file=sys.stderr, flush=True)
