@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -251,14 +251,21 @@ def end_run(client: MlflowClient, run_id: str, error: BaseException | None = Non
 
 
 @contextmanager
+def ending_with_block(end: Callable[[BaseException | None], None]) -> Iterator[None]:
+    """Calls ``end(error)`` as the block exits: with the error that escapes it, else with None."""
+    try:
+        yield
+    except BaseException as error:
+        end(error)
+        raise
+    end(None)
+
+
+@contextmanager
 def ended_run(client: MlflowClient, run_id: str) -> Iterator[str]:
     """Ends ``run_id`` FINISHED, KILLED or FAILED according to how the block exits."""
-    try:
+    with ending_with_block(lambda error: end_run(client, run_id, error)):
         yield run_id
-    except BaseException as error:
-        end_run(client, run_id, error)
-        raise
-    end_run(client, run_id)
 
 
 def child_runs(client: MlflowClient, parent_run_id: str) -> list:
@@ -387,12 +394,8 @@ def tracked_run(client: MlflowClient, run_id: str, cfg: LRRAConfig, teacher_meta
     """A RunTracker on ``run_id`` (config logged), ended according to how the block exits."""
     log_run_inputs(client, run_id, cfg, teacher_meta, teacher_path)
     tracker = RunTracker(client, run_id, cfg, teacher_meta)
-    try:
+    with ending_with_block(tracker.end):
         yield tracker
-    except BaseException as error:
-        tracker.end(error)
-        raise
-    tracker.end()
 
 
 def tracked_distill(tracking_uri: str, cfg: LRRAConfig, teacher_meta: dict[str, Any],
@@ -640,12 +643,8 @@ def tracked_search(tracking_uri: str, search_id: str, params: dict[str, Any], *,
                    tags: dict[str, str]) -> Iterator[SearchTracker]:
     """A SearchTracker whose runs end FINISHED, KILLED (interrupted) or FAILED as the block exits."""
     tracker = SearchTracker(tracking_uri, search_id, params, resume=resume, run_name=run_name, tags=tags)
-    try:
+    with ending_with_block(tracker.end):
         yield tracker
-    except BaseException as error:
-        tracker.end(error)
-        raise
-    tracker.end()
 
 
 # ----------------------------------------------------------------------------------------
