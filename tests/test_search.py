@@ -6,7 +6,6 @@ where it must fail before Ray starts.
 """
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -104,14 +103,6 @@ def test_asha_stops_the_useless_trial_at_its_first_rung(smoke):
 # Interrupt and resume.
 
 
-def wait_for(condition, process: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert process.poll() is None, f"the search ended early: {process.communicate()[1][-3000:]}"
-        assert time.monotonic() < deadline, "timed out waiting for the search"
-        time.sleep(0.5)
-
-
 def second_trial_is_midway(storage: Path, name: str) -> bool:
     """The first trial has finished and the second has reported at least one epoch."""
     try:
@@ -123,18 +114,12 @@ def second_trial_is_midway(storage: Path, name: str) -> bool:
 
 
 @pytest.mark.slow
-def test_resume_after_ctrl_c_finishes_the_same_trials(tmp_path, digits_teacher):
+def test_resume_after_ctrl_c_finishes_the_same_trials(tmp_path, digits_teacher, interrupt_search):
     epochs = 5  # the second trial must still be running when the signal lands
     command = search_command(tmp_path, digits_teacher[0], "--name", "interrupted", "--epochs", str(epochs))
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        wait_for(lambda: second_trial_is_midway(tmp_path, "interrupted"), driver, SEARCH_TIMEOUT_S)
-        driver.send_signal(signal.SIGINT)
-        _, stderr = driver.communicate(timeout=120)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == search.EXIT_INTERRUPTED, stderr[-3000:]
+    code, stderr = interrupt_search(command, lambda: second_trial_is_midway(tmp_path, "interrupted"),
+                                    wait_s=SEARCH_TIMEOUT_S, stop_s=120)
+    assert code == search.EXIT_INTERRUPTED, stderr[-3000:]
     assert "--resume interrupted" in stderr
     before = study_of(tmp_path, "interrupted").trials
     assert before[1].state == TrialState.RUNNING  # kept for the resumed search to continue

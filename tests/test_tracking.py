@@ -10,7 +10,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -371,24 +370,14 @@ def second_trial_is_midway(client: MlflowClient, experiment_path: Path) -> bool:
 
 @pytest.mark.slow
 def test_interrupted_and_resumed_search_keeps_one_run_per_trial_and_none_running(
-        tracking_server, digits_teacher, tmp_path):
+        tracking_server, digits_teacher, tmp_path, interrupt_search):
     epochs = 5  # the second trial must still be running when the signal lands
     command = search_command(tmp_path, digits_teacher[0], tracking_server, "--name", "resumed", "--epochs",
                              str(epochs), "--grace-period", str(epochs))
     client = tracking.connect(tracking_server)
-    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    try:
-        deadline = time.monotonic() + 600
-        while not second_trial_is_midway(client, tmp_path / "resumed"):
-            assert driver.poll() is None, f"the search ended early: {driver.communicate()[1][-3000:]}"
-            assert time.monotonic() < deadline, "timed out waiting for the second trial"
-            time.sleep(0.5)
-        driver.send_signal(signal.SIGINT)
-        _, stderr = driver.communicate(timeout=180)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == search.EXIT_INTERRUPTED, stderr[-3000:]
+    code, stderr = interrupt_search(command, lambda: second_trial_is_midway(client, tmp_path / "resumed"),
+                                    wait_s=600, stop_s=180)
+    assert code == search.EXIT_INTERRUPTED, stderr[-3000:]
     [parent], children = search_runs(client, tmp_path / "resumed")
     assert parent.info.status == "KILLED"
     assert "RUNNING" not in {r.info.status for r in children}
