@@ -3,7 +3,6 @@ a final table."""
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -12,12 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.tune import Callback
 
+from lrra.runner import stderr_log as say  # progress goes to stderr, as distill's does
 from tune.plan import SearchPlan, filesystem
 from tune.study import COMPLETED, EARLY_STOPPED, EPOCHS_DONE, ERROR, METRIC, OPTUNA_NUMBER, TIME_BUDGET
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def format_knobs(config: dict[str, Any]) -> str:
