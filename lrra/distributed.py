@@ -40,7 +40,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from lrra.config import ConfigError, LRRAConfig
 from lrra.data import load_split
 from lrra.models import build_classifier
-from lrra.runner import Log, format_progress, stderr_log
+from lrra.runner import Log, default_run_name, format_progress, stderr_log
 from lrra.teacher import obtain_teacher, save_teacher
 from lrra.train import Distiller
 
@@ -344,14 +344,10 @@ def _check_fault_switch(cfg: LRRAConfig) -> None:
                           f"(checkpoint_every = {cfg.checkpoint_every})")
 
 
-def default_run_name(cfg: LRRAConfig) -> str:
-    return f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _start_ray(address: str | None) -> None:
+def start_ray(address: str | None, **init_options: Any) -> None:
+    """Join ``address``, or start a private local Ray: "local" starts one even when another runs here."""
     try:
-        # "local" starts a private instance even when another one runs on this machine.
-        ray.init(address=address or "local")
+        ray.init(address=address or "local", **init_options)
     except ConnectionError as err:
         raise DistributedSetupError(f"--address {address}: cannot join that Ray cluster ({err})") from None
 
@@ -385,7 +381,7 @@ def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, sto
     name = name or default_run_name(cfg)
     started_ray = not ray.is_initialized()
     if started_ray:
-        _start_ray(address)
+        start_ray(address)
     try:
         check_cluster_fits(workers, worker_resources(use_gpu))
         load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)  # fails early if unavailable

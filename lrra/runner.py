@@ -40,8 +40,13 @@ def format_progress(metrics: dict[str, float], epochs: int) -> str:
     return line
 
 
+def default_run_name(cfg: LRRAConfig) -> str:
+    """<preset>-<date>-<time>: the default name of a distill run, a Ray Train run and a search."""
+    return f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
 def default_run_dir(cfg: LRRAConfig) -> Path:
-    return Path("runs") / "distill" / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path("runs") / "distill" / default_run_name(cfg)
 
 
 def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: str | Path | None = None,

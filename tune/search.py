@@ -34,7 +34,8 @@ from lrra import tracking
 from lrra.cli import USER_ERRORS
 from lrra.config import PRESETS, ConfigError, parse_assignments, preset
 from lrra.data import load_split
-from lrra.distributed import DistributedSetupError, check_address, check_cluster_fits, check_storage
+from lrra.distributed import DistributedSetupError, check_address, check_cluster_fits, check_storage, start_ray
+from lrra.runner import default_run_name
 from lrra.teacher import load_teacher, obtain_teacher
 from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, load_plan, save_plan
 from tune.report import ProgressLines, print_summary, say, write_parquet
@@ -174,7 +175,7 @@ def new_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
 
     default_time_budget = smoke.get("time_budget_s", budget.time_budget_s)
     time_budget = parse_duration(args.time_budget) if args.time_budget else default_time_budget
-    name = args.name or f"{preset_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = args.name or default_run_name(cfg)
     return SearchPlan(
         name=name, storage_path=storage_path, config=cfg.to_dict(), space=space, points_to_evaluate=points,
         num_samples=num_samples, time_budget_s=time_budget,
@@ -202,14 +203,10 @@ def resumed_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
 # Ray side.
 
 
-def start_ray(address: str | None) -> None:
-    try:
-        # "local": a private Ray that ends with this process, even if another one runs here. Its
-        # dashboard stays on: Ray Train frees a stopped trial's workers through the state API it serves.
-        # Workers' logs stay in Ray's session folder: the driver prints one line per trial event.
-        ray.init(address=address or "local", logging_level="WARNING", log_to_driver=False)
-    except ConnectionError as err:
-        raise DistributedSetupError(f"--address {address}: cannot join that Ray cluster ({err})") from None
+def start_search_ray(address: str | None) -> None:
+    # Ray's dashboard stays on: Ray Train frees a stopped trial's workers through the state API it
+    # serves. Workers' logs stay in Ray's session folder: the driver prints one line per trial event.
+    start_ray(address, logging_level="WARNING", log_to_driver=False)
     # Trial functions are pickled by value: a cluster's nodes have the lrra package, not this folder.
     ray.cloudpickle.register_pickle_by_value(sys.modules["tune"])
 
@@ -342,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.config["teacher_path"] = str(Path(teacher_path).absolute())  # a resume uses this very teacher
         if resume and not Tuner.can_restore(plan.experiment_path):
             raise ConfigError(f"--resume {plan.name}: {plan.experiment_path} holds no Tune state to resume")
-        start_ray(args.address)
+        start_search_ray(args.address)
     except USER_ERRORS as err:
         say(f"error: {err}")
         return 2
