@@ -6,6 +6,8 @@ student logits s, batch-mean teacher softmax p_bar.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -16,11 +18,17 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
 
 
 def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
-    """Jensen-Shannon divergence between two softmax distributions, averaged over the batch."""
-    p, q = F.softmax(logits_a.float(), dim=1), F.softmax(logits_b.float(), dim=1)
-    m_log = (0.5 * (p + q)).clamp_min(1e-12).log()
-    kl_pm = F.kl_div(m_log, p, reduction="batchmean")  # KL(p || m)
-    kl_qm = F.kl_div(m_log, q, reduction="batchmean")  # KL(q || m)
+    """Jensen-Shannon divergence between two softmax distributions, averaged over the batch.
+
+    Computed from log-probabilities only: log m = logsumexp(log p, log q) - log 2, and each KL
+    term takes its target in log space. A probability that underflows to exactly 0 (a logit
+    spread of ~100 in float32) then contributes 0 * finite instead of the NaN gradient that
+    softmax -> log would give, so the divergence and its gradient are finite for finite logits.
+    """
+    log_p, log_q = F.log_softmax(logits_a.float(), dim=1), F.log_softmax(logits_b.float(), dim=1)
+    log_m = torch.logaddexp(log_p, log_q) - math.log(2.0)
+    kl_pm = F.kl_div(log_m, log_p, reduction="batchmean", log_target=True)  # KL(p || m)
+    kl_qm = F.kl_div(log_m, log_q, reduction="batchmean", log_target=True)  # KL(q || m)
     return 0.5 * (kl_pm + kl_qm)
 
 
