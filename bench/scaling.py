@@ -23,8 +23,9 @@ import ray
 import torch
 
 from lrra.config import parse_assignments, preset
-from lrra.distributed import build_trainer, check_cluster_fits, worker_resources
+from lrra.distributed import build_trainer
 from lrra.models import build_classifier
+from lrra.preflight import check_cluster_fits, worker_resources
 from lrra.train import Distiller
 
 CPUS_PER_WORKER = 1
@@ -96,7 +97,7 @@ def main() -> None:
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu: this machine has no CUDA device")
 
-    cfg = bench_config(args)
+    cfg = bench_config(args).with_absolute_paths()
     teacher_state, meta = random_teacher(cfg)
     where = torch.cuda.get_device_name() if args.gpu else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     print(f"{cfg.teacher_arch} -> {cfg.student_arch}, B={cfg.batch_size} per worker, {cfg.iters_per_epoch} "

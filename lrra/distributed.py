@@ -1,4 +1,4 @@
-"""Ray Train layer: the LRRA Distiller on N workers (design.md section 4).
+"""Ray Train layer: the LRRA Distiller on N workers (docs/design.md §4).
 
 Each worker runs the plain per-rank loop of lrra/train.py; Ray adds the context (rank, world
 size), the device, ``ray.train.report`` and checkpoints in Ray storage. The student and the
@@ -6,20 +6,26 @@ generator are *not* wrapped in DistributedDataParallel, which can differentiate 
 through ``torch.autograd.grad`` nor twice: each rank computes its gradients locally and
 ``average_gradients`` all-reduces them, flattened into one buffer, before every optimizer step.
 
-Per rank: its own latent stream (seed + rank) and memory shard, so the effective batch is
-B x workers. BatchNorm running statistics are averaged at the end of every epoch, so all ranks
+BatchNorm running statistics are averaged at the end of every epoch, so all ranks
 hold the same model when rank 0 evaluates and when the checkpoint is written.
+
+Per rank: its own latent stream (seed + rank) and memory shard. For retention orders 1 and 2
+the acquisition gradient is averaged across ranks inside the LRRA step (``mean_over_ranks``, a
+collective autograd differentiates through), so N workers take the step of one process on the
+union of their B x N images.
 
 A checkpoint is one Ray checkpoint directory that every rank writes into (Ray merges them):
 ``state.pt`` (rank 0: ``Distiller.state_dict()``), ``rank_<r>.pt`` (rank r's memory shard and
 random streams) and, at the last epoch, ``best_student.pt`` (a teacher-format file).
+
+The checks that run before any of this (workers, storage, address, cluster size) live in
+lrra/preflight.py.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import socket
 import tempfile
 import time
 from contextlib import nullcontext
@@ -32,35 +38,40 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as differentiable
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from lrra.config import ConfigError, LRRAConfig
+from lrra.config import LRRAConfig
 from lrra.data import load_split
 from lrra.models import build_classifier
-from lrra.runner import Log, default_run_name, format_progress, stderr_log
+from lrra.preflight import (
+    DistributedSetupError,
+    check_address,
+    check_cluster_fits,
+    check_fault_switch,
+    check_storage,
+    check_workers,
+    start_ray,
+    worker_resources,
+)
+from lrra.runner import Log, RunDiverged, default_run_name, diverged_message, format_progress, stderr_log
 from lrra.teacher import obtain_teacher, save_teacher
-from lrra.train import Distiller
+from lrra.train import Collectives, Distiller, NonFiniteLossError
 
 STATE_FILE = "state.pt"
 BEST_STUDENT_FILE = "best_student.pt"
 # Only the latest checkpoint is needed to resume (the best student travels inside it); keep one
 # spare so that a checkpoint being replaced is never the only one.
 CHECKPOINTS_KEPT = 2
-DEFAULT_RESOURCES_PER_WORKER = {"CPU": 1}
-ADDRESS_TIMEOUT_S = 5.0
+DIVERGED = "diverged"  # key of the last report of a run whose loss went non-finite (value 1)
 
 if TYPE_CHECKING:
     from lrra.tracking import RunTarget
 
 # In a worker, Ray Train tees print() into its logger (each line would show twice): log instead.
 logger = logging.getLogger(__name__)
-
-
-class DistributedSetupError(ConfigError):
-    """A distributed-run option (--workers, --storage, ...) cannot work; the message names it."""
 
 
 class InjectedFault(RuntimeError):
@@ -83,11 +94,23 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
     """
     if not tensors:
         return
-    flat = _flatten_dense_tensors(tensors)
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
-    for tensor, averaged in zip(tensors, _unflatten_dense_tensors(flat, tensors), strict=True):
-        tensor.copy_(averaged)
+    for tensor, averaged in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+        tensor.copy_(averaged.view_as(tensor))
+
+
+def mean_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean over ranks of each tensor, as new tensors autograd differentiates through.
+
+    The LRRA step's ``mean_over_ranks``: the backward of this all-reduce all-reduces the incoming
+    gradients, so rank r's retention loss reaches every rank's acquisition Hessian, exactly as
+    one process would differentiate the mean over the union of the batches. One flat buffer.
+    """
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    flat = differentiable.all_reduce(flat) / dist.get_world_size()
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
 
 def average_gradients(params: list[nn.Parameter]) -> None:
@@ -110,7 +133,8 @@ def average_float_buffers(module: nn.Module) -> None:
 def reduce_rank_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """Average the per-rank losses and speeds; images/s is summed (the global throughput).
 
-    Evaluation metrics exist on rank 0 only and pass through unchanged.
+    Other metrics pass through unchanged. Every rank returns the same losses, so every rank
+    takes the same decision on a non-finite one.
     """
     per_rank: list[dict[str, Any]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(per_rank, {k: v for k, v in metrics.items() if k.startswith(("loss/", "perf/"))})
@@ -140,14 +164,17 @@ def teacher_from_state(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
     return teacher.eval()
 
 
+RAY_TRAIN_COLLECTIVES = Collectives(average_gradients=average_gradients, mean_over_ranks=mean_over_ranks,
+                                    average_buffers=average_float_buffers, reduce_metrics=reduce_rank_metrics)
+
+
 def worker_distiller(config: dict[str, Any]) -> Distiller:
-    """This rank's Distiller: Ray's device, gradient and buffer averaging, test set on rank 0."""
+    """This rank's Distiller: Ray's device, the collectives above, test set on rank 0."""
     cfg = LRRAConfig.from_dict(config["cfg"])
     rank = ray.train.get_context().get_world_rank()
     test_set = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels) if rank == 0 else None
     return Distiller(cfg, teacher_from_state(config["teacher_state"], config["teacher_meta"]), test_set,
-                     device=ray.train.torch.get_device(), rank=rank,
-                     sync_grads=average_gradients, sync_buffers=average_float_buffers)
+                     device=ray.train.torch.get_device(), rank=rank, collectives=RAY_TRAIN_COLLECTIVES)
 
 
 def restore(distiller: Distiller, checkpoint: ray.train.Checkpoint) -> None:
@@ -207,104 +234,88 @@ def rank0_tracking(config: dict[str, Any], distiller: Distiller):
     return tracked_worker(target, distiller.cfg, config["teacher_meta"])
 
 
-def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """The Ray Train function: one rank's Distiller, reporting every epoch from every rank."""
-    distiller = worker_distiller(config)
+def run_epochs(distiller: Distiller, config: dict[str, Any], run, resumed: bool) -> None:
+    """Train to the last epoch, reporting every epoch from every rank and checkpointing when due."""
     cfg, rank = distiller.cfg, distiller.rank
+    while distiller.epoch < cfg.epochs:
+        maybe_inject_fault(cfg, distiller.epoch, rank, resumed)
+        metrics = distiller.train_epoch()
+        if rank == 0:
+            logger.info(format_progress(metrics, cfg.epochs))
+        if run is not None:
+            run.on_epoch(metrics, distiller)  # before the report, after which a scheduler may stop the trial
+        if not checkpoint_due(cfg, distiller.epoch):
+            ray.train.report(metrics)  # V2: every rank reports, every epoch (it is a barrier)
+            continue
+        with tempfile.TemporaryDirectory(prefix="lrra-checkpoint-") as directory:
+            save(distiller, Path(directory), config["teacher_meta"])
+            # Only rank 0's metrics are attached to the checkpoint; the name is shared by all ranks.
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                             checkpoint_dir_name=f"checkpoint_epoch_{int(metrics['epoch']):04d}")
+
+
+def keep_best_student(distiller: Distiller, config: dict[str, Any], run) -> None:
+    """Rank 0: the best student so far as ``best_student.pt`` in the run's folder, and as the run's model."""
+    if distiller.rank != 0 or distiller.best_epoch < 0:
+        return
+    meta = best_student_meta(distiller, config["teacher_meta"])
+    write_teacher_file(distiller.best_student_model(), meta, f"{config['run_path']}/{BEST_STUDENT_FILE}")
+    if run is not None:
+        run.log_student(distiller.best_student_model(), meta)
+
+
+def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The Ray Train function: one rank's Distiller, reporting every epoch from every rank.
+
+    A run whose loss goes non-finite keeps its best student (file and logged model), ends its
+    MLflow run FAILED, reports its last good epoch once more with ``diverged`` = 1 and returns:
+    restarting it would only diverge again.
+    """
+    distiller = worker_distiller(config)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         restore(distiller, checkpoint)
     resumed = checkpoint is not None
+    if resumed and distiller.epoch >= distiller.cfg.epochs:
+        # The run had finished, but whoever started it never saw the end (a search driver killed
+        # after the last checkpoint): tell it again, without training or logging anything twice.
+        ray.train.report(distiller.last_metrics)
+        return distiller.summary() if distiller.rank == 0 else None
 
-    with rank0_tracking(config, distiller) as run:
-        while distiller.epoch < cfg.epochs:
-            maybe_inject_fault(cfg, distiller.epoch, rank, resumed)
-            metrics = reduce_rank_metrics(distiller.train_epoch())
-            if rank == 0:
-                logger.info(format_progress(metrics, cfg.epochs))
-            if run is not None:
-                run.on_epoch(metrics, distiller)  # before the report, after which a scheduler may stop the trial
-            if not checkpoint_due(cfg, distiller.epoch):
-                ray.train.report(metrics)  # V2: every rank reports, every epoch (it is a barrier)
-                continue
-            with tempfile.TemporaryDirectory(prefix="lrra-checkpoint-") as directory:
-                save(distiller, Path(directory), config["teacher_meta"])
-                # Only rank 0's metrics are attached to the checkpoint; the name is shared by all ranks.
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                                 checkpoint_dir_name=f"checkpoint_epoch_{int(metrics['epoch']):04d}")
-        if run is not None:
-            run.log_student(distiller.best_student_model(), best_student_meta(distiller, config["teacher_meta"]))
-    return distiller.summary() if rank == 0 else None
+    diverged = None
+    try:
+        with rank0_tracking(config, distiller) as run:
+            try:
+                run_epochs(distiller, config, run, resumed)
+            except NonFiniteLossError as error:
+                diverged = diverged_message(error, distiller, f"{config['run_path']}/{BEST_STUDENT_FILE}")
+                keep_best_student(distiller, config, run)
+                if run is not None:
+                    run.client.set_tag(run.run_id, "lrra.failure", diverged)
+                raise RunDiverged(diverged, {}) from error  # ends the MLflow run FAILED
+            keep_best_student(distiller, config, run)
+    except RunDiverged:
+        if distiller.rank == 0:
+            logger.warning(diverged)
+        ray.train.report({**distiller.last_metrics, DIVERGED: 1})
+    if distiller.rank != 0:
+        return None
+    return {**distiller.summary(), **({DIVERGED: diverged} if diverged else {})}
+
+
+def write_teacher_file(model: nn.Module, meta: dict[str, Any], path: str) -> None:
+    """save_teacher to a local path or a storage URI (s3://, gs://)."""
+    if "://" not in path:
+        save_teacher(model, meta, path)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        local = save_teacher(model, meta, Path(folder) / BEST_STUDENT_FILE)
+        fs, target = pyarrow.fs.FileSystem.from_uri(path)
+        pyarrow.fs.copy_files(str(local), target, destination_filesystem=fs)
 
 
 # ----------------------------------------------------------------------------------------
 # Driver side: validation, trainer, run.
-
-
-def check_workers(workers: int) -> None:
-    if workers < 1:
-        raise DistributedSetupError(f"--workers {workers}: Ray Train needs at least 1 worker "
-                                    "(--workers 0 runs in this process without Ray)")
-
-
-def check_storage(storage: str) -> str:
-    """The storage path as Ray Train wants it (absolute, or a URI); fails if it cannot be written.
-
-    A local path is probed without leaving anything behind: its nearest existing ancestor must
-    be a folder that takes a (self-deleting) file. A URI is opened with pyarrow and written to.
-    """
-    if "://" in storage:
-        return _check_storage_uri(storage)
-    path = Path(storage).expanduser().absolute()
-    ancestor = next(p for p in (path, *path.parents) if p.exists())
-    if not ancestor.is_dir():
-        raise DistributedSetupError(f"--storage {storage}: {ancestor} is a file, so no folder can be made there")
-    try:
-        with tempfile.TemporaryFile(dir=ancestor):
-            pass
-    except OSError as err:
-        raise DistributedSetupError(f"--storage {storage}: cannot write in {ancestor} ({err.strerror})") from None
-    return str(path)
-
-
-def _check_storage_uri(uri: str) -> str:
-    try:
-        fs, root = pyarrow.fs.FileSystem.from_uri(uri)
-        fs.create_dir(root, recursive=True)
-        probe = f"{root.rstrip('/')}/.lrra-write-probe-{os.getpid()}"
-        with fs.open_output_stream(probe):
-            pass
-        fs.delete_file(probe)
-    except Exception as err:  # noqa: BLE001 - pyarrow raises OSError, ValueError or ArrowException
-        raise DistributedSetupError(f"--storage {uri}: cannot write there ({err})") from None
-    return uri
-
-
-def worker_resources(use_gpu: bool = False, resources_per_worker: dict[str, float] | None = None) -> dict[str, float]:
-    """What one worker reserves: {"CPU": 1} by default, plus one GPU with use_gpu."""
-    resources = dict(resources_per_worker or DEFAULT_RESOURCES_PER_WORKER)
-    if use_gpu:
-        resources.setdefault("GPU", 1)
-    return resources
-
-
-def check_cluster_fits(workers: int, resources: dict[str, float]) -> None:
-    """Fail now, instead of Ray Train waiting forever, when the cluster cannot place the workers.
-
-    Compares with the cluster's total resources (other jobs only delay a run); an autoscaling
-    cluster that would grow on demand is not foreseen here.
-    """
-    needed = {k: v * workers for k, v in resources.items()}
-    have = ray.cluster_resources()
-    fits_a_node = any(all(node["Resources"].get(k, 0) >= v for k, v in resources.items())
-                      for node in ray.nodes() if node["Alive"])
-    if fits_a_node and all(have.get(k, 0) >= v for k, v in needed.items()):
-        return
-    has = "{" + ", ".join(f"'{k}': {have.get(k, 0):g}" for k in needed) + "}"
-    raise DistributedSetupError(
-        f"--workers {workers} asks for {resources} per worker, {needed} in all, but the Ray cluster has {has}"
-        + ("" if fits_a_node else " and no node fits one worker")
-        + "; use fewer workers or a bigger cluster (--address)")
 
 
 def build_trainer(cfg: LRRAConfig, teacher_state: dict[str, torch.Tensor], teacher_meta: dict[str, Any], *,
@@ -313,16 +324,20 @@ def build_trainer(cfg: LRRAConfig, teacher_state: dict[str, torch.Tensor], teach
                   callbacks: list | None = None, tracking: RunTarget | None = None) -> TorchTrainer:
     """A TorchTrainer running ``train_worker`` on ``workers`` ranks (gloo on CPUs, NCCL on GPUs).
 
-    Pure builder: nothing is checked against the cluster or storage (see check_cluster_fits and
-    check_storage). A ``name`` that already exists under ``storage_path`` resumes that run.
+    Pure builder: nothing is checked against the cluster or storage (see lrra/preflight.py). A
+    ``name`` that already exists under ``storage_path`` resumes that run. ``cfg``'s paths must be
+    absolute already (``LRRAConfig.with_absolute_paths`` on the driver): this may run in a Tune
+    trial, whose working folder belongs to one Ray session.
     """
     check_workers(workers)
-    _check_fault_switch(cfg)
-    # Ray Train workers run in their own working directory: relative data paths would break.
-    cfg = cfg.replace(data_dir=os.path.abspath(cfg.data_dir))
+    check_fault_switch(cfg)
+    if not os.path.isabs(cfg.data_dir):
+        raise ValueError(f"build_trainer needs an absolute data_dir, got {cfg.data_dir!r}: resolve it on the driver")
+    config = train_loop_config(cfg, teacher_state, teacher_meta, tracking)
+    config["run_path"] = f"{storage_path.rstrip('/')}/{name}"
     return TorchTrainer(
         train_worker,
-        train_loop_config=train_loop_config(cfg, teacher_state, teacher_meta, tracking),
+        train_loop_config=config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(use_gpu, resources_per_worker)),
@@ -333,34 +348,6 @@ def build_trainer(cfg: LRRAConfig, teacher_state: dict[str, torch.Tensor], teach
                              logging_config=LoggingConfig(log_level="WARNING"),
                              callbacks=callbacks),
     )
-
-
-def _check_fault_switch(cfg: LRRAConfig) -> None:
-    # The fault fires only in a group that did not resume; with no checkpoint before the fault
-    # epoch every restarted group would start fresh and fail again.
-    if cfg.fault_at_epoch >= 0 and not (1 <= cfg.checkpoint_every <= cfg.fault_at_epoch):
-        raise ConfigError(f"config field 'fault_at_epoch' = {cfg.fault_at_epoch} is invalid: under Ray Train it "
-                          f"needs a checkpoint before it, i.e. fault_at_epoch >= checkpoint_every >= 1 "
-                          f"(checkpoint_every = {cfg.checkpoint_every})")
-
-
-def start_ray(address: str | None, **init_options: Any) -> None:
-    """Join ``address``, or start a private local Ray: "local" starts one even when another runs here."""
-    try:
-        ray.init(address=address or "local", **init_options)
-    except ConnectionError as err:
-        raise DistributedSetupError(f"--address {address}: cannot join that Ray cluster ({err})") from None
-
-
-def check_address(address: str) -> None:
-    """Ray retries an unreachable head for minutes; a plain TCP connect says so in seconds."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return  # "auto" and other forms that Ray resolves itself
-    try:
-        socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S).close()
-    except OSError as err:
-        raise DistributedSetupError(f"--address {address}: nothing answers there ({err})") from None
 
 
 def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, storage_path: str,
@@ -374,7 +361,8 @@ def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, sto
     With ``tracking_uri`` (already checked), rank 0 logs the run to MLflow.
     """
     check_workers(workers)
-    _check_fault_switch(cfg)
+    check_fault_switch(cfg)
+    cfg = cfg.with_absolute_paths()
     storage = check_storage(storage_path)
     if address:
         check_address(address)
@@ -394,19 +382,24 @@ def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, sto
                 f"worker(s) (teacher acc {teacher_meta['test_accuracy']:.4f}); storage {storage}/{name}")
             start = time.perf_counter()
             result = trainer.fit()
-            wall_s = time.perf_counter() - start
+            summary = {
+                "preset": cfg.preset,
+                "teacher_acc": teacher_meta["test_accuracy"],
+                **result.return_value,
+                "workers": workers,
+                "wall_s": round(time.perf_counter() - start, 2),
+                "checkpoint": f"{storage.rstrip('/')}/{name}/{Path(result.checkpoint.path).name}"
+                              if result.checkpoint else None,
+                "best_student": f"{storage.rstrip('/')}/{name}/{BEST_STUDENT_FILE}",
+                **({"mlflow_run_id": target.run_id} if target else {}),
+            }
+            if DIVERGED in summary:
+                # Raised inside the block, so that the driver's end of the MLflow run says FAILED too.
+                raise RunDiverged(summary[DIVERGED], summary)
     finally:
         if started_ray:
             ray.shutdown()
-    return {
-        "preset": cfg.preset,
-        "teacher_acc": teacher_meta["test_accuracy"],
-        **result.return_value,
-        "workers": workers,
-        "wall_s": round(wall_s, 2),
-        "checkpoint": f"{storage.rstrip('/')}/{name}/{Path(result.checkpoint.path).name}",
-        **({"mlflow_run_id": target.run_id} if target else {}),
-    }
+    return summary
 
 
 def tracked_target(tracking_uri: str | None, cfg: LRRAConfig):

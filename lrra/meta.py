@@ -13,7 +13,12 @@ retention_order chooses how grad_theta of the retention term is taken:
   1: first order: the gradient of L_ret at theta' applied to theta (no Hessian-vector product).
   0: no retention term; L is the plain KD loss on the concatenated batch (memory replay only).
 
-Two traps this module avoids (design.md section 3):
+Under N Ray Train workers (docs/design.md §4) the acquisition gradient is averaged across ranks
+(``mean_over_ranks``, a differentiable all-reduce) before theta' is formed, and the final
+gradients once more before the step, so N workers take the step one process would take on the
+union of their batches.
+
+Two traps this module avoids (docs/design.md §3):
   * theta' is built from the student's real parameters, not a detached copy, so L_ret sends
     gradient to the student (the authors' public code drops it);
   * fast-weight passes run on cloned BatchNorm buffers, so they never move the real student's
@@ -31,6 +36,8 @@ from torch.func import functional_call
 from lrra.losses import kd_loss
 
 GradSync = Callable[[list[torch.nn.Parameter]], None]
+# Same-shaped tensors in, their mean over all ranks out; autograd differentiates through it.
+RankMean = Callable[[list[torch.Tensor]], list[torch.Tensor]]
 
 
 def _functional_forward(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -42,11 +49,13 @@ def _functional_forward(model: nn.Module, params: dict[str, torch.Tensor], x: to
 def student_objective(student: nn.Module, x_new: torch.Tensor, y_new: torch.Tensor,
                       x_mem: torch.Tensor | None, y_mem: torch.Tensor | None, *,
                       meta_lr: float, weight_decay: float, retention_order: int,
+                      mean_over_ranks: RankMean | None = None,
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss whose gradient w.r.t. the student's parameters is the LRRA update direction.
 
     Returns (loss, parts) where parts holds detached scalars for logging. Without a memory
-    batch it is plain KD on the fresh batch.
+    batch it is plain KD on the fresh batch. ``mean_over_ranks`` (distributed runs) averages the
+    acquisition gradient over ranks before the fast weights are formed.
     """
     if x_mem is None:
         loss = kd_loss(student(x_new), y_new)
@@ -60,6 +69,9 @@ def student_objective(student: nn.Module, x_new: torch.Tensor, y_new: torch.Tens
     params = dict(student.named_parameters())
     loss_acq = kd_loss(_functional_forward(student, params, x_new), y_new)
     grads = torch.autograd.grad(loss_acq, list(params.values()), create_graph=retention_order == 2)
+    if mean_over_ranks is not None:
+        # Every rank must step to the same theta': the one of the union of all ranks' fresh batches.
+        grads = mean_over_ranks(list(grads))
     fast = {name: p - meta_lr * (g + weight_decay * p) for (name, p), g in zip(params.items(), grads, strict=True)}
     # With order 1 the grads are constants, so d theta'/d theta = (1 - alpha*wd) I: first-order MAML.
 
@@ -72,14 +84,17 @@ def student_objective(student: nn.Module, x_new: torch.Tensor, y_new: torch.Tens
 def student_update(student: nn.Module, optimizer: torch.optim.Optimizer, x_new: torch.Tensor,
                    y_new: torch.Tensor, x_mem: torch.Tensor | None, y_mem: torch.Tensor | None, *,
                    meta_lr: float, weight_decay: float, retention_order: int,
-                   sync_grads: GradSync | None = None) -> dict[str, torch.Tensor]:
+                   sync_grads: GradSync | None = None,
+                   mean_over_ranks: RankMean | None = None) -> dict[str, torch.Tensor]:
     """One optimizer step of the student on the LRRA objective; returns the logged loss parts.
 
-    ``sync_grads`` runs between backward and step (all-reduce under Ray Train); the student is
-    never wrapped in DistributedDataParallel, which cannot differentiate through autograd.grad.
+    ``sync_grads`` runs between backward and step (all-reduce under Ray Train) and
+    ``mean_over_ranks`` inside the acquisition step; the student is never wrapped in
+    DistributedDataParallel, which cannot differentiate through autograd.grad.
     """
     loss, parts = student_objective(student, x_new, y_new, x_mem, y_mem, meta_lr=meta_lr,
-                                    weight_decay=weight_decay, retention_order=retention_order)
+                                    weight_decay=weight_decay, retention_order=retention_order,
+                                    mean_over_ranks=mean_over_ranks)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if sync_grads is not None:

@@ -21,7 +21,6 @@ from torch import nn
 from lrra import distributed
 from lrra.cli import main
 from lrra.config import ConfigError, preset
-from lrra.losses import kd_loss
 from lrra.meta import student_objective, student_update
 from lrra.models import build_classifier
 from lrra.teacher import save_teacher
@@ -77,15 +76,15 @@ def probe_ranks(config: dict) -> None:
     out = Path(config["out"])
 
     grads = {}
-    for order in (0, 2):
+    for order in (0, 1, 2):
         student = tiny_mlp()
         student_update(student, torch.optim.SGD(student.parameters(), lr=0.1), *rank_batches(rank),
                        meta_lr=META_LR, weight_decay=WEIGHT_DECAY, retention_order=order,
-                       sync_grads=distributed.average_gradients)
+                       sync_grads=distributed.average_gradients, mean_over_ranks=distributed.mean_over_ranks)
         grads[order] = [p.grad for p in student.parameters()]
 
     distiller = distributed.worker_distiller(config)
-    metrics = [distributed.reduce_rank_metrics(distiller.train_epoch()) for _ in range(distiller.cfg.epochs)]
+    metrics = [distiller.train_epoch() for _ in range(distiller.cfg.epochs)]  # reduced across ranks inside
     torch.save({"grads": grads, "student": distiller.student.state_dict(),
                 "generator": distiller.generator.state_dict(), "memory": distiller.memory.state_dict()["batches"],
                 "metrics": metrics}, out / f"rank_{rank}.pt")
@@ -103,33 +102,22 @@ def two_rank_probe(ray_cluster, random_teacher, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("order", [0, 2])
-def test_synced_gradient_is_the_gradient_of_the_mean_objective(two_rank_probe, order):
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_two_workers_take_the_step_of_one_process_on_the_union_of_their_batches(two_rank_probe, order):
     rank0, rank1 = (probe["grads"][order] for probe in two_rank_probe)
     for g0, g1 in zip(rank0, rank1, strict=True):
         assert torch.equal(g0, g1)  # every rank steps with the same gradient
 
-    # The synced gradient is grad (1/W) sum_r L_r(theta), each L_r on its own rank's batches.
+    # One process, one LRRA step on both ranks' fresh and replayed batches together. With
+    # retention the fast weights depend on the whole fresh batch, so this holds only because the
+    # acquisition gradient is averaged across ranks (differentiably) before theta' is formed.
     student = tiny_mlp()
     params = list(student.parameters())
-    objectives = [student_objective(student, *rank_batches(r), meta_lr=META_LR, weight_decay=WEIGHT_DECAY,
-                                    retention_order=order)[0] for r in range(2)]
-    expected = torch.autograd.grad(sum(objectives) / 2, params)
-    for synced, want in zip(rank0, expected, strict=True):
-        torch.testing.assert_close(synced, want, rtol=0, atol=1e-6)
-
-    # Only plain KD (order 0) is linear in the batch: then it is also the gradient on the union of
-    # both ranks' batches. With retention the fast weights depend on the whole fresh batch, so one
-    # LRRA step on the union is a different update.
     x_new, y_new, x_mem, y_mem = (torch.cat(parts) for parts in zip(rank_batches(0), rank_batches(1), strict=True))
-    if order == 0:
-        union = kd_loss(student(torch.cat([x_new, x_mem])), torch.cat([y_new, y_mem]))
-    else:
-        union = student_objective(student, x_new, y_new, x_mem, y_mem, meta_lr=META_LR,
-                                  weight_decay=WEIGHT_DECAY, retention_order=order)[0]
-    union_grads = torch.autograd.grad(union, params)
-    same = all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(rank0, union_grads, strict=True))
-    assert same == (order == 0)
+    union = student_objective(student, x_new, y_new, x_mem, y_mem, meta_lr=META_LR,
+                              weight_decay=WEIGHT_DECAY, retention_order=order)[0]
+    for synced, want in zip(rank0, torch.autograd.grad(union, params), strict=True):
+        torch.testing.assert_close(synced, want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

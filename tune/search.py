@@ -34,7 +34,7 @@ from lrra import tracking
 from lrra.cli import USER_ERRORS
 from lrra.config import PRESETS, ConfigError, parse_assignments, preset
 from lrra.data import load_split
-from lrra.distributed import DistributedSetupError, check_address, check_cluster_fits, check_storage, start_ray
+from lrra.preflight import DistributedSetupError, check_address, check_cluster_fits, check_storage, start_ray
 from lrra.runner import default_run_name
 from lrra.teacher import load_teacher, obtain_teacher
 from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, load_plan, save_plan
