@@ -10,13 +10,15 @@ from pathlib import Path
 
 from lrra.config import PRESETS, ConfigError, parse_assignments, preset
 from lrra.data import DatasetUnavailableError
-from lrra.runner import distill_local, stderr_log
+from lrra.runner import RunDiverged, distill_local, stderr_log
 from lrra.teacher import TeacherError, default_teacher_path, save_teacher, train_teacher
 
 RAY_STORAGE = "runs/ray"
 
 # Errors caused by the user's input: print one line, exit 2, no traceback.
 USER_ERRORS = (ConfigError, TeacherError, DatasetUnavailableError, FileNotFoundError)
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3  # a loss went non-finite; the best student so far was kept and is in the JSON line
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -141,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             result = run_distill(cfg, args, resume)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except RunDiverged as diverged:
+        print(f"error: {diverged}", file=sys.stderr)
+        print(json.dumps(diverged.result))
+        return EXIT_DIVERGED
     print(json.dumps(result))
     return 0

@@ -12,6 +12,8 @@ import dataclasses
 import inspect
 import itertools
 import math
+import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -115,6 +117,8 @@ class LRRAConfig:
     """Use the channels-last memory format for images and conv weights (GPU option)."""
     fault_at_epoch: int = -1
     """Test-only fault switch: rank 0 raises once at the start of this epoch (-1: never)."""
+    nan_at_epoch: int = -1
+    """Test-only divergence switch: the teacher's weights become NaN at the start of this epoch (-1: never)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -156,10 +160,28 @@ class LRRAConfig:
         need(self.memory_push_size <= self.batch_size, "memory_push_size",
              f"must be <= batch_size ({self.batch_size}): a push is a slice of one fresh batch")
         need(self.checkpoint_every >= 0, "checkpoint_every", "must be an integer >= 0")
+        for name in ("fault_at_epoch", "nan_at_epoch"):
+            need(getattr(self, name) >= -1, name, "must be an epoch number >= 0, or -1 for never")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
              "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
 
     # ------------------------------------------------------------------------------------
+    @property
+    def subject(self) -> str:
+        """What is distilled, as a name: the preset, or the dataset's slug when it is not the preset's own."""
+        if self.dataset == PRESETS[self.preset].get("dataset"):
+            return self.preset
+        return re.sub(r"[^a-z0-9]+", "-", self.dataset.lower()).strip("-")
+
+    def with_absolute_paths(self) -> LRRAConfig:
+        """data_dir and teacher_path made absolute, against this process's working folder.
+
+        Done once, where the user's command runs: Ray workers and trials run in working folders
+        of their own (which differ between Ray sessions, so they must never enter a run's config).
+        """
+        teacher = os.path.abspath(self.teacher_path) if self.teacher_path else ""
+        return dataclasses.replace(self, data_dir=os.path.abspath(self.data_dir), teacher_path=teacher)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -225,7 +247,7 @@ def describe() -> dict[str, str]:
 #
 # mnist is the embedded default (LeNet-5 -> LeNet-5-half, the classic pair of DAFL and its
 # successors), sized to finish in minutes on a laptop CPU. cifar100 is the authors' reference
-# configuration (design.md section 3); cifar10, svhn and tiny-imagenet reuse it with their data.
+# configuration (docs/design.md §3); cifar10, svhn and tiny-imagenet reuse it with their data.
 _REFERENCE = dict(
     teacher_arch="resnet34", student_arch="resnet18", channels=3, image_size=32,
     batch_size=512, latent_dim=1000, generator_width=128, gen_steps=1, kd_steps=10,
@@ -275,6 +297,35 @@ def preset(name: str, **overrides: Any) -> LRRAConfig:
     return LRRAConfig(**values)
 
 
+# What may differ between a checkpoint and the run that resumes it. Everything else is the run's
+# identity: resuming with another learning rate, memory or loss weight would silently mix two
+# configurations. Paths may move (another machine, another Ray session's working folder);
+# ``epochs`` may grow, and the cosine schedule is rebuilt for the new length.
+RESUMABLE_CHANGES = {
+    "epochs": "may grow (the cosine schedule continues over the new length from the epoch reached)",
+    "checkpoint_every": "how often checkpoints are written",
+    "eval_batch_size": "evaluation batching only",
+    "device": "where the run computes",
+    "data_dir": "where the same dataset is found",
+    "teacher_path": "where the same teacher is found",
+    "fault_at_epoch": "the test-only fault switch",
+    "nan_at_epoch": "the test-only divergence switch",
+}
+
+
+def check_resumable(saved: LRRAConfig, new: LRRAConfig, epochs_done: int) -> None:
+    """ConfigError naming every field that keeps ``new`` from continuing a checkpoint of ``saved``."""
+    differing = [f"{name} (checkpoint {getattr(saved, name)!r}, now {getattr(new, name)!r})"
+                 for name in FIELD_TYPES
+                 if name not in RESUMABLE_CHANGES and getattr(saved, name) != getattr(new, name)]
+    if differing:
+        raise ConfigError(f"cannot resume: {', '.join(differing)} differ from the checkpoint's configuration; "
+                          f"only {', '.join(RESUMABLE_CHANGES)} may change on resume")
+    if new.epochs < epochs_done:
+        raise ConfigError(f"cannot resume: config field 'epochs' = {new.epochs} is below the {epochs_done} "
+                          "epochs the checkpoint has already run")
+
+
 def parse_assignments(items: list[str]) -> dict[str, str]:
     """['a=1', 'b=x'] -> {'a': '1', 'b': 'x'}, with a clear error for a malformed item."""
     out: dict[str, str] = {}
@@ -286,4 +337,5 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["ConfigError", "LRRAConfig", "PRESETS", "preset", "describe", "parse_assignments"]
+__all__ = ["ConfigError", "LRRAConfig", "PRESETS", "RESUMABLE_CHANGES", "check_resumable", "preset", "describe",
+           "parse_assignments"]

@@ -1,6 +1,6 @@
 """Loss terms of LRRA: the student's distillation loss and the generator's objective.
 
-Notation follows design.md section 3: teacher logits t, teacher penultimate features f,
+Notation follows docs/design.md §3: teacher logits t, teacher penultimate features f,
 student logits s, batch-mean teacher softmax p_bar.
 """
 

@@ -7,6 +7,7 @@ lrra/distributed.py does the same per worker with Ray's reporting in place of th
 from __future__ import annotations
 
 import json
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -17,12 +18,20 @@ from typing import Any
 from lrra.config import LRRAConfig
 from lrra.data import load_split
 from lrra.teacher import obtain_teacher, save_teacher
-from lrra.train import Distiller, load_checkpoint, save_checkpoint
+from lrra.train import Distiller, NonFiniteLossError, load_checkpoint, save_checkpoint
 
 Log = Callable[[str], None]
 # (cfg, teacher meta, teacher path) -> a context holding an experiment-tracking run, e.g.
 # lrra.tracking.tracked_distill; it gets on_epoch(metrics, distiller) and log_student(model, meta).
 TrackRun = Callable[[LRRAConfig, dict[str, Any], Path], AbstractContextManager[Any]]
+
+
+class RunDiverged(RuntimeError):
+    """A loss went non-finite; the run kept its best student so far. ``result`` is what it achieved."""
+
+    def __init__(self, message: str, result: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 def stderr_log(message: str) -> None:
@@ -35,14 +44,28 @@ def format_progress(metrics: dict[str, float], epochs: int) -> str:
     if "eval/student_acc" in metrics:
         line += (f"  acc {metrics['eval/student_acc']:.4f}  best {metrics['eval/best_student_acc']:.4f}"
                  f"  mean {metrics['eval/mean_student_acc']:.4f}")
-    line += (f"  L_G {metrics['loss/generator']:.3f}  L_S {metrics['loss/student_total']:.3f}"
+    if "loss/generator" in metrics:  # absent with gen_steps=0 (a fixed generator)
+        line += f"  L_G {metrics['loss/generator']:.3f}"
+    line += (f"  L_S {metrics['loss/student_total']:.3f}"
              f"  mem {int(metrics['memory/size'])}  {metrics['perf/student_steps_per_s']:.1f} steps/s")
     return line
 
 
 def default_run_name(cfg: LRRAConfig) -> str:
-    """<preset>-<date>-<time>: the default name of a distill run, a Ray Train run and a search."""
-    return f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """<subject>-<date>-<time>-<random>: the default name of a distill run, a Ray Train run and a search.
+
+    The random part keeps two runs started in the same second apart: sharing a name would make
+    the second resume the first (a Ray Train run, an Optuna study).
+    """
+    return f"{cfg.subject}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+
+
+def diverged_message(error: NonFiniteLossError, distiller: Distiller, kept: str) -> str:
+    """One line: what went wrong, and what the run kept."""
+    if distiller.best_epoch < 0:
+        return f"{error} Nothing to keep: no epoch finished."
+    return (f"{error} Kept the best student so far (epoch {distiller.best_epoch + 1}, "
+            f"accuracy {distiller.best_accuracy:.4f}): {kept}")
 
 
 def default_run_dir(cfg: LRRAConfig) -> Path:
@@ -80,19 +103,30 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
         if run is not None:
             run.on_epoch(metrics, d)
 
-    start = time.perf_counter()
-    with track(cfg, teacher_meta, teacher_path) if track else nullcontext() as run:
-        distiller.run(on_epoch)
+    def keep_best_student() -> str | None:
+        """best_student.pt, and the logged model when tracked; returns the model URI."""
+        if distiller.best_epoch < 0:
+            return None
         student_meta = dict(teacher_meta, arch=cfg.student_arch, test_accuracy=distiller.best_accuracy,
                             best_epoch=distiller.best_epoch, teacher=str(teacher_path))
         save_teacher(distiller.best_student_model(), student_meta, out / "best_student.pt")
-        model_uri = run.log_student(distiller.best_student_model(), student_meta) if run else None
-    tracked = {"mlflow_run_id": run.run_id, "model_uri": model_uri} if run else {}
-    return {
-        "preset": cfg.preset,
-        "teacher_acc": teacher_meta["test_accuracy"],
-        **distiller.summary(),
-        "wall_s": round(time.perf_counter() - start, 2),
-        "out_dir": str(out),
-        **tracked,
-    }
+        return run.log_student(distiller.best_student_model(), student_meta) if run else None
+
+    def result(model_uri: str | None) -> dict[str, Any]:
+        tracked = {"mlflow_run_id": run.run_id, "model_uri": model_uri} if run else {}
+        return {"preset": cfg.preset, "teacher_acc": teacher_meta["test_accuracy"], **distiller.summary(),
+                "wall_s": round(time.perf_counter() - start, 2), "out_dir": str(out), **tracked}
+
+    start = time.perf_counter()
+    with track(cfg, teacher_meta, teacher_path) if track else nullcontext() as run:
+        try:
+            distiller.run(on_epoch)
+        except NonFiniteLossError as error:
+            # Keep what the run achieved; the error then ends the tracked run as FAILED.
+            message = diverged_message(error, distiller, str(out / "best_student.pt"))
+            achieved = {**result(keep_best_student()), "diverged": str(error)}
+            if run is not None:
+                run.client.set_tag(run.run_id, "lrra.failure", message)
+            raise RunDiverged(message, achieved) from error
+        model_uri = keep_best_student()
+    return result(model_uri)

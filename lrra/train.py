@@ -1,10 +1,10 @@
-"""One process's LRRA distillation loop (design.md section 3).
+"""One process's LRRA distillation loop (docs/design.md §3).
 
 Each epoch runs ``iters_per_epoch`` iterations of a generator phase and a student phase, then
 pushes fresh images into the replay memory, evaluates the student on the real test set and
 hands the metrics to ``on_epoch``. Ray, MLflow and Optuna stay outside: the loop takes hooks
-(``sync_grads``, ``sync_buffers``, ``on_epoch``) so the same code runs alone, under Ray Train
-and in tests.
+(``Collectives`` for the ranks of a distributed run, ``on_epoch``) so the same code runs alone,
+under Ray Train and in tests.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,17 +23,46 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from lrra.config import LRRAConfig
+from lrra.config import ConfigError, LRRAConfig, check_resumable
 from lrra.losses import generator_loss, generator_loss_terms
 from lrra.memory import ReplayMemory
-from lrra.meta import GradSync, student_update
+from lrra.meta import GradSync, RankMean, student_update
 from lrra.models import build_classifier, build_generator
 
 EpochCallback = Callable[[dict[str, float], "Distiller"], None]
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or inf; the last checkpoint written before this epoch is intact."""
+    """A loss became NaN or inf; the last checkpoint written before this epoch is intact.
+
+    Raised on every rank of a distributed run alike: the check reads the rank-reduced losses.
+    The Distiller still holds the best student of the epochs before (``best_student_model``).
+    """
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint cannot be read or does not belong to this run; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Collectives:
+    """How the ranks of a distributed run agree; all None (the default) is a single process.
+
+    ``average_gradients`` replaces each gradient by its mean over ranks before an optimizer step;
+    ``mean_over_ranks`` is the differentiable mean used inside the LRRA acquisition step;
+    ``average_buffers`` averages a module's BatchNorm statistics; ``reduce_metrics`` turns one
+    rank's epoch metrics into the run's (every rank gets the same answer).
+    """
+
+    average_gradients: GradSync | None = None
+    mean_over_ranks: RankMean | None = None
+    average_buffers: Callable[[nn.Module], None] | None = None
+    reduce_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
+
+
+def cosine_factor(epoch: int, epochs: int) -> float:
+    """The student's learning-rate multiplier at ``epoch``: cosine from 1 down to 0 over ``epochs``."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,14 +102,12 @@ class Distiller:
 
     def __init__(self, cfg: LRRAConfig, teacher: nn.Module, test_set: Dataset | None = None, *,
                  device: torch.device | None = None, rank: int = 0,
-                 sync_grads: GradSync | None = None,
-                 sync_buffers: Callable[[nn.Module], None] | None = None) -> None:
+                 collectives: Collectives = Collectives()) -> None:
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
         self.rank = rank
         self.test_set = test_set
-        self.sync_grads = sync_grads
-        self.sync_buffers = sync_buffers
+        self.collectives = collectives
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
         self.teacher = teacher.to(self.device, memory_format=self.memory_format).eval()
@@ -94,7 +122,7 @@ class Distiller:
 
         self.opt_student = torch.optim.SGD(self.student.parameters(), lr=cfg.student_lr,
                                            momentum=cfg.student_momentum, weight_decay=cfg.weight_decay)
-        self.sched_student = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt_student, T_max=cfg.epochs)
+        self.sched_student = self._cosine_schedule(cfg.epochs)
         # betas (0.5, 0.999): the usual choice for adversarially trained generators.
         self.opt_generator = torch.optim.Adam(self.generator.parameters(), lr=cfg.generator_lr,
                                               betas=(0.5, 0.999))
@@ -109,7 +137,13 @@ class Distiller:
         self.best_accuracy = -1.0
         self.best_epoch = -1
         self.best_student: dict[str, torch.Tensor] | None = None
+        self.last_metrics: dict[str, float] = {}  # the last finished epoch's (a finished run reports them again)
         self._latest_fresh: torch.Tensor | None = None
+
+    def _cosine_schedule(self, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+        # Closed form (not CosineAnnealingLR's recursion), so that a resumed run whose epochs were
+        # extended continues on the cosine of its new length from the epoch it reached.
+        return torch.optim.lr_scheduler.LambdaLR(self.opt_student, lambda epoch: cosine_factor(epoch, epochs))
 
     # ------------------------------------------------------------------------------------
     def _autocast(self):
@@ -134,8 +168,8 @@ class Distiller:
         # autograd.grad rather than backward: the student's gradients from this phase are discarded.
         for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
             p.grad = g
-        if self.sync_grads is not None:
-            self.sync_grads(params)
+        if self.collectives.average_gradients is not None:
+            self.collectives.average_gradients(params)
         self.opt_generator.step()
         return {"generator": loss.detach(), **{f"gen_{k}": v.detach() for k, v in terms.items()}}
 
@@ -153,7 +187,9 @@ class Distiller:
         with self._autocast():
             return student_update(self.student, self.opt_student, x_new, y_new, x_mem, y_mem,
                                   meta_lr=cfg.meta_lr, weight_decay=cfg.weight_decay,
-                                  retention_order=cfg.retention_order, sync_grads=self.sync_grads)
+                                  retention_order=cfg.retention_order,
+                                  sync_grads=self.collectives.average_gradients,
+                                  mean_over_ranks=self.collectives.mean_over_ranks)
 
     # ------------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
@@ -170,6 +206,10 @@ class Distiller:
                 sums[key] = sums.get(key, 0.0) + value.float()
                 counts[key] = counts.get(key, 0) + 1
 
+        if self.epoch == cfg.nan_at_epoch:
+            with torch.no_grad():  # the test-only divergence switch: a teacher gone bad mid-run
+                next(self.teacher.parameters()).fill_(float("nan"))
+        learning_rate = self.opt_student.param_groups[0]["lr"]  # the rate this epoch trains with
         start = time.perf_counter()
         for _ in range(cfg.iters_per_epoch):
             for _ in range(cfg.gen_steps):
@@ -179,33 +219,34 @@ class Distiller:
         seconds = time.perf_counter() - start
 
         # One host sync per epoch: check every loss at once instead of after each step.
-        losses = {k: float(v / counts[k]) for k, v in sums.items()}
-        bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
-        if bad:
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {self.epoch}: {bad}; stopping (the last checkpoint is intact). "
-                f"Lower student_lr/generator_lr/meta_lr or the loss weights.")
-
-        if (self.epoch + 1) % cfg.memory_push_every == 0 and self._latest_fresh is not None:
-            self.memory.push(self._latest_fresh[:cfg.memory_push_size])
-        self.sched_student.step()
         student_steps = cfg.iters_per_epoch * cfg.kd_steps
         metrics = {
             "epoch": self.epoch,
-            **losses,
-            "memory/size": len(self.memory),
-            "memory/images": self.memory.num_images,
-            "lr/student": self.opt_student.param_groups[0]["lr"],
+            **{k: float(v / counts[k]) for k, v in sums.items()},
             "perf/epoch_s": seconds,
             "perf/student_steps_per_s": student_steps / seconds,
             "perf/images_per_s": student_steps * cfg.batch_size / seconds,
         }
-        if self.sync_buffers is not None:
-            self.sync_buffers(self.student)
-            self.sync_buffers(self.generator)
+        if self.collectives.reduce_metrics is not None:
+            metrics = self.collectives.reduce_metrics(metrics)  # every rank then decides alike below
+        bad = {k: v for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)}
+        if bad:
+            raise NonFiniteLossError(
+                f"non-finite loss at epoch {self.epoch}: {bad}. Lower student_lr/generator_lr/meta_lr or the "
+                "loss weights, or clip gradients.")
+
+        if (self.epoch + 1) % cfg.memory_push_every == 0 and self._latest_fresh is not None:
+            self.memory.push(self._latest_fresh[:cfg.memory_push_size])
+        self.sched_student.step()
+        metrics.update({"memory/size": len(self.memory), "memory/images": self.memory.num_images,
+                        "lr/student": learning_rate})
+        if self.collectives.average_buffers is not None:
+            self.collectives.average_buffers(self.student)
+            self.collectives.average_buffers(self.generator)
         if self.test_set is not None:
             metrics.update(self._evaluate())
         self.epoch += 1
+        self.last_metrics = metrics
         return metrics
 
     def _evaluate(self) -> dict[str, float]:
@@ -241,6 +282,7 @@ class Distiller:
             "best_accuracy": self.best_accuracy,
             "best_epoch": self.best_epoch,
             "best_student": self.best_student,
+            "last_metrics": dict(self.last_metrics),
             "rank_state": self.rank_state_dict(),
         }
 
@@ -254,21 +296,26 @@ class Distiller:
         }
 
     def load_state_dict(self, state: dict[str, Any], rank_state: dict[str, Any] | None = None) -> None:
-        saved = LRRAConfig.from_dict(state["config"])
-        for name in ("student_arch", "num_classes", "channels", "image_size", "latent_dim",
-                     "generator_width", "memory_capacity"):
-            if getattr(saved, name) != getattr(self.cfg, name):
-                raise ValueError(f"checkpoint was written with {name}={getattr(saved, name)!r}, "
-                                 f"this run has {getattr(self.cfg, name)!r}; they must match to resume")
+        """Continue from ``state`` (and this rank's ``rank_state``).
+
+        The run's configuration must be the checkpoint's, except the fields that
+        ``lrra.config.check_resumable`` allows to change; a longer ``epochs`` rebuilds the
+        cosine schedule for the new length from the epoch reached.
+        """
+        check_resumable(LRRAConfig.from_dict(state["config"]), self.cfg, state["epoch"])
         self.epoch = state["epoch"]
         self.student.load_state_dict(state["student"])
         self.generator.load_state_dict(state["generator"])
         self.opt_student.load_state_dict(state["opt_student"])
         self.opt_generator.load_state_dict(state["opt_generator"])
         self.sched_student.load_state_dict(state["sched_student"])
+        # The optimiser holds the checkpoint's rate; with another ``epochs`` the schedule says otherwise.
+        for group, base_lr in zip(self.opt_student.param_groups, self.sched_student.base_lrs, strict=True):
+            group["lr"] = base_lr * cosine_factor(self.epoch, self.cfg.epochs)
         self.accuracies = list(state["accuracies"])
         self.best_accuracy, self.best_epoch = state["best_accuracy"], state["best_epoch"]
         self.best_student = state["best_student"]
+        self.last_metrics = dict(state.get("last_metrics", {}))
         rank_state = rank_state if rank_state is not None else state["rank_state"]
         self.memory.load_state_dict(rank_state["memory"], self.device)
         self.latent_rng.set_state(rank_state["latent_rng"])
@@ -301,5 +348,20 @@ def save_checkpoint(state: dict[str, Any], path) -> None:
     os.replace(tmp, path)
 
 
+CHECKPOINT_KEYS = ("config", "epoch", "student", "generator", "opt_student", "opt_generator", "sched_student",
+                   "accuracies", "best_accuracy", "best_epoch", "best_student", "rank_state")
+
+
 def load_checkpoint(path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by save_checkpoint; CheckpointError (one line) for anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as err:  # noqa: BLE001 - truncated, not a zip, pickled code: all mean "not ours"
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"checkpoint {path} is not a readable LRRA checkpoint ({first_line})") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not an LRRA distill checkpoint (missing {missing})")
+    return state
