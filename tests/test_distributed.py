@@ -23,7 +23,8 @@ from lrra.cli import main
 from lrra.config import ConfigError, preset
 from lrra.meta import student_objective, student_update
 from lrra.models import build_classifier
-from lrra.teacher import save_teacher
+from lrra.runner import RunDiverged
+from lrra.teacher import load_teacher, save_teacher
 
 META_LR, WEIGHT_DECAY = 0.5, 5e-4
 # Digits, 3 epochs of 2 iterations (1 generator + 2 student steps each); the preset pushes into
@@ -241,3 +242,42 @@ def test_fault_switch_needs_a_checkpoint_before_it():
     with pytest.raises(ConfigError, match="fault_at_epoch"):
         distributed.build_trainer(preset("digits", fault_at_epoch=0), {}, {}, workers=2,
                                   storage_path="/tmp/unused", name="unused")
+
+
+# ----------------------------------------------------------------------------------------
+# Late failures and restarts of finished runs.
+
+
+@pytest.mark.slow
+def test_a_diverging_ray_train_run_keeps_its_best_student(ray_cluster, random_teacher, tmp_path):
+    _, _, teacher_path = random_teacher
+    cfg = preset("digits", **DIGITS, nan_at_epoch=2, teacher_path=str(teacher_path), data_dir=str(tmp_path))
+    log = tmp_path / "reports.jsonl"
+    with pytest.raises(RunDiverged, match="non-finite loss at epoch 2") as caught:
+        distributed.run_distributed(cfg, workers=2, storage_path=str(tmp_path / "storage"), name="nan",
+                                    callbacks=[ReportLog(log)], log=lambda _: None)
+    reports = [json.loads(line)["metrics"] for line in log.read_text().splitlines()]
+    # Epochs 0 and 1, then the last good epoch once more from both ranks, marked diverged.
+    assert [r[0]["epoch"] for r in reports] == [0, 1, 1]
+    assert [r[distributed.DIVERGED] for r in reports[-1]] == [1, 1]
+    summary = caught.value.result
+    best = max(r[0]["eval/student_acc"] for r in reports[:2])
+    assert summary["best_student_acc"] == best and summary["epochs"] == 2
+    _, meta = load_teacher(summary["best_student"], preset("digits", teacher_arch="convnet_half"))
+    assert meta["test_accuracy"] == best
+
+
+@pytest.mark.slow
+def test_a_finished_run_started_again_reports_its_end_without_training(ray_cluster, random_teacher, tmp_path):
+    _, _, teacher_path = random_teacher
+    cfg = preset("digits", **DIGITS, teacher_path=str(teacher_path), data_dir=str(tmp_path))
+    storage = str(tmp_path / "storage")
+    first = distributed.run_distributed(cfg, workers=2, storage_path=storage, name="done", log=lambda _: None)
+    log = tmp_path / "again.jsonl"
+    again = distributed.run_distributed(cfg, workers=2, storage_path=storage, name="done",
+                                        callbacks=[ReportLog(log)], log=lambda _: None)
+    reports = [json.loads(line)["metrics"] for line in log.read_text().splitlines()]
+    assert len(reports) == 1 and reports[0][0]["epoch"] == DIGITS["epochs"] - 1
+    assert reports[0][0]["eval/best_student_acc"] == first["best_student_acc"]
+    keys = ("best_student_acc", "epochs")
+    assert {k: again[k] for k in keys} == {k: first[k] for k in keys}

@@ -1,15 +1,18 @@
 """Real runs of the core loop on scikit-learn's digits: learning, resume, failure modes."""
 
 import json
+import math
 
+import mlflow
 import pytest
 import torch
 
-from lrra.cli import main
+from lrra.cli import EXIT_DIVERGED, main
 from lrra.config import preset
 from lrra.data import load_split
+from lrra.runner import default_run_name
 from lrra.teacher import load_teacher
-from lrra.train import Distiller, NonFiniteLossError, load_checkpoint, save_checkpoint
+from lrra.train import Distiller, NonFiniteLossError, cosine_factor, load_checkpoint, save_checkpoint
 
 
 def digits_run(teacher_path, **overrides):
@@ -57,16 +60,44 @@ def test_resume_is_bit_for_bit(digits_teacher, tmp_path):
     assert [strip(m) for m in straight_metrics] == [strip(m) for m in resumed_metrics]
 
 
-def test_non_finite_loss_stops_with_the_checkpoint_intact(digits_teacher, tmp_path):
+def test_non_finite_loss_stops_the_epoch_on_every_path(digits_teacher):
     path, _ = digits_teacher
-    distiller = digits_run(path)
+    distiller = digits_run(path, nan_at_epoch=1)
     distiller.train_epoch()
-    save_checkpoint(distiller.state_dict(), tmp_path / "checkpoint.pt")
-    with torch.no_grad():
-        next(distiller.teacher.parameters()).fill_(float("nan"))  # a teacher gone bad mid-run
-    with pytest.raises(NonFiniteLossError, match="epoch 1"):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 1"):
         distiller.train_epoch()
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 1
+    assert distiller.epoch == 1 and len(distiller.accuracies) == 1  # the bad epoch counts for nothing
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_that_diverges_late_keeps_its_best_student(digits_teacher, tmp_path, capsys):
+    path, _ = digits_teacher
+    out = tmp_path / "run"
+    code = main(["distill", "--preset", "digits", "--teacher", str(path), "--epochs", "4", "--out", str(out),
+                 "--set", "nan_at_epoch=2"])
+    captured = capsys.readouterr()
+    assert code == EXIT_DIVERGED
+    # One clear line, no traceback; the JSON line still says what the run achieved.
+    assert captured.err.count("error: ") == 1 and "Traceback" not in captured.err
+    assert "non-finite loss at epoch 2" in captured.err and "Kept the best student so far" in captured.err
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    accuracies = [m["eval/student_acc"] for m in read_metrics(out)]
+    assert len(accuracies) == 2 and result["best_student_acc"] == max(accuracies) and "diverged" in result
+
+    # The real run wrote its checkpoints: the last good one is intact, and the best student is kept.
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    student, meta = load_teacher(out / "best_student.pt", preset("digits", teacher_arch="convnet_half"))
+    assert meta["test_accuracy"] == max(accuracies) and meta["best_epoch"] == accuracies.index(max(accuracies))
+
+    # MLflow: the run FAILED with the reason, and its best student is a logged model.
+    run = mlflow.MlflowClient().get_run(result["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "non-finite loss" in run.data.tags["lrra.failure"]
+    logged = mlflow.pytorch.load_model(result["model_uri"])
+    images = load_split("digits", "data", False, 8, 1).tensors[0][:16]
+    torch.testing.assert_close(logged(images), student(images), rtol=1e-5, atol=1e-5)
 
 
 def test_cli_distill_prints_metrics_and_writes_a_loadable_student(digits_teacher, tmp_path, capsys):
@@ -76,8 +107,9 @@ def test_cli_distill_prints_metrics_and_writes_a_loadable_student(digits_teacher
                  "--data-dir", str(tmp_path / "data")])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["epochs"] == 2 and 0 <= result["best_student_acc"] <= 1
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    accuracies = [m["eval/student_acc"] for m in read_metrics(out)]
+    assert result["epochs"] == 2 and len(accuracies) == 2
+    assert result["best_student_acc"] == max(accuracies) and result["final_student_acc"] == accuracies[-1]
     student_cfg = preset("digits", teacher_arch="convnet_half")
     student, meta = load_teacher(out / "best_student.pt", student_cfg)
     assert meta["test_accuracy"] == result["best_student_acc"]
@@ -115,3 +147,84 @@ def test_missing_dataset_is_a_clear_error_before_anything_is_written(tmp_path, o
     err = capsys.readouterr().err
     assert "CIFAR10" in err and "torchvision download" in err
     assert not out.exists() and not [p for p in data_dir.rglob("*") if p.is_file()]
+
+
+def test_cli_resume_extends_epochs_on_a_rebuilt_cosine(digits_teacher, tmp_path, capsys):
+    path, _ = digits_teacher
+    out, base_lr = tmp_path / "run", preset("digits").student_lr
+    common = ["distill", "--preset", "digits", "--teacher", str(path), "--out", str(out)]
+    assert main([*common, "--epochs", "2"]) == 0
+    assert main([*common, "--epochs", "4", "--resume", str(out / "checkpoint.pt")]) == 0
+    assert "resumed from" in capsys.readouterr().err
+    metrics = read_metrics(out)
+    assert [m["epoch"] for m in metrics] == [0, 1, 2, 3]
+    # lr/student is the rate each epoch trained with: cosine over 2 epochs, then over 4 from epoch 2.
+    expected = [base_lr * cosine_factor(0, 2), base_lr * cosine_factor(1, 2),
+                base_lr * cosine_factor(2, 4), base_lr * cosine_factor(3, 4)]
+    assert [m["lr/student"] for m in metrics] == pytest.approx(expected, rel=1e-12)
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 4
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--set", "student_lr=0.2"], "student_lr (checkpoint 0.1, now 0.2)"),
+    (["--set", "memory_capacity=2", "--set", "w_adv=0.5"], "memory_capacity (checkpoint 4, now 2), w_adv"),
+    (["--epochs", "1"], "'epochs' = 1 is below the 2 epochs"),
+])
+def test_resume_refuses_a_changed_configuration(digits_teacher, tmp_path, capsys, change, message):
+    path, _ = digits_teacher
+    out = tmp_path / "run"
+    common = ["distill", "--preset", "digits", "--teacher", str(path), "--out", str(out)]
+    assert main([*common, "--epochs", "2"]) == 0
+    before = (out / "metrics.jsonl").read_text(), (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main([*common, "--epochs", "2", "--resume", str(out / "checkpoint.pt"), *change]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot resume") and message in err and "Traceback" not in err
+    assert ((out / "metrics.jsonl").read_text(), (out / "checkpoint.pt").read_bytes()) == before
+
+
+def test_unreadable_or_foreign_checkpoint_is_one_line_and_exit_2(digits_teacher, tmp_path, capsys):
+    path, _ = digits_teacher
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    for checkpoint, message in ((garbage, "is not a readable LRRA checkpoint"),
+                                (path, "is not an LRRA distill checkpoint (missing")):
+        code = main(["distill", "--preset", "digits", "--teacher", str(path), "--resume", str(checkpoint),
+                     "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()
+
+
+def test_a_fixed_generator_is_a_supported_ablation(digits_teacher, tmp_path, capsys):
+    path, _ = digits_teacher
+    distiller = digits_run(path, gen_steps=0, epochs=2)
+    initial = {k: v.clone() for k, v in distiller.generator.named_parameters()}
+    metrics = distiller.run()
+    assert not any(key.startswith("loss/gen") for key in metrics)
+    for name, value in distiller.generator.named_parameters():
+        assert torch.equal(value, initial[name]), name
+    out = tmp_path / "run"
+    assert main(["distill", "--preset", "digits", "--teacher", str(path), "--epochs", "2", "--out", str(out),
+                 "--set", "gen_steps=0"]) == 0
+    assert "epoch 2/2" in capsys.readouterr().err and "L_G" not in (out / "metrics.jsonl").read_text()
+
+
+def test_default_names_are_unique_and_say_what_was_distilled():
+    names = {default_run_name(preset("digits")) for _ in range(20)}  # all within one second
+    assert len(names) == 20 and all(name.startswith("digits-") for name in names)
+    assert default_run_name(preset("mnist", dataset="FashionMNIST")).startswith("fashionmnist-")
+
+
+@pytest.mark.parametrize("options", [dict(bf16=True), dict(channels_last=True)])
+def test_gpu_options_run_on_the_cpu(digits_teacher, options):
+    path, _ = digits_teacher
+    plain = digits_run(path, epochs=1, iters_per_epoch=4).train_epoch()
+    distiller = digits_run(path, epochs=1, iters_per_epoch=4, **options)
+    metrics = distiller.train_epoch()
+    losses = {k: v for k, v in metrics.items() if k.startswith("loss/")}
+    assert all(math.isfinite(v) for v in losses.values()) and metrics["eval/student_acc"] > 0.1
+    conv = distiller.student.body[3].weight  # 32 -> 64 channels: the layouts differ
+    assert conv.is_contiguous(memory_format=torch.channels_last) == options.get("channels_last", False)
+    if options.get("bf16"):  # autocast really ran: the losses moved off the float32 ones
+        assert losses != {k: v for k, v in plain.items() if k.startswith("loss/")}
