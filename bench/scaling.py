@@ -8,11 +8,18 @@ metrics: student steps/s is the mean over ranks, images/s their sum (each rank i
     python bench/scaling.py                          # mnist shapes on CPU: bare, 1 and 2 workers
     python bench/scaling.py --smoke-test             # digits, seconds of work (Ray startup dominates)
     python bench/scaling.py --preset cifar100 --gpu --workers 1   # ResNet-34 -> ResNet-18, B=512
+
+It also prices the collective that makes N workers take the step of one process on the union of
+their batches (the acquisition gradient's differentiable all-reduce inside every LRRA step): on
+the largest worker count, epochs with it and without it (the per-rank fast weights of the
+authors' code, a different update) alternate in the same worker group, and the ratio of their
+median times is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -22,6 +29,7 @@ import time
 import ray
 import torch
 
+from lrra import distributed
 from lrra.config import parse_assignments, preset
 from lrra.distributed import build_trainer
 from lrra.models import build_classifier
@@ -68,6 +76,37 @@ def ray_train(cfg, teacher_state: dict, meta: dict, workers: int, use_gpu: bool,
     return trainer.fit().metrics  # the last epoch's, attached to the final checkpoint
 
 
+def time_acquisition_collective(config: dict) -> None:
+    """Ray Train function: epoch times with and without the acquisition all-reduce, alternating."""
+    import ray.train
+
+    distiller = distributed.worker_distiller(config)
+    distiller.train_epoch()  # fills the memory: every later student step is the full LRRA update
+    without = dataclasses.replace(distributed.RAY_TRAIN_COLLECTIVES, mean_over_ranks=None)
+    times: dict[str, list[float]] = {"with": [], "without": []}
+    for _ in range(config["repeats"]):
+        for label, collectives in (("with", distributed.RAY_TRAIN_COLLECTIVES), ("without", without)):
+            distiller.collectives = collectives
+            times[label].append(distiller.train_epoch()["perf/epoch_s"])
+    ray.train.report({f"epoch_s_{label}": sorted(t)[len(t) // 2] for label, t in times.items()})
+
+
+def acquisition_collective_cost(cfg, teacher_state: dict, meta: dict, workers: int, use_gpu: bool,
+                                storage: str, repeats: int = 3) -> dict[str, float]:
+    """Median epoch seconds with and without the acquisition all-reduce, and their ratio."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    config = {**distributed.train_loop_config(cfg, teacher_state, meta), "repeats": repeats}
+    trainer = TorchTrainer(time_acquisition_collective, train_loop_config=config,
+                           torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+                           scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                                        resources_per_worker={"CPU": CPUS_PER_WORKER}),
+                           run_config=RunConfig(name=f"collective-{time.strftime('%H%M%S')}", storage_path=storage))
+    metrics = trainer.fit().metrics
+    return {**metrics, "ratio": metrics["epoch_s_with"] / metrics["epoch_s_without"]}
+
+
 def row(label: str, workers: int, metrics: dict[str, float], base: float) -> dict:
     images = metrics["perf/images_per_s"]
     return {"run": label, "workers": workers, "student_steps_per_s": round(metrics["perf/student_steps_per_s"], 2),
@@ -108,13 +147,20 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="lrra-scaling-") as storage:
             runs = {w: ray_train(cfg, teacher_state, meta, w, args.gpu, storage) for w in args.workers}
+            collective = (acquisition_collective_cost(cfg, teacher_state, meta, max(args.workers), args.gpu, storage)
+                          if max(args.workers) > 1 else None)
     finally:
         ray.shutdown()
 
     base = runs[1]["perf/images_per_s"] if 1 in runs else 0.0
     rows = [row("bare loop", 1, bare, base)] + [row("ray train", w, m, base) for w, m in runs.items()]
     print_table(rows)
-    print(json.dumps({"device": where, "preset": cfg.preset, "batch_per_worker": cfg.batch_size, "rows": rows}))
+    if collective is not None:
+        print(f"\nacquisition all-reduce, {max(args.workers)} workers: epoch {collective['epoch_s_with']:.2f} s "
+              f"with, {collective['epoch_s_without']:.2f} s without: {collective['ratio']:.3f}x "
+              "(medians of alternating epochs)")
+    print(json.dumps({"device": where, "preset": cfg.preset, "batch_per_worker": cfg.batch_size, "rows": rows,
+                      "acquisition_collective": collective}))
 
 
 if __name__ == "__main__":
