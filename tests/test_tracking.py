@@ -33,7 +33,7 @@ from lrra.models import build_generator
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
 
-from tune import search  # noqa: E402
+from tune import search, search_tracking  # noqa: E402
 
 EPOCHS = 3
 # Tiny budget: these tests check what is logged, not how well the student learns.
@@ -151,13 +151,13 @@ def test_register_champion_moves_the_alias_only_when_beaten(client, distilled):
 
 
 def test_trial_run_is_a_child_found_again_by_its_trial_id(client):
-    parent = tracking.open_search_run(client, "search-a", {"preset": "digits"})
+    parent = search_tracking.open_search_run(client, "search-a", {"preset": "digits"})
     child = tracking.open_trial_run(client, parent, "trial_0001", optuna_trial_number=0)
     tracking.end_run(client, child, KeyboardInterrupt())
     assert client.get_run(child).info.status == "KILLED"
 
-    assert tracking.open_search_run(client, "search-a", {"preset": "digits"}, resume=True) == parent
-    assert tracking.open_search_run(client, "search-a", {"preset": "digits"}) != parent  # a new search
+    assert search_tracking.open_search_run(client, "search-a", {"preset": "digits"}, resume=True) == parent
+    assert search_tracking.open_search_run(client, "search-a", {"preset": "digits"}) != parent  # a new search
     assert tracking.open_trial_run(client, parent, "trial_0001", optuna_trial_number=0) == child
     run = client.get_run(child)
     assert run.info.status == "RUNNING"
@@ -168,16 +168,16 @@ def test_trial_run_is_a_child_found_again_by_its_trial_id(client):
     assert stopped != child
 
     # The search's end: trial_0002 was stopped early by the scheduler; trial_0001 has no outcome.
-    tracking.end_trial_runs(client, parent, {"trial_0002": ("FINISHED", "early-stopped")})
+    search_tracking.end_trial_runs(client, parent, {"trial_0002": ("FINISHED", "early-stopped")})
     assert client.get_run(child).info.status == "KILLED"
     assert client.get_run(stopped).info.status == "FINISHED"
-    assert client.get_run(stopped).data.tags[tracking.TAG_STOP_REASON] == "early-stopped"
+    assert client.get_run(stopped).data.tags[search_tracking.TAG_STOP_REASON] == "early-stopped"
 
 
 @pytest.mark.parametrize("error, status", [(None, "FINISHED"), (KeyboardInterrupt(), "KILLED"),
                                            (RuntimeError("boom"), "FAILED")])
 def test_ended_run_sets_the_status_from_how_the_block_exits(client, error, status):
-    run_id = tracking.open_search_run(client, f"status-{status}", {})
+    run_id = search_tracking.open_search_run(client, f"status-{status}", {})
     with contextlib.suppress(BaseException), tracking.ended_run(client, run_id):
         if error is not None:
             raise error
@@ -186,7 +186,7 @@ def test_ended_run_sets_the_status_from_how_the_block_exits(client, error, statu
 
 def test_resumed_tracker_skips_epochs_already_logged(client, digits_teacher):
     cfg = preset("digits")
-    run_id = tracking.open_search_run(client, "resume-metrics", {})
+    run_id = search_tracking.open_search_run(client, "resume-metrics", {})
     tracking.log_epoch_metrics(client, run_id, {"epoch": 0, "loss/generator": 1.0})
     tracker = tracking.RunTracker(client, run_id, cfg, digits_teacher[1])
     tracker.on_epoch({"epoch": 0, "loss/generator": 2.0}, distiller=None)  # re-trained after a restore
@@ -224,10 +224,10 @@ def toy_study(trials: int, vary: bool = True) -> optuna.Study:
 
 
 def test_search_plots_and_results_table_on_the_parent_run(client, tmp_path):
-    run_id = tracking.open_search_run(client, "plots", {})
+    run_id = search_tracking.open_search_run(client, "plots", {})
     study = toy_study(6)
-    written = tracking.log_search_plots(client, run_id, study)
-    tracking.log_results_table(client, run_id, study.trials_dataframe())
+    written = search_tracking.log_search_plots(client, run_id, study)
+    search_tracking.log_results_table(client, run_id, study.trials_dataframe())
     plots = sorted(f.path for f in client.list_artifacts(run_id, "plots"))
     assert plots == sorted(written) == ["plots/optimization_history.png", "plots/parallel_coordinate.png",
                                         "plots/param_importances.png"]
@@ -236,9 +236,9 @@ def test_search_plots_and_results_table_on_the_parent_run(client, tmp_path):
 
 
 def test_param_importances_need_two_trials(client):
-    run_id = tracking.open_search_run(client, "one-trial", {})
-    assert "plots/param_importances.png" not in tracking.log_search_plots(client, run_id, toy_study(1))
-    assert tracking.log_search_plots(client, run_id, optuna.create_study()) == []
+    run_id = search_tracking.open_search_run(client, "one-trial", {})
+    assert "plots/param_importances.png" not in search_tracking.log_search_plots(client, run_id, toy_study(1))
+    assert search_tracking.log_search_plots(client, run_id, optuna.create_study()) == []
 
 
 # ----------------------------------------------------------------------------------------
@@ -317,9 +317,9 @@ def search_command(storage: Path, teacher: Path, uri: str | None, *args: str) ->
 
 def search_runs(client: MlflowClient, experiment_path: Path) -> tuple[list, list]:
     """(parent runs, child runs) of the search stored at ``experiment_path``."""
-    experiment_id = client.get_experiment_by_name(tracking.SEARCH_EXPERIMENT).experiment_id
-    parents = client.search_runs([experiment_id], f"tags.`{tracking.TAG_SEARCH}` = '{experiment_path}'")
-    children = [r for p in parents for r in tracking.child_runs(client, p.info.run_id)]
+    experiment_id = client.get_experiment_by_name(search_tracking.SEARCH_EXPERIMENT).experiment_id
+    parents = client.search_runs([experiment_id], f"tags.`{search_tracking.TAG_SEARCH}` = '{experiment_path}'")
+    children = [r for p in parents for r in search_tracking.child_runs(client, p.info.run_id)]
     return parents, children
 
 
@@ -345,7 +345,7 @@ def test_smoke_search_logs_parent_children_plots_and_a_champion(tracking_server,
     assert {r.data.tags[tracking.TAG_OPTUNA_TRIAL] for r in children} == {"0", "1"}
     for run in children:
         assert epochs_logged(client, run) == list(range(epochs))
-        assert run.data.tags[tracking.TAG_STOP_REASON] == "completed"
+        assert run.data.tags[search_tracking.TAG_STOP_REASON] == "completed"
         assert "images/epoch_000.png" in [f.path for f in client.list_artifacts(run.info.run_id, "images")]
         assert run.data.params["epochs"] == str(epochs)
 
