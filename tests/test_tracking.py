@@ -13,6 +13,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -119,13 +120,15 @@ def test_distill_logs_config_metric_histories_images_and_the_student(client, dis
 
 
 def test_eval_of_the_champion_reproduces_the_logged_accuracy(client, distilled, tmp_path):
-    check_eval_reproduces(client, distilled, client.tracking_uri, tmp_path, "digits")
+    check_eval_reproduces(client, distilled, client.tracking_uri, tmp_path, "lrra-digits-student")
 
 
-def check_eval_reproduces(client: MlflowClient, result: dict, uri: str, tmp_path, registry_preset: str) -> None:
-    registered = tracking.register_champion(client, registry_preset, result["model_uri"], result["best_student_acc"])
-    assert registered["champion"]
-    code, evaluated, err = run_cli(["eval", "--model", f"models:/lrra-{registry_preset}-student@champion",
+def check_eval_reproduces(client: MlflowClient, result: dict, uri: str, tmp_path, model_name: str) -> None:
+    registered = tracking.register_champion(client, model_name, result["model_uri"], result["best_student_acc"])
+    version = client.get_model_version(model_name, str(registered["version"]))
+    assert version.source == result["model_uri"]
+    assert float(version.tags[tracking.VERSION_ACCURACY_TAG]) == result["best_student_acc"]
+    code, evaluated, err = run_cli(["eval", "--model", f"models:/{model_name}@champion",
                                     "--preset", "digits", "--data-dir", str(tmp_path), "--tracking-uri", uri])
     assert code == 0, err
     assert evaluated["test_accuracy"] == evaluated["logged_accuracy"] == result["best_student_acc"]
@@ -138,12 +141,107 @@ def test_eval_with_the_wrong_preset_is_a_clear_error(sqlite_store, distilled, tm
     assert code == 2 and "dataset='digits'" in err and "--preset" in err
 
 
-def test_register_champion_moves_the_alias_only_when_beaten(client, distilled):
-    outcomes = [tracking.register_champion(client, "alias-test", distilled["model_uri"], acc)
-                for acc in (0.5, 0.4, 0.5, 0.6)]
-    assert [(o["version"], o["champion"]) for o in outcomes] == [(1, True), (2, False), (3, False), (4, True)]
-    assert int(client.get_model_version_by_alias("lrra-alias-test-student", "champion").version) == 4
-    assert tracking.champion_accuracy(client, "lrra-alias-test-student") == 0.6
+def register(client: MlflowClient, name: str, model_uri: str, accuracies: list[float]) -> list[dict]:
+    return [tracking.register_champion(client, name, model_uri, accuracy) for accuracy in accuracies]
+
+
+def champion_version(client: MlflowClient, name: str) -> int:
+    return int(client.get_model_version_by_alias(name, "champion").version)
+
+
+@pytest.mark.parametrize("name, accuracies, champion", [
+    ("better-replaces", [0.5, 0.7], 2),                # a better student takes the alias
+    ("worse-refused", [0.7, 0.5], 1),                  # a worse one is registered but refused it
+    ("equal-keeps", [0.5, 0.5], 1),                    # a tie keeps the older champion
+    ("sequence", [0.5, 0.4, 0.5, 0.6, 0.55], 4),
+])
+def test_champion_is_the_best_registered_version(client, distilled, name, accuracies, champion):
+    outcomes = register(client, name, distilled["model_uri"], accuracies)
+    assert [o["version"] for o in outcomes] == list(range(1, len(accuracies) + 1))
+    assert champion_version(client, name) == champion
+    assert outcomes[-1]["champion"] == (champion == len(accuracies))
+    assert [o["previous_champion_accuracy"] for o in outcomes[1:]] == [
+        max(accuracies[:i]) for i in range(1, len(accuracies))]
+    assert tracking.champion_accuracy(client, name) == accuracies[champion - 1]
+    for number, accuracy in enumerate(accuracies, 1):  # each version records the accuracy it was registered with
+        version = client.get_model_version(name, str(number))
+        assert float(version.tags[tracking.VERSION_ACCURACY_TAG]) == accuracy
+        assert version.source == distilled["model_uri"]
+
+
+def test_a_registration_moves_an_alias_left_on_a_worse_version(client, distilled):
+    # The state a lost race used to leave: the alias on version 2 though version 1 is better.
+    register(client, "repaired", distilled["model_uri"], [0.9, 0.5])
+    client.set_registered_model_alias("repaired", "champion", "2")
+    [outcome] = register(client, "repaired", distilled["model_uri"], [0.3])
+    assert not outcome["champion"] and champion_version(client, "repaired") == 1
+
+
+class PausingClient(MlflowClient):
+    """A real client whose first alias write waits: the registration using it is stopped between
+    reading the registry and writing the alias, while another registration runs to its end."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.paused, self.resume = threading.Event(), threading.Event()
+
+    def set_registered_model_alias(self, *args, **kwargs):
+        if not self.paused.is_set():
+            self.paused.set()
+            assert self.resume.wait(timeout=120)
+        return super().set_registered_model_alias(*args, **kwargs)
+
+
+def test_a_stale_champion_write_is_corrected(client, distilled):
+    """A worse student decides it is champion (empty registry), stalls, and writes the alias after
+    a better student's registration has finished: the alias must still end on the better one."""
+    stale = PausingClient(client.tracking_uri)
+    worse = {}
+    racer = threading.Thread(target=lambda: worse.update(
+        tracking.register_champion(stale, "stale", distilled["model_uri"], 0.5)))
+    racer.start()
+    try:
+        assert stale.paused.wait(timeout=120)
+        better = tracking.register_champion(client, "stale", distilled["model_uri"], 0.9)
+    finally:
+        stale.resume.set()
+        racer.join(timeout=120)
+    assert better["champion"] and better["version"] == 2
+    assert worse["version"] == 1 and not worse["champion"]
+    assert champion_version(client, "stale") == 2 and tracking.champion_accuracy(client, "stale") == 0.9
+
+
+def race_registrations(uri: str, name: str, model_uri: str, accuracies: list[float]) -> None:
+    """Register one version per accuracy, each from its own thread and client, all let go at once."""
+    start = threading.Barrier(len(accuracies))
+    errors = []
+
+    def race(accuracy: float) -> None:
+        own = MlflowClient(uri)  # one client per registering process, as in two searches
+        try:
+            start.wait(timeout=60)
+            tracking.register_champion(own, name, model_uri, accuracy)
+        except Exception as err:  # reported by the assertion below, not lost in the thread
+            errors.append(err)
+
+    racers = [threading.Thread(target=race, args=(accuracy,)) for accuracy in accuracies]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(timeout=300)
+    assert errors == []
+
+
+def test_concurrent_registrations_leave_the_alias_on_the_best(client, distilled):
+    accuracies = [0.6, 0.9, 0.3, 0.9, 0.7]
+    for round_ in range(3):
+        name = f"racing-{round_}"
+        race_registrations(client.tracking_uri, name, distilled["model_uri"], accuracies)
+        recorded = {int(v.version): float(v.tags[tracking.VERSION_ACCURACY_TAG])
+                    for v in client.search_model_versions(f"name = '{name}'")}
+        assert sorted(recorded.values()) == sorted(accuracies)
+        # The earliest of the two 0.9 versions, whichever racers registered them.
+        assert champion_version(client, name) == min(v for v, a in recorded.items() if a == 0.9)
 
 
 # ----------------------------------------------------------------------------------------
@@ -413,4 +511,4 @@ def test_distill_register_and_eval_through_a_tracking_server(tracking_server, di
     check_distill_run(client, result)
     assert client.get_run(result["mlflow_run_id"]).info.artifact_uri.startswith("mlflow-artifacts:")
     # Its own registered model: the searches in this module register lrra-digits-student.
-    check_eval_reproduces(client, result, tracking_server, tmp_path, "digits-distill")
+    check_eval_reproduces(client, result, tracking_server, tmp_path, "lrra-digits-distill-student")

@@ -33,6 +33,7 @@ from lrra.tracking import (
     new_run,
     open_run,
     register_champion,
+    registered_model_name,
     run_status_for,
     tag_filter,
 )
@@ -135,9 +136,9 @@ def best_logged_student(client: MlflowClient, parent_run_id: str) -> tuple[str, 
 
 
 def register_best_student(client: MlflowClient, parent_run_id: str, preset: str) -> dict[str, Any] | None:
-    """Register the search's best logged student (register_champion); None if no trial logged one."""
+    """Register the search's best logged student as lrra-<preset>-student; None if no trial logged one."""
     best = best_logged_student(client, parent_run_id)
-    return register_champion(client, preset, *best) if best is not None else None
+    return register_champion(client, registered_model_name(preset), *best) if best is not None else None
 
 
 # ----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ tracking; tracking.connect(...)`` works:
 - targets.py  which run a training process logs to, and contexts that end it with their block
 - epochs.py   RunTracker: per-epoch metrics, generated-image grids, system metrics
 - student.py  the best student as an MLflow model, and `python -m lrra eval` on it
-- registry.py registered model names and the ``champion`` alias
+- registry.py registered model names and the race-safe ``champion`` alias
 
 A search's own tracking (its parent run, plots, results table, registering its best student)
 lives with the search, in tune/search_tracking.py. The LRRA core (config to train) never
@@ -22,6 +22,7 @@ from lrra.tracking.registry import (
     champion_accuracy,
     register_champion,
     registered_model_name,
+    settle_champion,
 )
 from lrra.tracking.runs import (
     FAILED,
@@ -59,6 +60,6 @@ __all__ = [
     "champion_accuracy", "check_tracking_uri", "connect", "distill_target", "end_run", "ended_run",
     "ending_with_block", "ensure_experiment", "evaluate_logged_student", "generated_image_grid",
     "log_epoch_metrics", "log_params", "new_run", "open_distill_run", "open_run", "open_trial_run",
-    "register_champion", "registered_model_name", "resolve_tracking_uri", "run_status_for", "tag_filter",
-    "tracked_distill", "tracked_run", "tracked_worker",
+    "register_champion", "registered_model_name", "resolve_tracking_uri", "run_status_for", "settle_champion",
+    "tag_filter", "tracked_distill", "tracked_run", "tracked_worker",
 ]
