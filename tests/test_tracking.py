@@ -244,6 +244,34 @@ def test_concurrent_registrations_leave_the_alias_on_the_best(client, distilled)
         assert champion_version(client, name) == min(v for v, a in recorded.items() if a == 0.9)
 
 
+@pytest.mark.parametrize("preset_name, overrides, expected", [
+    ("mnist", {}, "lrra-mnist-student"),
+    ("mnist", {"dataset": "FashionMNIST"}, "lrra-fashionmnist-student"),
+    ("digits", {}, "lrra-digits-student"),
+    ("tiny-imagenet", {}, "lrra-tiny-imagenet-student"),
+    ("cifar10", {"dataset": "imagefolder:/data/Flowers 102/"}, "lrra-flowers-102-student"),
+])
+def test_registered_model_is_named_after_what_was_distilled(preset_name, overrides, expected):
+    assert tracking.registered_model_name(preset(preset_name, **overrides)) == expected
+
+
+def test_search_registers_its_best_student_under_the_distilled_dataset(client, distilled):
+    """A search on the mnist preset with dataset=FashionMNIST registers lrra-fashionmnist-student."""
+    tracker = search_tracking.SearchTracker(client.tracking_uri, "fashion-search", {}, resume=False,
+                                            run_name="fashion", tags={})
+    for trial, accuracy in (("trial_a", 0.4), ("trial_b", 0.8)):
+        run_id = tracking.open_trial_run(client, tracker.run_id, trial)
+        client.log_metric(run_id, search_tracking.SELECTION_METRIC, accuracy)
+        client.set_tag(run_id, tracking.TAG_MODEL_URI, distilled["model_uri"])
+    study = toy_study(2)
+    outcomes = {"trial_a": ("FINISHED", "completed"), "trial_b": ("FINISHED", "completed")}
+    registered = tracker.finish(study, study.trials_dataframe(), outcomes,
+                                preset("mnist", dataset="FashionMNIST"), interrupted=False)
+    tracker.end()
+    assert registered["name"] == "lrra-fashionmnist-student"
+    assert tracking.champion_accuracy(client, "lrra-fashionmnist-student") == 0.8
+
+
 # ----------------------------------------------------------------------------------------
 # Search and trial runs, run status
 

@@ -304,7 +304,7 @@ def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, track
     rows = trial_rows(study, list(plan.space), plan.train_path)
     write_parquet(rows, plan.results_path)
     print_summary(rows, plan, wall_s)
-    champion = tracker.finish(study, pd.DataFrame(rows), trial_outcomes(rows), plan.cfg.preset,
+    champion = tracker.finish(study, pd.DataFrame(rows), trial_outcomes(rows), plan.cfg,
                               interrupted=bool(unfinished))
     if champion is not None:
         say(f"MLflow: registered {champion['name']} version {champion['version']}"

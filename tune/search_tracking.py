@@ -18,6 +18,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
+from lrra.config import LRRAConfig
 from lrra.tracking import (
     FINISHED,
     KILLED,
@@ -57,18 +58,22 @@ class SearchTracker:
         self.trial_target = RunTarget(tracking_uri, parent_run_id=self.run_id)
         self.interrupted = False
 
-    def finish(self, study, frame, outcomes: dict[str, tuple[str, str]], preset: str,
+    def finish(self, study, frame, outcomes: dict[str, tuple[str, str]], cfg: LRRAConfig,
                interrupted: bool) -> dict[str, Any] | None:
         """Settle the child runs, log the plots and the results table; register the champion when done.
 
-        ``outcomes`` as in end_trial_runs. An interrupted search registers nothing yet: its
-        resumption will. Returns register_champion's answer (None when nothing was registered).
+        ``outcomes`` as in end_trial_runs. ``cfg``: the search's base config; the best student is
+        registered under registered_model_name(cfg), named after the dataset actually distilled.
+        An interrupted search registers nothing yet: its resumption will. Returns
+        register_champion's answer (None when nothing was registered).
         """
         self.interrupted = interrupted
         end_trial_runs(self.client, self.run_id, outcomes)
         log_search_plots(self.client, self.run_id, study)
         log_results_table(self.client, self.run_id, frame)
-        return None if interrupted else register_best_student(self.client, self.run_id, preset)
+        if interrupted:
+            return None
+        return register_best_student(self.client, self.run_id, registered_model_name(cfg))
 
     def end(self, error: BaseException | None = None) -> None:
         """End the parent run, and any child run still RUNNING (KILLED): nothing stays RUNNING."""
@@ -135,10 +140,10 @@ def best_logged_student(client: MlflowClient, parent_run_id: str) -> tuple[str, 
     return model_uri, best_accuracy
 
 
-def register_best_student(client: MlflowClient, parent_run_id: str, preset: str) -> dict[str, Any] | None:
-    """Register the search's best logged student as lrra-<preset>-student; None if no trial logged one."""
+def register_best_student(client: MlflowClient, parent_run_id: str, model_name: str) -> dict[str, Any] | None:
+    """Register the search's best logged student as ``model_name`` (register_champion); None if none logged."""
     best = best_logged_student(client, parent_run_id)
-    return register_champion(client, registered_model_name(preset), *best) if best is not None else None
+    return register_champion(client, model_name, *best) if best is not None else None
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The model registry: each registered student is a version; the alias ``champion`` names the best.
 
-One registered model per preset (registered_model_name). Every version records the
+One registered model per thing distilled (registered_model_name). Every version records the
 test accuracy it was registered with (tag ``test_accuracy``); the champion is the version with
 the highest one, the earliest registered among equals, so a tie keeps the older champion.
 
@@ -17,6 +17,7 @@ which sees the best version too, so the last writer stops only with the alias on
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import mlflow
@@ -24,6 +25,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from lrra.config import PRESETS, LRRAConfig
 from lrra.tracking.store import TrackingError
 
 CHAMPION_ALIAS = "champion"
@@ -31,8 +33,24 @@ VERSION_ACCURACY_TAG = "test_accuracy"           # on a registered version: what
 SETTLE_ROUNDS = 100                              # each round means another registration moved the alias
 
 
-def registered_model_name(preset: str) -> str:
-    return f"lrra-{preset}-student"
+def registered_model_name(cfg: LRRAConfig) -> str:
+    """``lrra-<what>-student``, named after what ``cfg`` distils.
+
+    ``<what>`` is the preset's name when ``cfg`` uses the preset's own dataset, else the
+    dataset's: the mnist preset run with dataset=FashionMNIST registers lrra-fashionmnist-student,
+    not lrra-mnist-student, and an ``imagefolder:PATH`` dataset is named after its folder.
+    """
+    if cfg.dataset == PRESETS[cfg.preset].get("dataset", LRRAConfig.dataset):
+        return f"lrra-{cfg.preset}-student"
+    dataset = cfg.dataset
+    if dataset.startswith("imagefolder:"):
+        dataset = dataset[len("imagefolder:"):].rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+    return f"lrra-{_slug(dataset)}-student"
+
+
+def _slug(text: str) -> str:
+    """Lower-case letters and digits joined by '-': safe in a models:/NAME@ALIAS URI."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "dataset"
 
 
 def register_champion(client: MlflowClient, name: str, model_uri: str, test_accuracy: float) -> dict[str, Any]:
