@@ -18,6 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow.pytorch
 import optuna
 import pandas as pd
 import pytest
@@ -30,6 +31,7 @@ from lrra import tracking
 from lrra.cli import main
 from lrra.config import preset
 from lrra.models import build_generator
+from lrra.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
@@ -318,6 +320,45 @@ def test_resumed_tracker_skips_epochs_already_logged(client, digits_teacher):
     tracker.on_epoch({"epoch": 0, "loss/generator": 2.0}, distiller=None)  # re-trained after a restore
     tracker.end()
     assert [m.value for m in client.get_metric_history(run_id, "loss/generator")] == [1.0]
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Stands for the error a run that fails late raises after logging its best-so-far student."""
+
+
+def test_a_run_failing_after_logging_its_student_ends_failed_with_the_model_and_the_reason(
+        client, digits_teacher):
+    cfg = preset("digits")
+    student, meta = load_teacher(digits_teacher[0], cfg)  # any real model of the right shape
+    run_id = tracking.open_distill_run(client, cfg)
+    with pytest.raises(NonFiniteLoss), tracking.tracked_run(client, run_id, cfg, meta, digits_teacher[0]) as run:
+        model_uri = run.log_student(student, dict(meta, best_epoch=1))
+        run.tag_failure("loss/student_total is nan at epoch 3")
+        raise NonFiniteLoss("loss/student_total is nan at epoch 3")
+    finished = client.get_run(run_id)
+    assert finished.info.status == "FAILED"
+    assert finished.data.tags[tracking.TAG_FAILURE] == "loss/student_total is nan at epoch 3"
+    assert finished.data.tags[tracking.TAG_MODEL_URI] == model_uri
+    [output] = finished.outputs.model_outputs
+    assert f"models:/{output.model_id}" == model_uri and output.step == 1
+    assert str(client.get_logged_model(output.model_id).status) == "READY"
+    images = torch.zeros(2, 1, 8, 8)
+    assert torch.equal(mlflow.pytorch.load_model(model_uri)(images), student.eval()(images))
+
+
+def test_a_continued_run_drops_the_failure_reason_of_its_earlier_attempt(client):
+    parent = search_tracking.open_search_run(client, "failed-then-resumed", {})
+    child = tracking.open_trial_run(client, parent, "trial_0001")
+    tracking.tag_failure(client, child, "x" * 10_000)  # cut to what a tag holds, not refused
+    assert len(client.get_run(child).data.tags[tracking.TAG_FAILURE]) == 8000
+    tracking.end_run(client, child, RuntimeError("late failure"))
+
+    assert tracking.open_trial_run(client, parent, "trial_0001") == child  # a resumed trial
+    assert tracking.TAG_FAILURE not in client.get_run(child).data.tags
+    tracking.tag_failure(client, child, "second attempt failed too")
+    tracking.RunTarget(client.tracking_uri, run_id=child).open(client)  # a restarted worker group
+    run = client.get_run(child)
+    assert run.info.status == "RUNNING" and tracking.TAG_FAILURE not in run.data.tags
 
 
 # ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import nn
 
 from lrra.config import LRRAConfig
 from lrra.data import dataset_info
-from lrra.tracking.runs import end_run
+from lrra.tracking.runs import end_run, tag_failure
 from lrra.tracking.student import log_student_model
 from lrra.train import Distiller
 
@@ -32,6 +32,9 @@ class RunTracker:
 
     Created on the process that trains (rank 0 under Ray Train). Epochs already in the run are not
     logged again: a resumed run re-trains, bit for bit, the epochs after its last checkpoint.
+
+    A run that fails late (e.g. a non-finite loss) may still log its best-so-far student and say
+    why it failed (``tag_failure``) before the error leaves tracked_run, which ends it FAILED.
     """
 
     def __init__(self, client: MlflowClient, run_id: str, cfg: LRRAConfig, teacher_meta: dict[str, Any]) -> None:
@@ -55,10 +58,16 @@ class RunTracker:
         """Log the best student as this run's MLflow model; returns its model URI."""
         return log_student_model(self.client, self.run_id, model, student_meta)
 
+    def tag_failure(self, reason: str) -> None:
+        """Record why this run failed (tag ``lrra.failure``); the run still ends as its block exits."""
+        tag_failure(self.client, self.run_id, reason)
+
     def end(self, error: BaseException | None = None) -> None:
-        if self._system_metrics is not None:
-            self._system_metrics.finish()
-        end_run(self.client, self.run_id, error)
+        try:
+            if self._system_metrics is not None:
+                self._system_metrics.finish()
+        finally:  # a sampler that fails to stop must not leave the run RUNNING
+            end_run(self.client, self.run_id, error)
 
 
 def last_logged_epoch(client: MlflowClient, run_id: str) -> int:

@@ -18,6 +18,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Param, RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_TAG_VAL_LENGTH
 
 from lrra.config import LRRAConfig
 from lrra.tracking.store import ensure_experiment
@@ -29,6 +30,7 @@ TAG_TRIAL_ID = "lrra.trial_id"                   # the Tune trial id: finds a tr
 TAG_OPTUNA_TRIAL = "lrra.optuna_trial_number"
 TAG_TEACHER_PATH = "lrra.teacher_path"
 TAG_MODEL_URI = "lrra.model_uri"                 # the run's logged best student
+TAG_FAILURE = "lrra.failure"                     # why a FAILED run failed, in words (tag_failure)
 
 RUNNING, FINISHED, KILLED, FAILED = (RunStatus.to_string(s) for s in (
     RunStatus.RUNNING, RunStatus.FINISHED, RunStatus.KILLED, RunStatus.FAILED))
@@ -63,12 +65,23 @@ def new_run(client: MlflowClient, experiment_id: str, tags: dict[str, str], run_
     return client.create_run(experiment_id, tags={**version_tags(), **tags}, run_name=run_name).info.run_id
 
 
+def reopen_run(client: MlflowClient, run_id: str) -> None:
+    """Set a run that continues (a resumed trial, a restarted worker group) back to RUNNING.
+
+    A failure reason left by an earlier attempt is removed: it described that attempt, and a
+    continued run that then finishes must not read as failed.
+    """
+    client.update_run(run_id, status=RUNNING)
+    if TAG_FAILURE in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, TAG_FAILURE)
+
+
 def open_run(client: MlflowClient, experiment_id: str, tags: dict[str, str], run_name: str | None = None) -> str:
-    """Continue the run carrying ``tags`` (back to RUNNING) or create it; returns its id."""
+    """Continue the run carrying ``tags`` (reopen_run) or create it; returns its id."""
     run_id = find_run(client, experiment_id, tags)
     if run_id is None:
         return new_run(client, experiment_id, tags, run_name)
-    client.update_run(run_id, status=RUNNING)
+    reopen_run(client, run_id)
     return run_id
 
 
@@ -99,6 +112,16 @@ def log_run_inputs(client: MlflowClient, run_id: str, cfg: LRRAConfig, teacher_m
     """The full config as params, plus the teacher it distils."""
     log_params(client, run_id, {**cfg.to_dict(), "teacher.test_accuracy": teacher_meta["test_accuracy"]})
     client.set_tag(run_id, TAG_TEACHER_PATH, str(teacher_path))
+
+
+def tag_failure(client: MlflowClient, run_id: str, reason: str) -> None:
+    """Say on the run why it failed (tag ``lrra.failure``), e.g. before it is ended FAILED.
+
+    For whoever ends a run that failed in a known way (a non-finite loss after its best-so-far
+    student was logged): the status alone says only FAILED. Long reasons are cut to what an
+    MLflow tag holds.
+    """
+    client.set_tag(run_id, TAG_FAILURE, reason[:MAX_TAG_VAL_LENGTH])
 
 
 def run_status_for(error: BaseException | None) -> str:

@@ -20,12 +20,12 @@ from lrra.config import LRRAConfig
 from lrra.teacher import default_teacher_path
 from lrra.tracking.epochs import RunTracker
 from lrra.tracking.runs import (
-    RUNNING,
     ended_run,
     ending_with_block,
     log_run_inputs,
     open_distill_run,
     open_trial_run,
+    reopen_run,
 )
 from lrra.tracking.store import connect
 
@@ -33,7 +33,11 @@ from lrra.tracking.store import connect
 @contextmanager
 def tracked_run(client: MlflowClient, run_id: str, cfg: LRRAConfig, teacher_meta: dict[str, Any],
                 teacher_path: str | os.PathLike) -> Iterator[RunTracker]:
-    """A RunTracker on ``run_id`` (config logged), ended according to how the block exits."""
+    """A RunTracker on ``run_id`` (config logged), ended according to how the block exits.
+
+    FINISHED, KILLED (Ctrl-C) or FAILED: a block that logs its student and then raises leaves
+    a FAILED run that holds that student.
+    """
     log_run_inputs(client, run_id, cfg, teacher_meta, teacher_path)
     tracker = RunTracker(client, run_id, cfg, teacher_meta)
     with ending_with_block(tracker.end):
@@ -73,7 +77,7 @@ class RunTarget:
 
     def open(self, client: MlflowClient) -> str:
         if self.run_id is not None:
-            client.update_run(self.run_id, status=RUNNING)  # a restarted worker group
+            reopen_run(client, self.run_id)  # a restarted worker group
             return self.run_id
         return open_trial_run(client, self.parent_run_id, self.trial_id,
                               optuna_trial_number=self.optuna_trial_number)
