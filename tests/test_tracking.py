@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
 
 from tune import search, search_tracking  # noqa: E402
+from tune.plan import load_plan  # noqa: E402
 
 EPOCHS = 3
 # Tiny budget: these tests check what is logged, not how well the student learns.
@@ -503,7 +504,11 @@ def test_smoke_search_logs_parent_children_plots_and_a_champion(tracking_server,
     client = tracking.connect(tracking_server)
     [parent], children = search_runs(client, tmp_path / "tracked")
     assert parent.info.status == "FINISHED" and parent.data.params["preset"] == "digits"
-    assert parent.data.params["space.meta_lr"] and parent.data.tags["lrra.cluster.cpus"]
+    plan = load_plan(str(tmp_path), "tracked")
+    assert {f"space.{name}": knob.describe() for name, knob in plan.space.items()}.items() <= parent.data.params.items()
+    # What Ray detects on this one machine (cgroup limits included), as the search's local Ray did.
+    assert parent.data.tags["lrra.cluster.nodes"] == "1"
+    assert float(parent.data.tags["lrra.cluster.cpus"]) == ray._private.utils.get_num_cpus()
     assert sorted(f.path for f in client.list_artifacts(parent.info.run_id, "plots")) == [
         "plots/optimization_history.png", "plots/parallel_coordinate.png", "plots/param_importances.png"]
     assert [f.path for f in client.list_artifacts(parent.info.run_id, "results")] == ["results/trials.parquet"]
