@@ -13,10 +13,12 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import mlflow.pytorch
 import optuna
 import pandas as pd
 import pytest
@@ -29,11 +31,13 @@ from lrra import tracking
 from lrra.cli import main
 from lrra.config import preset
 from lrra.models import build_generator
+from lrra.teacher import load_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
 
-from tune import search  # noqa: E402
+from tune import search, search_tracking  # noqa: E402
+from tune.plan import load_plan  # noqa: E402
 
 EPOCHS = 3
 # Tiny budget: these tests check what is logged, not how well the student learns.
@@ -119,13 +123,15 @@ def test_distill_logs_config_metric_histories_images_and_the_student(client, dis
 
 
 def test_eval_of_the_champion_reproduces_the_logged_accuracy(client, distilled, tmp_path):
-    check_eval_reproduces(client, distilled, client.tracking_uri, tmp_path, "digits")
+    check_eval_reproduces(client, distilled, client.tracking_uri, tmp_path, "lrra-digits-student")
 
 
-def check_eval_reproduces(client: MlflowClient, result: dict, uri: str, tmp_path, registry_preset: str) -> None:
-    registered = tracking.register_champion(client, registry_preset, result["model_uri"], result["best_student_acc"])
-    assert registered["champion"]
-    code, evaluated, err = run_cli(["eval", "--model", f"models:/lrra-{registry_preset}-student@champion",
+def check_eval_reproduces(client: MlflowClient, result: dict, uri: str, tmp_path, model_name: str) -> None:
+    registered = tracking.register_champion(client, model_name, result["model_uri"], result["best_student_acc"])
+    version = client.get_model_version(model_name, str(registered["version"]))
+    assert version.source == result["model_uri"]
+    assert float(version.tags[tracking.VERSION_ACCURACY_TAG]) == result["best_student_acc"]
+    code, evaluated, err = run_cli(["eval", "--model", f"models:/{model_name}@champion",
                                     "--preset", "digits", "--data-dir", str(tmp_path), "--tracking-uri", uri])
     assert code == 0, err
     assert evaluated["test_accuracy"] == evaluated["logged_accuracy"] == result["best_student_acc"]
@@ -138,12 +144,135 @@ def test_eval_with_the_wrong_preset_is_a_clear_error(sqlite_store, distilled, tm
     assert code == 2 and "dataset='digits'" in err and "--preset" in err
 
 
-def test_register_champion_moves_the_alias_only_when_beaten(client, distilled):
-    outcomes = [tracking.register_champion(client, "alias-test", distilled["model_uri"], acc)
-                for acc in (0.5, 0.4, 0.5, 0.6)]
-    assert [(o["version"], o["champion"]) for o in outcomes] == [(1, True), (2, False), (3, False), (4, True)]
-    assert int(client.get_model_version_by_alias("lrra-alias-test-student", "champion").version) == 4
-    assert tracking.champion_accuracy(client, "lrra-alias-test-student") == 0.6
+def register(client: MlflowClient, name: str, model_uri: str, accuracies: list[float]) -> list[dict]:
+    return [tracking.register_champion(client, name, model_uri, accuracy) for accuracy in accuracies]
+
+
+def champion_version(client: MlflowClient, name: str) -> int:
+    return int(client.get_model_version_by_alias(name, "champion").version)
+
+
+@pytest.mark.parametrize("name, accuracies, champion", [
+    ("better-replaces", [0.5, 0.7], 2),                # a better student takes the alias
+    ("worse-refused", [0.7, 0.5], 1),                  # a worse one is registered but refused it
+    ("equal-keeps", [0.5, 0.5], 1),                    # a tie keeps the older champion
+    ("sequence", [0.5, 0.4, 0.5, 0.6, 0.55], 4),
+])
+def test_champion_is_the_best_registered_version(client, distilled, name, accuracies, champion):
+    outcomes = register(client, name, distilled["model_uri"], accuracies)
+    assert [o["version"] for o in outcomes] == list(range(1, len(accuracies) + 1))
+    assert champion_version(client, name) == champion
+    assert outcomes[-1]["champion"] == (champion == len(accuracies))
+    assert [o["previous_champion_accuracy"] for o in outcomes[1:]] == [
+        max(accuracies[:i]) for i in range(1, len(accuracies))]
+    assert tracking.champion_accuracy(client, name) == accuracies[champion - 1]
+    for number, accuracy in enumerate(accuracies, 1):  # each version records the accuracy it was registered with
+        version = client.get_model_version(name, str(number))
+        assert float(version.tags[tracking.VERSION_ACCURACY_TAG]) == accuracy
+        assert version.source == distilled["model_uri"]
+
+
+def test_a_registration_moves_an_alias_left_on_a_worse_version(client, distilled):
+    # The state a lost race used to leave: the alias on version 2 though version 1 is better.
+    register(client, "repaired", distilled["model_uri"], [0.9, 0.5])
+    client.set_registered_model_alias("repaired", "champion", "2")
+    [outcome] = register(client, "repaired", distilled["model_uri"], [0.3])
+    assert not outcome["champion"] and champion_version(client, "repaired") == 1
+
+
+class PausingClient(MlflowClient):
+    """A real client whose first alias write waits: the registration using it is stopped between
+    reading the registry and writing the alias, while another registration runs to its end."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(uri)
+        self.paused, self.resume = threading.Event(), threading.Event()
+
+    def set_registered_model_alias(self, *args, **kwargs):
+        if not self.paused.is_set():
+            self.paused.set()
+            assert self.resume.wait(timeout=120)
+        return super().set_registered_model_alias(*args, **kwargs)
+
+
+def test_a_stale_champion_write_is_corrected(client, distilled):
+    """A worse student decides it is champion (empty registry), stalls, and writes the alias after
+    a better student's registration has finished: the alias must still end on the better one."""
+    stale = PausingClient(client.tracking_uri)
+    worse = {}
+    racer = threading.Thread(target=lambda: worse.update(
+        tracking.register_champion(stale, "stale", distilled["model_uri"], 0.5)))
+    racer.start()
+    try:
+        assert stale.paused.wait(timeout=120)
+        better = tracking.register_champion(client, "stale", distilled["model_uri"], 0.9)
+    finally:
+        stale.resume.set()
+        racer.join(timeout=120)
+    assert better["champion"] and better["version"] == 2
+    assert worse["version"] == 1 and not worse["champion"]
+    assert champion_version(client, "stale") == 2 and tracking.champion_accuracy(client, "stale") == 0.9
+
+
+def race_registrations(uri: str, name: str, model_uri: str, accuracies: list[float]) -> None:
+    """Register one version per accuracy, each from its own thread and client, all let go at once."""
+    start = threading.Barrier(len(accuracies))
+    errors = []
+
+    def race(accuracy: float) -> None:
+        own = MlflowClient(uri)  # one client per registering process, as in two searches
+        try:
+            start.wait(timeout=60)
+            tracking.register_champion(own, name, model_uri, accuracy)
+        except Exception as err:  # reported by the assertion below, not lost in the thread
+            errors.append(err)
+
+    racers = [threading.Thread(target=race, args=(accuracy,)) for accuracy in accuracies]
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(timeout=300)
+    assert errors == []
+
+
+def test_concurrent_registrations_leave_the_alias_on_the_best(client, distilled):
+    accuracies = [0.6, 0.9, 0.3, 0.9, 0.7]
+    for round_ in range(3):
+        name = f"racing-{round_}"
+        race_registrations(client.tracking_uri, name, distilled["model_uri"], accuracies)
+        recorded = {int(v.version): float(v.tags[tracking.VERSION_ACCURACY_TAG])
+                    for v in client.search_model_versions(f"name = '{name}'")}
+        assert sorted(recorded.values()) == sorted(accuracies)
+        # The earliest of the two 0.9 versions, whichever racers registered them.
+        assert champion_version(client, name) == min(v for v, a in recorded.items() if a == 0.9)
+
+
+@pytest.mark.parametrize("preset_name, overrides, expected", [
+    ("mnist", {}, "lrra-mnist-student"),
+    ("mnist", {"dataset": "FashionMNIST"}, "lrra-fashionmnist-student"),
+    ("digits", {}, "lrra-digits-student"),
+    ("tiny-imagenet", {}, "lrra-tiny-imagenet-student"),
+    ("cifar10", {"dataset": "imagefolder:/data/Flowers 102/"}, "lrra-flowers-102-student"),
+])
+def test_registered_model_is_named_after_what_was_distilled(preset_name, overrides, expected):
+    assert tracking.registered_model_name(preset(preset_name, **overrides)) == expected
+
+
+def test_search_registers_its_best_student_under_the_distilled_dataset(client, distilled):
+    """A search on the mnist preset with dataset=FashionMNIST registers lrra-fashionmnist-student."""
+    tracker = search_tracking.SearchTracker(client.tracking_uri, "fashion-search", {}, resume=False,
+                                            run_name="fashion", tags={})
+    for trial, accuracy in (("trial_a", 0.4), ("trial_b", 0.8)):
+        run_id = tracking.open_trial_run(client, tracker.run_id, trial)
+        client.log_metric(run_id, search_tracking.SELECTION_METRIC, accuracy)
+        client.set_tag(run_id, tracking.TAG_MODEL_URI, distilled["model_uri"])
+    study = toy_study(2)
+    outcomes = {"trial_a": ("FINISHED", "completed"), "trial_b": ("FINISHED", "completed")}
+    registered = tracker.finish(study, study.trials_dataframe(), outcomes,
+                                preset("mnist", dataset="FashionMNIST"), interrupted=False)
+    tracker.end()
+    assert registered["name"] == "lrra-fashionmnist-student"
+    assert tracking.champion_accuracy(client, "lrra-fashionmnist-student") == 0.8
 
 
 # ----------------------------------------------------------------------------------------
@@ -151,13 +280,13 @@ def test_register_champion_moves_the_alias_only_when_beaten(client, distilled):
 
 
 def test_trial_run_is_a_child_found_again_by_its_trial_id(client):
-    parent = tracking.open_search_run(client, "search-a", {"preset": "digits"})
+    parent = search_tracking.open_search_run(client, "search-a", {"preset": "digits"})
     child = tracking.open_trial_run(client, parent, "trial_0001", optuna_trial_number=0)
     tracking.end_run(client, child, KeyboardInterrupt())
     assert client.get_run(child).info.status == "KILLED"
 
-    assert tracking.open_search_run(client, "search-a", {"preset": "digits"}, resume=True) == parent
-    assert tracking.open_search_run(client, "search-a", {"preset": "digits"}) != parent  # a new search
+    assert search_tracking.open_search_run(client, "search-a", {"preset": "digits"}, resume=True) == parent
+    assert search_tracking.open_search_run(client, "search-a", {"preset": "digits"}) != parent  # a new search
     assert tracking.open_trial_run(client, parent, "trial_0001", optuna_trial_number=0) == child
     run = client.get_run(child)
     assert run.info.status == "RUNNING"
@@ -168,16 +297,16 @@ def test_trial_run_is_a_child_found_again_by_its_trial_id(client):
     assert stopped != child
 
     # The search's end: trial_0002 was stopped early by the scheduler; trial_0001 has no outcome.
-    tracking.end_trial_runs(client, parent, {"trial_0002": ("FINISHED", "early-stopped")})
+    search_tracking.end_trial_runs(client, parent, {"trial_0002": ("FINISHED", "early-stopped")})
     assert client.get_run(child).info.status == "KILLED"
     assert client.get_run(stopped).info.status == "FINISHED"
-    assert client.get_run(stopped).data.tags[tracking.TAG_STOP_REASON] == "early-stopped"
+    assert client.get_run(stopped).data.tags[search_tracking.TAG_STOP_REASON] == "early-stopped"
 
 
 @pytest.mark.parametrize("error, status", [(None, "FINISHED"), (KeyboardInterrupt(), "KILLED"),
                                            (RuntimeError("boom"), "FAILED")])
 def test_ended_run_sets_the_status_from_how_the_block_exits(client, error, status):
-    run_id = tracking.open_search_run(client, f"status-{status}", {})
+    run_id = search_tracking.open_search_run(client, f"status-{status}", {})
     with contextlib.suppress(BaseException), tracking.ended_run(client, run_id):
         if error is not None:
             raise error
@@ -186,12 +315,51 @@ def test_ended_run_sets_the_status_from_how_the_block_exits(client, error, statu
 
 def test_resumed_tracker_skips_epochs_already_logged(client, digits_teacher):
     cfg = preset("digits")
-    run_id = tracking.open_search_run(client, "resume-metrics", {})
+    run_id = search_tracking.open_search_run(client, "resume-metrics", {})
     tracking.log_epoch_metrics(client, run_id, {"epoch": 0, "loss/generator": 1.0})
     tracker = tracking.RunTracker(client, run_id, cfg, digits_teacher[1])
     tracker.on_epoch({"epoch": 0, "loss/generator": 2.0}, distiller=None)  # re-trained after a restore
     tracker.end()
     assert [m.value for m in client.get_metric_history(run_id, "loss/generator")] == [1.0]
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Stands for the error a run that fails late raises after logging its best-so-far student."""
+
+
+def test_a_run_failing_after_logging_its_student_ends_failed_with_the_model_and_the_reason(
+        client, digits_teacher):
+    cfg = preset("digits")
+    student, meta = load_teacher(digits_teacher[0], cfg)  # any real model of the right shape
+    run_id = tracking.open_distill_run(client, cfg)
+    with pytest.raises(NonFiniteLoss), tracking.tracked_run(client, run_id, cfg, meta, digits_teacher[0]) as run:
+        model_uri = run.log_student(student, dict(meta, best_epoch=1))
+        run.tag_failure("loss/student_total is nan at epoch 3")
+        raise NonFiniteLoss("loss/student_total is nan at epoch 3")
+    finished = client.get_run(run_id)
+    assert finished.info.status == "FAILED"
+    assert finished.data.tags[tracking.TAG_FAILURE] == "loss/student_total is nan at epoch 3"
+    assert finished.data.tags[tracking.TAG_MODEL_URI] == model_uri
+    [output] = finished.outputs.model_outputs
+    assert f"models:/{output.model_id}" == model_uri and output.step == 1
+    assert str(client.get_logged_model(output.model_id).status) == "READY"
+    images = torch.zeros(2, 1, 8, 8)
+    assert torch.equal(mlflow.pytorch.load_model(model_uri)(images), student.eval()(images))
+
+
+def test_a_continued_run_drops_the_failure_reason_of_its_earlier_attempt(client):
+    parent = search_tracking.open_search_run(client, "failed-then-resumed", {})
+    child = tracking.open_trial_run(client, parent, "trial_0001")
+    tracking.tag_failure(client, child, "x" * 10_000)  # cut to what a tag holds, not refused
+    assert len(client.get_run(child).data.tags[tracking.TAG_FAILURE]) == 8000
+    tracking.end_run(client, child, RuntimeError("late failure"))
+
+    assert tracking.open_trial_run(client, parent, "trial_0001") == child  # a resumed trial
+    assert tracking.TAG_FAILURE not in client.get_run(child).data.tags
+    tracking.tag_failure(client, child, "second attempt failed too")
+    tracking.RunTarget(client.tracking_uri, run_id=child).open(client)  # a restarted worker group
+    run = client.get_run(child)
+    assert run.info.status == "RUNNING" and tracking.TAG_FAILURE not in run.data.tags
 
 
 # ----------------------------------------------------------------------------------------
@@ -224,10 +392,10 @@ def toy_study(trials: int, vary: bool = True) -> optuna.Study:
 
 
 def test_search_plots_and_results_table_on_the_parent_run(client, tmp_path):
-    run_id = tracking.open_search_run(client, "plots", {})
+    run_id = search_tracking.open_search_run(client, "plots", {})
     study = toy_study(6)
-    written = tracking.log_search_plots(client, run_id, study)
-    tracking.log_results_table(client, run_id, study.trials_dataframe())
+    written = search_tracking.log_search_plots(client, run_id, study)
+    search_tracking.log_results_table(client, run_id, study.trials_dataframe())
     plots = sorted(f.path for f in client.list_artifacts(run_id, "plots"))
     assert plots == sorted(written) == ["plots/optimization_history.png", "plots/parallel_coordinate.png",
                                         "plots/param_importances.png"]
@@ -236,9 +404,9 @@ def test_search_plots_and_results_table_on_the_parent_run(client, tmp_path):
 
 
 def test_param_importances_need_two_trials(client):
-    run_id = tracking.open_search_run(client, "one-trial", {})
-    assert "plots/param_importances.png" not in tracking.log_search_plots(client, run_id, toy_study(1))
-    assert tracking.log_search_plots(client, run_id, optuna.create_study()) == []
+    run_id = search_tracking.open_search_run(client, "one-trial", {})
+    assert "plots/param_importances.png" not in search_tracking.log_search_plots(client, run_id, toy_study(1))
+    assert search_tracking.log_search_plots(client, run_id, optuna.create_study()) == []
 
 
 # ----------------------------------------------------------------------------------------
@@ -317,9 +485,9 @@ def search_command(storage: Path, teacher: Path, uri: str | None, *args: str) ->
 
 def search_runs(client: MlflowClient, experiment_path: Path) -> tuple[list, list]:
     """(parent runs, child runs) of the search stored at ``experiment_path``."""
-    experiment_id = client.get_experiment_by_name(tracking.SEARCH_EXPERIMENT).experiment_id
-    parents = client.search_runs([experiment_id], f"tags.`{tracking.TAG_SEARCH}` = '{experiment_path}'")
-    children = [r for p in parents for r in tracking.child_runs(client, p.info.run_id)]
+    experiment_id = client.get_experiment_by_name(search_tracking.SEARCH_EXPERIMENT).experiment_id
+    parents = client.search_runs([experiment_id], f"tags.`{search_tracking.TAG_SEARCH}` = '{experiment_path}'")
+    children = [r for p in parents for r in search_tracking.child_runs(client, p.info.run_id)]
     return parents, children
 
 
@@ -336,7 +504,11 @@ def test_smoke_search_logs_parent_children_plots_and_a_champion(tracking_server,
     client = tracking.connect(tracking_server)
     [parent], children = search_runs(client, tmp_path / "tracked")
     assert parent.info.status == "FINISHED" and parent.data.params["preset"] == "digits"
-    assert parent.data.params["space.meta_lr"] and parent.data.tags["lrra.cluster.cpus"]
+    plan = load_plan(str(tmp_path), "tracked")
+    assert {f"space.{name}": knob.describe() for name, knob in plan.space.items()}.items() <= parent.data.params.items()
+    # What Ray detects on this one machine (cgroup limits included), as the search's local Ray did.
+    assert parent.data.tags["lrra.cluster.nodes"] == "1"
+    assert float(parent.data.tags["lrra.cluster.cpus"]) == ray._private.utils.get_num_cpus()
     assert sorted(f.path for f in client.list_artifacts(parent.info.run_id, "plots")) == [
         "plots/optimization_history.png", "plots/parallel_coordinate.png", "plots/param_importances.png"]
     assert [f.path for f in client.list_artifacts(parent.info.run_id, "results")] == ["results/trials.parquet"]
@@ -345,7 +517,7 @@ def test_smoke_search_logs_parent_children_plots_and_a_champion(tracking_server,
     assert {r.data.tags[tracking.TAG_OPTUNA_TRIAL] for r in children} == {"0", "1"}
     for run in children:
         assert epochs_logged(client, run) == list(range(epochs))
-        assert run.data.tags[tracking.TAG_STOP_REASON] == "completed"
+        assert run.data.tags[search_tracking.TAG_STOP_REASON] == "completed"
         assert "images/epoch_000.png" in [f.path for f in client.list_artifacts(run.info.run_id, "images")]
         assert run.data.params["epochs"] == str(epochs)
 
@@ -413,4 +585,4 @@ def test_distill_register_and_eval_through_a_tracking_server(tracking_server, di
     check_distill_run(client, result)
     assert client.get_run(result["mlflow_run_id"]).info.artifact_uri.startswith("mlflow-artifacts:")
     # Its own registered model: the searches in this module register lrra-digits-student.
-    check_eval_reproduces(client, result, tracking_server, tmp_path, "digits-distill")
+    check_eval_reproduces(client, result, tracking_server, tmp_path, "lrra-digits-distill-student")

@@ -39,6 +39,7 @@ from lrra.runner import default_run_name
 from lrra.teacher import load_teacher, obtain_teacher
 from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, load_plan, save_plan
 from tune.report import ProgressLines, print_summary, say, write_parquet
+from tune.search_tracking import SearchTracker, tracked_search
 from tune.space import baseline_points, build_space, describe_space, parse_bounds, parse_point, read_space_file
 from tune.study import (
     ABANDONED,
@@ -283,7 +284,7 @@ def cluster_tags() -> dict[str, str]:
             "lrra.cluster.cpus": f"{resources.get('CPU', 0):g}", "lrra.cluster.gpus": f"{resources.get('GPU', 0):g}"}
 
 
-def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, tracker: tracking.SearchTracker) -> int:
+def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, tracker: SearchTracker) -> int:
     study_args = (plan.study_storage, plan.study_name)
     if resume:
         # Optuna trials asked after Tune's last state save belong to no Tune trial: close them.
@@ -303,7 +304,7 @@ def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, track
     rows = trial_rows(study, list(plan.space), plan.train_path)
     write_parquet(rows, plan.results_path)
     print_summary(rows, plan, wall_s)
-    champion = tracker.finish(study, pd.DataFrame(rows), trial_outcomes(rows), plan.cfg.preset,
+    champion = tracker.finish(study, pd.DataFrame(rows), trial_outcomes(rows), plan.cfg,
                               interrupted=bool(unfinished))
     if champion is not None:
         say(f"MLflow: registered {champion['name']} version {champion['version']}"
@@ -352,8 +353,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{plan.max_concurrent_trials} at a time, {plan.workers_per_trial} worker(s) each; "
             f"time budget {f'{plan.time_budget_s / 60:g} min' if plan.time_budget_s else 'none'}; "
             f"teacher {teacher_path} (acc {teacher_meta['test_accuracy']:.4f})\nknobs:\n{describe_space(plan.space)}")
-        with tracking.tracked_search(tracking_uri, plan.experiment_path, search_params(plan, teacher_meta),
-                                     resume=resume, run_name=plan.name, tags=cluster_tags()) as tracker:
+        with tracked_search(tracking_uri, plan.experiment_path, search_params(plan, teacher_meta),
+                            resume=resume, run_name=plan.name, tags=cluster_tags()) as tracker:
             setup = TrialSetup(config=plan.config, teacher_state=teacher.state_dict(), teacher_meta=teacher_meta,
                                workers=plan.workers_per_trial, cpus_per_worker=plan.cpus_per_worker,
                                gpus_per_worker=plan.gpus_per_worker, train_path=plan.train_path,

@@ -1,0 +1,131 @@
+"""What a training process logs while it trains: per-epoch metrics, image grids, system metrics.
+
+RunTracker gathers them, plus the best student at the end, for one run; targets.py opens and
+ends that run around the training.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.utils
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+from torch import nn
+
+from lrra.config import LRRAConfig
+from lrra.data import dataset_info
+from lrra.tracking.runs import end_run, tag_failure
+from lrra.tracking.student import log_student_model
+from lrra.train import Distiller
+
+IMAGE_EVERY = 5                                  # epochs between two generated-image grids
+IMAGE_GRID_SAMPLES = 64
+
+
+class RunTracker:
+    """What one run logs while a Distiller trains: metrics, image grids, system metrics, the student.
+
+    Created on the process that trains (rank 0 under Ray Train). Epochs already in the run are not
+    logged again: a resumed run re-trains, bit for bit, the epochs after its last checkpoint.
+
+    A run that fails late (e.g. a non-finite loss) may still log its best-so-far student and say
+    why it failed (``tag_failure``) before the error leaves tracked_run, which ends it FAILED.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str, cfg: LRRAConfig, teacher_meta: dict[str, Any]) -> None:
+        self.client, self.run_id, self.cfg = client, run_id, cfg
+        self.mean, self.std = normalisation(teacher_meta, cfg)
+        self.logged_through = last_logged_epoch(client, run_id)
+        self._system_metrics = start_system_metrics(run_id, client.tracking_uri)
+
+    def on_epoch(self, metrics: dict[str, float], distiller: Distiller) -> None:
+        epoch = int(metrics["epoch"])
+        if epoch <= self.logged_through:
+            return
+        log_epoch_metrics(self.client, self.run_id, metrics)
+        if image_due(epoch, self.cfg.epochs):
+            grid = generated_image_grid(distiller.generator, self.cfg.latent_dim, self.mean, self.std,
+                                        seed=self.cfg.seed)
+            self.client.log_image(self.run_id, grid, artifact_file=image_artifact(epoch))
+        self.logged_through = epoch
+
+    def log_student(self, model: nn.Module, student_meta: dict[str, Any]) -> str:
+        """Log the best student as this run's MLflow model; returns its model URI."""
+        return log_student_model(self.client, self.run_id, model, student_meta)
+
+    def tag_failure(self, reason: str) -> None:
+        """Record why this run failed (tag ``lrra.failure``); the run still ends as its block exits."""
+        tag_failure(self.client, self.run_id, reason)
+
+    def end(self, error: BaseException | None = None) -> None:
+        try:
+            if self._system_metrics is not None:
+                self._system_metrics.finish()
+        finally:  # a sampler that fails to stop must not leave the run RUNNING
+            end_run(self.client, self.run_id, error)
+
+
+def last_logged_epoch(client: MlflowClient, run_id: str) -> int:
+    """The last epoch already in the run (-1 if none)."""
+    return max((int(m.step) for m in client.get_metric_history(run_id, "epoch")), default=-1)
+
+
+def log_epoch_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
+    """All of one epoch's metrics in one request, each at step = epoch."""
+    epoch, now = int(metrics["epoch"]), int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, epoch) for key, value in metrics.items()])
+
+
+def normalisation(meta: dict[str, Any], cfg: LRRAConfig) -> tuple[list[float], list[float]]:
+    """(mean, std) the teacher was trained with: from its metadata, else the dataset's known values."""
+    if "mean" in meta and "std" in meta:
+        return list(meta["mean"]), list(meta["std"])
+    info = dataset_info(cfg.dataset, cfg.data_dir)
+    return list(info.mean), list(info.std)
+
+
+@torch.no_grad()
+def generated_image_grid(generator: nn.Module, latent_dim: int, mean: list[float], std: list[float],
+                         samples: int = IMAGE_GRID_SAMPLES, seed: int = 0) -> np.ndarray:
+    """An [H, W, 3] uint8 grid of generator samples, de-normalised to pixels.
+
+    The same latents every call (own RNG, seeded), so successive grids show the same samples
+    evolving. A copy samples in train mode, as the student sees the images, without touching
+    the real generator's BatchNorm statistics or the run's random streams (resume stays exact).
+    """
+    sampler = copy.deepcopy(generator).train()
+    device = next(sampler.parameters()).device
+    z = torch.randn(samples, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    images = sampler(z).float().cpu()
+    images = images * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    grid = torchvision.utils.make_grid(images.clamp(0, 1), nrow=int(samples ** 0.5), padding=1)
+    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def image_due(epoch: int, epochs: int, every: int = IMAGE_EVERY) -> bool:
+    """The first epoch, every ``every``-th, and the last."""
+    return epoch % every == 0 or epoch == epochs - 1
+
+
+def image_artifact(epoch: int) -> str:
+    return f"images/epoch_{epoch:03d}.png"
+
+
+def start_system_metrics(run_id: str, tracking_uri: str):
+    """MLflow's CPU/memory/disk/network (and NVIDIA GPU) sampler on ``run_id``, or None without psutil.
+
+    Sampling every 10 s unless $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise; GPU
+    metrics need the nvidia-ml-py package.
+    """
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError:  # psutil missing: training goes on without system metrics
+        return None
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor

@@ -1,0 +1,198 @@
+"""A search in MLflow: its parent run, settling the trials' child runs, plots, table, the champion.
+
+The driver's side only. Each trial's child run is opened by the trial's own process and
+written by its rank-0 worker (lrra.tracking.targets.RunTarget); here the search finds them
+again by the ``mlflow.parentRunId`` tag once its trials are over.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+from lrra.config import LRRAConfig
+from lrra.tracking import (
+    FINISHED,
+    KILLED,
+    RUNNING,
+    TAG_KIND,
+    TAG_MODEL_URI,
+    TAG_TRIAL_ID,
+    RunTarget,
+    connect,
+    ending_with_block,
+    ensure_experiment,
+    log_params,
+    new_run,
+    open_run,
+    register_champion,
+    registered_model_name,
+    run_status_for,
+    tag_filter,
+)
+
+SEARCH_EXPERIMENT = "lrra-search"
+TAG_SEARCH = "lrra.search"                       # the search's experiment path: finds its parent run on --resume
+TAG_STOP_REASON = "lrra.stop_reason"             # why a search trial ended
+SELECTION_METRIC = "eval/best_student_acc"       # picks the search's best student
+SEARCH_MAX_RESULTS = 10_000                      # child runs read back at once (one per trial)
+
+
+class SearchTracker:
+    """The driver's side of a search: its parent run, the trials' child runs at the end, the champion."""
+
+    def __init__(self, tracking_uri: str, search_id: str, params: dict[str, Any], *, resume: bool,
+                 run_name: str, tags: dict[str, str]) -> None:
+        self.client = connect(tracking_uri)
+        self.run_id = open_search_run(self.client, search_id, params, resume=resume, run_name=run_name)
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+        self.trial_target = RunTarget(tracking_uri, parent_run_id=self.run_id)
+        self.interrupted = False
+
+    def finish(self, study, frame, outcomes: dict[str, tuple[str, str]], cfg: LRRAConfig,
+               interrupted: bool) -> dict[str, Any] | None:
+        """Settle the child runs, log the plots and the results table; register the champion when done.
+
+        ``outcomes`` as in end_trial_runs. ``cfg``: the search's base config; the best student is
+        registered under registered_model_name(cfg), named after the dataset actually distilled.
+        An interrupted search registers nothing yet: its resumption will. Returns
+        register_champion's answer (None when nothing was registered).
+        """
+        self.interrupted = interrupted
+        end_trial_runs(self.client, self.run_id, outcomes)
+        log_search_plots(self.client, self.run_id, study)
+        log_results_table(self.client, self.run_id, frame)
+        if interrupted:
+            return None
+        return register_best_student(self.client, self.run_id, registered_model_name(cfg))
+
+    def end(self, error: BaseException | None = None) -> None:
+        """End the parent run, and any child run still RUNNING (KILLED): nothing stays RUNNING."""
+        end_trial_runs(self.client, self.run_id, {})
+        status = run_status_for(error) if error is not None else KILLED if self.interrupted else FINISHED
+        self.client.set_terminated(self.run_id, status)
+
+
+@contextmanager
+def tracked_search(tracking_uri: str, search_id: str, params: dict[str, Any], *, resume: bool, run_name: str,
+                   tags: dict[str, str]) -> Iterator[SearchTracker]:
+    """A SearchTracker whose runs end FINISHED, KILLED (interrupted) or FAILED as the block exits."""
+    tracker = SearchTracker(tracking_uri, search_id, params, resume=resume, run_name=run_name, tags=tags)
+    with ending_with_block(tracker.end):
+        yield tracker
+
+
+def open_search_run(client: MlflowClient, search_id: str, params: dict[str, Any], *, resume: bool = False,
+                    run_name: str | None = None, experiment: str = SEARCH_EXPERIMENT) -> str:
+    """The parent run of a search: a new one, or with ``resume`` the one of the same ``search_id``.
+
+    ``search_id`` names the search uniquely (its experiment path): two searches may share a name.
+    """
+    experiment_id = ensure_experiment(client, experiment)
+    tags = {TAG_KIND: "search", TAG_SEARCH: search_id}
+    run_id = (open_run if resume else new_run)(client, experiment_id, tags, run_name or search_id)
+    log_params(client, run_id, params)
+    return run_id
+
+
+def child_runs(client: MlflowClient, parent_run_id: str) -> list:
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    filter_string = tag_filter({MLFLOW_PARENT_RUN_ID: parent_run_id})
+    return list(client.search_runs([experiment_id], filter_string, max_results=SEARCH_MAX_RESULTS))
+
+
+def end_trial_runs(client: MlflowClient, parent_run_id: str, outcomes: dict[str, tuple[str, str]]) -> None:
+    """Tag each child run with why its trial ended, and end those still RUNNING.
+
+    ``outcomes``: Tune trial id -> (run status, stop reason). A trial that a scheduler, the time
+    budget or Ctrl-C stopped had its worker killed before it could end its own run; a trial
+    missing from ``outcomes`` ends KILLED.
+    """
+    for run in child_runs(client, parent_run_id):
+        status, reason = outcomes.get(run.data.tags.get(TAG_TRIAL_ID), (KILLED, None))
+        if reason is not None:
+            client.set_tag(run.info.run_id, TAG_STOP_REASON, reason)
+        if run.info.status == RUNNING:
+            client.set_terminated(run.info.run_id, status)
+
+
+# ----------------------------------------------------------------------------------------
+# The search's best student
+
+
+def best_logged_student(client: MlflowClient, parent_run_id: str) -> tuple[str, float] | None:
+    """(model URI, test accuracy) of the search's best logged student; None if no trial logged one."""
+    logged = [(run.data.metrics[SELECTION_METRIC], run.data.tags[TAG_MODEL_URI])
+              for run in child_runs(client, parent_run_id)
+              if TAG_MODEL_URI in run.data.tags and SELECTION_METRIC in run.data.metrics]
+    if not logged:
+        return None
+    best_accuracy, model_uri = max(logged)
+    return model_uri, best_accuracy
+
+
+def register_best_student(client: MlflowClient, parent_run_id: str, model_name: str) -> dict[str, Any] | None:
+    """Register the search's best logged student as ``model_name`` (register_champion); None if none logged."""
+    best = best_logged_student(client, parent_run_id)
+    return register_champion(client, model_name, *best) if best is not None else None
+
+
+# ----------------------------------------------------------------------------------------
+# Search-level pictures and table (on the parent run)
+
+
+def log_search_plots(client: MlflowClient, run_id: str, study) -> list[str]:
+    """Optuna's optimisation history, parameter importances and parallel coordinates as figures.
+
+    Importances need two or more complete trials whose parameters vary; the other plots need one.
+    Returns the artifact paths written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+    from optuna.exceptions import ExperimentalWarning
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as optuna_plots
+
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    plots = {}
+    if complete:
+        plots["plots/optimization_history.png"] = optuna_plots.plot_optimization_history
+        plots["plots/parallel_coordinate.png"] = optuna_plots.plot_parallel_coordinate
+    if len(complete) >= 2 and _params_vary(complete):
+        plots["plots/param_importances.png"] = optuna_plots.plot_param_importances
+    for artifact_file, plot in plots.items():
+        # Optuna marks its matplotlib plots experimental, and matplotlib warns about a knob
+        # that all trials share: neither says anything to the person watching the search.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            warnings.filterwarnings("ignore", message="Attempting to set identical low and high")
+            figure = plot(study).figure
+        figure.set_size_inches(10, 6)
+        figure.tight_layout()
+        client.log_figure(run_id, figure, artifact_file)
+        plt.close(figure)
+    return list(plots)
+
+
+def _params_vary(trials) -> bool:
+    return any(len({json.dumps(t.params.get(name), default=str) for t in trials}) > 1
+               for name in trials[0].params)
+
+
+def log_results_table(client: MlflowClient, run_id: str, frame, artifact_file: str = "results/trials.parquet") -> None:
+    """A pandas DataFrame as a Parquet artifact of the run."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / Path(artifact_file).name
+        frame.to_parquet(path)
+        client.log_artifact(run_id, str(path), str(Path(artifact_file).parent))
