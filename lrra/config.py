@@ -168,10 +168,16 @@ class LRRAConfig:
     # ------------------------------------------------------------------------------------
     @property
     def subject(self) -> str:
-        """What is distilled, as a name: the preset, or the dataset's slug when it is not the preset's own."""
+        """What is distilled, as a name for runs, searches and registered models.
+
+        The preset's name when the config uses the preset's own dataset, else a slug of the
+        dataset: the mnist preset with dataset=FashionMNIST is 'fashionmnist', and an
+        'imagefolder:PATH' dataset is named after its folder.
+        """
         if self.dataset == PRESETS[self.preset].get("dataset"):
             return self.preset
-        return re.sub(r"[^a-z0-9]+", "-", self.dataset.lower()).strip("-")
+        name = self.dataset.removeprefix("imagefolder:").rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
+        return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "dataset"
 
     def with_absolute_paths(self) -> LRRAConfig:
         """data_dir and teacher_path made absolute, against this process's working folder.

@@ -291,7 +291,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 diverged = diverged_message(error, distiller, f"{config['run_path']}/{BEST_STUDENT_FILE}")
                 keep_best_student(distiller, config, run)
                 if run is not None:
-                    run.client.set_tag(run.run_id, "lrra.failure", diverged)
+                    run.tag_failure(diverged)
                 raise RunDiverged(diverged, {}) from error  # ends the MLflow run FAILED
             keep_best_student(distiller, config, run)
     except RunDiverged:

@@ -126,7 +126,7 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
             message = diverged_message(error, distiller, str(out / "best_student.pt"))
             achieved = {**result(keep_best_student()), "diverged": str(error)}
             if run is not None:
-                run.client.set_tag(run.run_id, "lrra.failure", message)
+                run.tag_failure(message)
             raise RunDiverged(message, achieved) from error
         model_uri = keep_best_student()
     return result(model_uri)

@@ -17,7 +17,6 @@ which sees the best version too, so the last writer stops only with the alias on
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import mlflow
@@ -25,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from lrra.config import PRESETS, LRRAConfig
+from lrra.config import LRRAConfig
 from lrra.tracking.store import TrackingError
 
 CHAMPION_ALIAS = "champion"
@@ -34,23 +33,9 @@ SETTLE_ROUNDS = 100                              # each round means another regi
 
 
 def registered_model_name(cfg: LRRAConfig) -> str:
-    """``lrra-<what>-student``, named after what ``cfg`` distils.
-
-    ``<what>`` is the preset's name when ``cfg`` uses the preset's own dataset, else the
-    dataset's: the mnist preset run with dataset=FashionMNIST registers lrra-fashionmnist-student,
-    not lrra-mnist-student, and an ``imagefolder:PATH`` dataset is named after its folder.
-    """
-    if cfg.dataset == PRESETS[cfg.preset].get("dataset", LRRAConfig.dataset):
-        return f"lrra-{cfg.preset}-student"
-    dataset = cfg.dataset
-    if dataset.startswith("imagefolder:"):
-        dataset = dataset[len("imagefolder:"):].rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1]
-    return f"lrra-{_slug(dataset)}-student"
-
-
-def _slug(text: str) -> str:
-    """Lower-case letters and digits joined by '-': safe in a models:/NAME@ALIAS URI."""
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "dataset"
+    """``lrra-<what>-student``, named after what ``cfg`` distils (``LRRAConfig.subject``): the mnist
+    preset run with dataset=FashionMNIST registers lrra-fashionmnist-student, not lrra-mnist-student."""
+    return f"lrra-{cfg.subject}-student"
 
 
 def register_champion(client: MlflowClient, name: str, model_uri: str, test_accuracy: float) -> dict[str, Any]:
