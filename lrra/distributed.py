@@ -28,6 +28,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,7 +110,11 @@ def mean_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     one process would differentiate the mean over the union of the batches. One flat buffer.
     """
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    flat = differentiable.all_reduce(flat) / dist.get_world_size()
+    with warnings.catch_warnings():
+        # Deprecated in favour of torch.distributed._functional_collectives, a private module whose
+        # all_reduce is differentiable only in recent torch releases; this one is, in all we support.
+        warnings.simplefilter("ignore", FutureWarning)
+        flat = differentiable.all_reduce(flat) / dist.get_world_size()
     return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
 
@@ -271,6 +276,9 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     MLflow run FAILED, reports its last good epoch once more with ``diverged`` = 1 and returns:
     restarting it would only diverge again.
     """
+    # Ray Train configures its worker loggers at DEBUG and filters by the run's LoggingConfig, yet
+    # its "Reporting training result" INFO lines (every rank, every epoch) still reach the console.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     distiller = worker_distiller(config)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

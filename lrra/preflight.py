@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,18 @@ def check_address(address: str) -> None:
 
 
 def start_ray(address: str | None, **init_options: Any) -> None:
-    """Join ``address``, or start a private local Ray: "local" starts one even when another runs here."""
+    """Join ``address``, or start a private local Ray: "local" starts one even when another runs here.
+
+    Ray's own output is kept to warnings and errors (``logging_level``, unless the caller says
+    otherwise), without colour codes when stderr is not a terminal (a log file, CI). A private
+    local Ray runs no preemption watcher: nothing can preempt it, and the watcher's actor logs an
+    error line at every start.
+    """
+    if not sys.stderr.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by the driver when it prints worker lines
+    if address is None:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # inherited by the local Ray
+    init_options.setdefault("logging_level", "WARNING")
     try:
         ray.init(address=address or "local", **init_options)
     except ConnectionError as err:
