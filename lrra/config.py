@@ -73,6 +73,10 @@ class LRRAConfig:
     """alpha: step size of the fast-weight SGD step in knowledge acquisition (meta-train)."""
     retention_order: int = 2
     """Meta-gradient of the retention loss: 2 second order (paper), 1 first order, 0 replay only."""
+    student_clip_norm: float = 0.0
+    """Clip the student's (rank-averaged) gradient to this global L2 norm before each step; 0 = off."""
+    generator_clip_norm: float = 0.0
+    """Clip the generator's (rank-averaged) gradient to this global L2 norm before each step; 0 = off."""
 
     # --- replay memory -----------------------------------------------------------------
     memory_capacity: int = 10
@@ -151,7 +155,8 @@ class LRRAConfig:
         need(self.gen_steps >= 0, "gen_steps", "must be an integer >= 0")
         for name in ("student_lr", "generator_lr", "teacher_lr"):
             need(getattr(self, name) > 0, name, "must be > 0")
-        for name in ("student_momentum", "weight_decay", "meta_lr", "w_oh", "w_ie", "w_a", "w_adv"):
+        for name in ("student_momentum", "weight_decay", "meta_lr", "w_oh", "w_ie", "w_a", "w_adv",
+                     "student_clip_norm", "generator_clip_norm"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.student_momentum < 1, "student_momentum", "must be in [0, 1)")
         need(self.retention_order in (0, 1, 2), "retention_order",

@@ -45,7 +45,6 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 
 from lrra.config import LRRAConfig
-from lrra.data import load_split
 from lrra.models import build_classifier
 from lrra.preflight import (
     DistributedSetupError,
@@ -57,7 +56,16 @@ from lrra.preflight import (
     start_ray,
     worker_resources,
 )
-from lrra.runner import Log, RunDiverged, default_run_name, diverged_message, format_progress, stderr_log
+from lrra.runner import (
+    Log,
+    RunDiverged,
+    default_run_name,
+    diverged_message,
+    format_progress,
+    stderr_log,
+    student_metadata,
+)
+from lrra.splits import evaluation_splits
 from lrra.teacher import obtain_teacher, save_teacher
 from lrra.train import Collectives, Distiller, NonFiniteLossError
 
@@ -174,11 +182,11 @@ RAY_TRAIN_COLLECTIVES = Collectives(average_gradients=average_gradients, mean_ov
 
 
 def worker_distiller(config: dict[str, Any]) -> Distiller:
-    """This rank's Distiller: Ray's device, the collectives above, test set on rank 0."""
+    """This rank's Distiller: Ray's device, the collectives above, validation and test splits on rank 0."""
     cfg = LRRAConfig.from_dict(config["cfg"])
     rank = ray.train.get_context().get_world_rank()
-    test_set = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels) if rank == 0 else None
-    return Distiller(cfg, teacher_from_state(config["teacher_state"], config["teacher_meta"]), test_set,
+    evaluation = evaluation_splits(cfg, config["teacher_meta"]) if rank == 0 else None
+    return Distiller(cfg, teacher_from_state(config["teacher_state"], config["teacher_meta"]), evaluation,
                      device=ray.train.torch.get_device(), rank=rank, collectives=RAY_TRAIN_COLLECTIVES)
 
 
@@ -203,14 +211,8 @@ def save(distiller: Distiller, directory: Path, teacher_meta: dict[str, Any]) ->
         return
     torch.save(distiller.state_dict(), directory / STATE_FILE)
     if distiller.epoch == distiller.cfg.epochs:
-        save_teacher(distiller.best_student_model(), best_student_meta(distiller, teacher_meta),
+        save_teacher(distiller.best_student_model(), student_metadata(distiller, teacher_meta),
                      directory / BEST_STUDENT_FILE)
-
-
-def best_student_meta(distiller: Distiller, teacher_meta: dict[str, Any]) -> dict[str, Any]:
-    """The best student's teacher-format metadata."""
-    return dict(teacher_meta, arch=distiller.cfg.student_arch, test_accuracy=distiller.best_accuracy,
-                best_epoch=distiller.best_epoch)
 
 
 def checkpoint_due(cfg: LRRAConfig, finished_epochs: int) -> bool:
@@ -263,10 +265,23 @@ def keep_best_student(distiller: Distiller, config: dict[str, Any], run) -> None
     """Rank 0: the best student so far as ``best_student.pt`` in the run's folder, and as the run's model."""
     if distiller.rank != 0 or distiller.best_epoch < 0:
         return
-    meta = best_student_meta(distiller, config["teacher_meta"])
+    meta = student_metadata(distiller, config["teacher_meta"])
     write_teacher_file(distiller.best_student_model(), meta, f"{config['run_path']}/{BEST_STUDENT_FILE}")
     if run is not None:
         run.log_student(distiller.best_student_model(), meta)
+
+
+def quiet_ray_train_reports() -> None:
+    """Drop Ray Train's "Reporting training result ..." INFO line, one per rank and epoch.
+
+    Ray 2.60 names that logger after its file path, not "ray.train...", so the run's
+    LoggingConfig(log_level="WARNING") does not reach it and each line repeats every metric.
+    """
+    try:
+        from ray.train.v2._internal.execution import context as report_module  # private: checked below
+    except ImportError:  # another Ray layout: nothing to quiet
+        return
+    logging.getLogger(report_module.__file__).setLevel(logging.WARNING)
 
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -276,9 +291,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     MLflow run FAILED, reports its last good epoch once more with ``diverged`` = 1 and returns:
     restarting it would only diverge again.
     """
-    # Ray Train configures its worker loggers at DEBUG and filters by the run's LoggingConfig, yet
-    # its "Reporting training result" INFO lines (every rank, every epoch) still reach the console.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    quiet_ray_train_reports()
     distiller = worker_distiller(config)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -380,8 +393,8 @@ def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, sto
         start_ray(address)
     try:
         check_cluster_fits(workers, worker_resources(use_gpu))
-        load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)  # fails early if unavailable
         teacher, teacher_meta, _ = obtain_teacher(cfg, log=log)
+        log(evaluation_splits(cfg, teacher_meta).describe())  # fails early if the data is unavailable
         with tracked_target(tracking_uri, cfg) as target:
             trainer = build_trainer(cfg, teacher.state_dict(), teacher_meta, workers=workers, use_gpu=use_gpu,
                                     storage_path=storage, name=name, max_failures=max_failures,

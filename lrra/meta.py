@@ -85,20 +85,24 @@ def student_update(student: nn.Module, optimizer: torch.optim.Optimizer, x_new: 
                    y_new: torch.Tensor, x_mem: torch.Tensor | None, y_mem: torch.Tensor | None, *,
                    meta_lr: float, weight_decay: float, retention_order: int,
                    sync_grads: GradSync | None = None,
-                   mean_over_ranks: RankMean | None = None) -> dict[str, torch.Tensor]:
+                   mean_over_ranks: RankMean | None = None, clip_norm: float = 0.0) -> dict[str, torch.Tensor]:
     """One optimizer step of the student on the LRRA objective; returns the logged loss parts.
 
     ``sync_grads`` runs between backward and step (all-reduce under Ray Train) and
     ``mean_over_ranks`` inside the acquisition step; the student is never wrapped in
-    DistributedDataParallel, which cannot differentiate through autograd.grad.
+    DistributedDataParallel, which cannot differentiate through autograd.grad. ``clip_norm`` > 0
+    clips the synced gradient's global norm, identically on every rank.
     """
     loss, parts = student_objective(student, x_new, y_new, x_mem, y_mem, meta_lr=meta_lr,
                                     weight_decay=weight_decay, retention_order=retention_order,
                                     mean_over_ranks=mean_over_ranks)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    params = [p for p in student.parameters() if p.requires_grad]
     if sync_grads is not None:
-        sync_grads([p for p in student.parameters() if p.requires_grad])
+        sync_grads(params)
+    if clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, clip_norm)
     optimizer.step()
     parts["total"] = loss.detach()
     return parts

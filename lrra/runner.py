@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from lrra.config import LRRAConfig
-from lrra.data import load_split
+from lrra.splits import evaluation_splits
 from lrra.teacher import obtain_teacher, save_teacher
-from lrra.train import Distiller, NonFiniteLossError, load_checkpoint, save_checkpoint
+from lrra.train import TEST_METRIC, Distiller, NonFiniteLossError, load_checkpoint, save_checkpoint
 
 Log = Callable[[str], None]
 # (cfg, teacher meta, teacher path) -> a context holding an experiment-tracking run, e.g.
@@ -41,13 +41,16 @@ def stderr_log(message: str) -> None:
 def format_progress(metrics: dict[str, float], epochs: int) -> str:
     """One human line per epoch."""
     line = f"epoch {int(metrics['epoch']) + 1}/{epochs}"
-    if "eval/student_acc" in metrics:
-        line += (f"  acc {metrics['eval/student_acc']:.4f}  best {metrics['eval/best_student_acc']:.4f}"
-                 f"  mean {metrics['eval/mean_student_acc']:.4f}")
+    if "val/student_acc" in metrics:
+        line += (f"  val {metrics['val/student_acc']:.4f}  best {metrics['val/best_student_acc']:.4f}"
+                 f"  mean {metrics['val/mean_student_acc']:.4f}")
     if "loss/generator" in metrics:  # absent with gen_steps=0 (a fixed generator)
         line += f"  L_G {metrics['loss/generator']:.3f}"
     line += (f"  L_S {metrics['loss/student_total']:.3f}"
              f"  mem {int(metrics['memory/size'])}  {metrics['perf/student_steps_per_s']:.1f} steps/s")
+    if metrics.get(TEST_METRIC) is not None:
+        line += f"\n  test accuracy of the best student (epoch {int(metrics['val/best_epoch']) + 1}): " \
+                f"{metrics[TEST_METRIC]:.4f}"
     return line
 
 
@@ -64,8 +67,16 @@ def diverged_message(error: NonFiniteLossError, distiller: Distiller, kept: str)
     """One line: what went wrong, and what the run kept."""
     if distiller.best_epoch < 0:
         return f"{error} Nothing to keep: no epoch finished."
-    return (f"{error} Kept the best student so far (epoch {distiller.best_epoch + 1}, "
-            f"accuracy {distiller.best_accuracy:.4f}): {kept}")
+    test = distiller.score_on_test()
+    return (f"{error} Kept the best student so far (epoch {distiller.best_epoch + 1}, validation accuracy "
+            f"{distiller.best_accuracy:.4f}" + (f", test {test:.4f}" if test is not None else "") + f"): {kept}")
+
+
+def student_metadata(distiller: Distiller, teacher_meta: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The best student's teacher-format metadata: the teacher's (dataset, normalisation, validation
+    rule), its own architecture, and its accuracies: validation (what chose it) and test."""
+    return dict(teacher_meta, arch=distiller.cfg.student_arch, val_accuracy=distiller.best_accuracy,
+                test_accuracy=distiller.score_on_test(), best_epoch=distiller.best_epoch, **extra)
 
 
 def default_run_dir(cfg: LRRAConfig) -> Path:
@@ -82,8 +93,8 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
     output folder is created.
     """
     teacher, teacher_meta, teacher_path = obtain_teacher(cfg, log=log)
-    test_set = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)
-    distiller = Distiller(cfg, teacher, test_set)
+    evaluation = evaluation_splits(cfg, teacher_meta)
+    distiller = Distiller(cfg, teacher, evaluation)
     if resume is not None:
         distiller.load_state_dict(load_checkpoint(resume))
         log(f"resumed from {resume} at epoch {distiller.epoch}")
@@ -91,7 +102,7 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
     out = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     log(f"distilling {cfg.teacher_arch} -> {cfg.student_arch} on {cfg.dataset} "
-        f"(teacher acc {teacher_meta['test_accuracy']:.4f}); writing to {out}")
+        f"(teacher test acc {teacher_meta['test_accuracy']:.4f}); writing to {out}\n  {evaluation.describe()}")
 
     def on_epoch(metrics: dict[str, float], d: Distiller) -> None:
         log(format_progress(metrics, cfg.epochs))
@@ -107,8 +118,7 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
         """best_student.pt, and the logged model when tracked; returns the model URI."""
         if distiller.best_epoch < 0:
             return None
-        student_meta = dict(teacher_meta, arch=cfg.student_arch, test_accuracy=distiller.best_accuracy,
-                            best_epoch=distiller.best_epoch, teacher=str(teacher_path))
+        student_meta = student_metadata(distiller, teacher_meta, teacher=str(teacher_path))
         save_teacher(distiller.best_student_model(), student_meta, out / "best_student.pt")
         return run.log_student(distiller.best_student_model(), student_meta) if run else None
 

@@ -22,6 +22,7 @@ from torch import nn
 from lrra.config import LRRAConfig
 from lrra.data import dataset_info, load_split
 from lrra.models import build_classifier
+from lrra.splits import teacher_training_split
 from lrra.train import accuracy, resolve_device
 
 
@@ -95,10 +96,11 @@ def augment(images: torch.Tensor, how: Augmentation) -> torch.Tensor:
 
 
 def train_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any]]:
-    """Supervised training of ``cfg.teacher_arch`` on the real training split of ``cfg.dataset``."""
+    """Supervised training of ``cfg.teacher_arch`` on the real training split of ``cfg.dataset``,
+    less the validation holdout of lrra/splits.py (recorded in the metadata as ``validation``)."""
     device = resolve_device(cfg.device)
     info = dataset_info(cfg.dataset, cfg.data_dir)
-    train_set = load_split(cfg.dataset, cfg.data_dir, True, cfg.image_size, cfg.channels)
+    train_set, validation = teacher_training_split(cfg)
     test_set = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)
 
     torch.manual_seed(cfg.seed)
@@ -131,6 +133,7 @@ def train_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any]
         "channels": cfg.channels, "image_size": cfg.image_size,
         "mean": list(info.mean), "std": list(info.std),
         "test_accuracy": acc, "epochs": cfg.teacher_epochs, "train_seconds": time.perf_counter() - start,
+        "validation": validation,
     }
     return model.cpu().eval(), meta
 

@@ -28,8 +28,11 @@ from lrra.losses import generator_loss, generator_loss_terms
 from lrra.memory import ReplayMemory
 from lrra.meta import GradSync, RankMean, student_update
 from lrra.models import build_classifier, build_generator
+from lrra.splits import EvaluationSplits
 
 EpochCallback = Callable[[dict[str, float], "Distiller"], None]
+VALIDATION_METRIC = "val/student_acc"        # every choice reads validation accuracy
+TEST_METRIC = "test/best_student_acc"        # reported once, for the student validation chose
 
 
 class NonFiniteLossError(RuntimeError):
@@ -100,13 +103,15 @@ def accuracy(model: nn.Module, dataset: Dataset, device: torch.device, batch_siz
 class Distiller:
     """Student, generator, their optimisers, the replay memory and the RNG streams of one rank."""
 
-    def __init__(self, cfg: LRRAConfig, teacher: nn.Module, test_set: Dataset | None = None, *,
+    def __init__(self, cfg: LRRAConfig, teacher: nn.Module, evaluation: EvaluationSplits | None = None, *,
                  device: torch.device | None = None, rank: int = 0,
                  collectives: Collectives = Collectives()) -> None:
+        """``evaluation``: the validation split scored every epoch (it picks the best student) and
+        the test split that scores that student once, after the last epoch; None on ranks > 0."""
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
         self.rank = rank
-        self.test_set = test_set
+        self.evaluation = evaluation
         self.collectives = collectives
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
@@ -133,8 +138,9 @@ class Distiller:
         self.replay_rng = torch.Generator().manual_seed(cfg.seed + rank)
 
         self.epoch = 0                      # next epoch to run
-        self.accuracies: list[float] = []   # test accuracy after each finished epoch
-        self.best_accuracy = -1.0
+        self.accuracies: list[float] = []   # validation accuracy after each finished epoch
+        self.best_accuracy = -1.0           # the best of them; its student is best_student
+        self.test_accuracy: float | None = None  # the best student's, scored once at the end
         self.best_epoch = -1
         self.best_student: dict[str, torch.Tensor] | None = None
         self.last_metrics: dict[str, float] = {}  # the last finished epoch's (a finished run reports them again)
@@ -170,6 +176,8 @@ class Distiller:
             p.grad = g
         if self.collectives.average_gradients is not None:
             self.collectives.average_gradients(params)
+        if cfg.generator_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.generator_clip_norm)
         self.opt_generator.step()
         return {"generator": loss.detach(), **{f"gen_{k}": v.detach() for k, v in terms.items()}}
 
@@ -189,7 +197,8 @@ class Distiller:
                                   meta_lr=cfg.meta_lr, weight_decay=cfg.weight_decay,
                                   retention_order=cfg.retention_order,
                                   sync_grads=self.collectives.average_gradients,
-                                  mean_over_ranks=self.collectives.mean_over_ranks)
+                                  mean_over_ranks=self.collectives.mean_over_ranks,
+                                  clip_norm=cfg.student_clip_norm)
 
     # ------------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
@@ -243,20 +252,29 @@ class Distiller:
         if self.collectives.average_buffers is not None:
             self.collectives.average_buffers(self.student)
             self.collectives.average_buffers(self.generator)
-        if self.test_set is not None:
-            metrics.update(self._evaluate())
+        if self.evaluation is not None:
+            metrics.update(self._validate())
         self.epoch += 1
+        if self.evaluation is not None and self.epoch == cfg.epochs:
+            metrics[TEST_METRIC] = self.score_on_test()
         self.last_metrics = metrics
         return metrics
 
-    def _evaluate(self) -> dict[str, float]:
-        acc = accuracy(self.student, self.test_set, self.device, self.cfg.eval_batch_size)
+    def _validate(self) -> dict[str, float]:
+        acc = accuracy(self.student, self.evaluation.validation, self.device, self.cfg.eval_batch_size)
         self.accuracies.append(acc)
         if acc > self.best_accuracy:
             self.best_accuracy, self.best_epoch = acc, self.epoch
             self.best_student = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
-        return {"eval/student_acc": acc, "eval/best_student_acc": self.best_accuracy,
-                "eval/mean_student_acc": float(np.mean(self.accuracies)), "eval/best_epoch": self.best_epoch}
+        return {"val/student_acc": acc, "val/best_student_acc": self.best_accuracy,
+                "val/mean_student_acc": float(np.mean(self.accuracies)), "val/best_epoch": self.best_epoch}
+
+    def score_on_test(self) -> float | None:
+        """The best student's test accuracy (once; the test split never picks anything)."""
+        if self.test_accuracy is None and self.evaluation is not None and self.best_epoch >= 0:
+            self.test_accuracy = accuracy(self.best_student_model().to(self.device), self.evaluation.test,
+                                          self.device, self.cfg.eval_batch_size)
+        return self.test_accuracy
 
     def run(self, on_epoch: EpochCallback | None = None) -> dict[str, float]:
         """Train from ``self.epoch`` to ``cfg.epochs``; returns the last epoch's metrics."""
@@ -282,6 +300,7 @@ class Distiller:
             "best_accuracy": self.best_accuracy,
             "best_epoch": self.best_epoch,
             "best_student": self.best_student,
+            "test_accuracy": self.test_accuracy,
             "last_metrics": dict(self.last_metrics),
             "rank_state": self.rank_state_dict(),
         }
@@ -316,6 +335,7 @@ class Distiller:
         self.best_accuracy, self.best_epoch = state["best_accuracy"], state["best_epoch"]
         self.best_student = state["best_student"]
         self.last_metrics = dict(state.get("last_metrics", {}))
+        self.test_accuracy = state.get("test_accuracy")
         rank_state = rank_state if rank_state is not None else state["rank_state"]
         self.memory.load_state_dict(rank_state["memory"], self.device)
         self.latent_rng.set_state(rank_state["latent_rng"])
@@ -323,18 +343,20 @@ class Distiller:
         torch.set_rng_state(rank_state["torch_rng"])
 
     def summary(self) -> dict[str, Any]:
-        """The run's accuracy record so far: final, best (and when), mean over epochs."""
+        """The run's accuracy record so far: validation final, best (and when) and mean over
+        epochs, and the test accuracy of the best student once scored."""
         accs = self.accuracies
         return {
-            "final_student_acc": accs[-1] if accs else None,
-            "best_student_acc": self.best_accuracy,
-            "mean_student_acc": float(np.mean(accs)) if accs else None,
+            "final_val_acc": accs[-1] if accs else None,
+            "best_val_acc": self.best_accuracy,
+            "mean_val_acc": float(np.mean(accs)) if accs else None,
             "best_epoch": self.best_epoch,
             "epochs": self.epoch,
+            "test_acc": self.test_accuracy,
         }
 
     def best_student_model(self) -> nn.Module:
-        """A copy of the student with the best test accuracy so far (the current one if none)."""
+        """A copy of the student with the best validation accuracy so far (the current one if none)."""
         model = copy.deepcopy(self.student).cpu()
         if self.best_student is not None:
             model.load_state_dict(self.best_student)

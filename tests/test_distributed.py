@@ -143,7 +143,7 @@ def test_metrics_are_reduced_across_ranks(two_rank_probe):
         assert m0["perf/workers"] == 2
         assert {k: v for k, v in m0.items() if k.startswith("loss/")} == \
                {k: v for k, v in m1.items() if k.startswith("loss/")}
-        assert "eval/student_acc" in m0 and "eval/student_acc" not in m1  # rank 0 evaluates
+        assert "val/student_acc" in m0 and "val/student_acc" not in m1  # rank 0 evaluates
 
 
 # ----------------------------------------------------------------------------------------
@@ -187,11 +187,11 @@ def test_worker_failure_resumes_from_the_last_checkpoint(two_rank_probe, random_
     probe_metrics = two_rank_probe[0]["metrics"]
     for reported, straight in zip(reports, probe_metrics, strict=True):
         for key in straight:
-            if key.startswith(("loss/", "eval/", "memory/")):
+            if key.startswith(("loss/", "val/", "memory/")):
                 assert reported["metrics"][0][key] == straight[key], key
 
     assert summary["epochs"] == 3 and summary["workers"] == 2
-    assert summary["best_student_acc"] == max(m["eval/student_acc"] for m in probe_metrics)
+    assert summary["best_val_acc"] == max(m["val/student_acc"] for m in probe_metrics)
     checkpoint = Path(summary["checkpoint"])
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "best_student.pt", "rank_0.pt", "rank_1.pt", "state.pt"]
@@ -261,8 +261,8 @@ def test_a_diverging_ray_train_run_keeps_its_best_student(ray_cluster, random_te
     assert [r[0]["epoch"] for r in reports] == [0, 1, 1]
     assert [r[distributed.DIVERGED] for r in reports[-1]] == [1, 1]
     summary = caught.value.result
-    best = max(r[0]["eval/student_acc"] for r in reports[:2])
-    assert summary["best_student_acc"] == best and summary["epochs"] == 2
+    best = max(r[0]["val/student_acc"] for r in reports[:2])
+    assert summary["best_val_acc"] == best and summary["epochs"] == 2
     _, meta = load_teacher(summary["best_student"], preset("digits", teacher_arch="convnet_half"))
     assert meta["test_accuracy"] == best
 
@@ -278,6 +278,7 @@ def test_a_finished_run_started_again_reports_its_end_without_training(ray_clust
                                         callbacks=[ReportLog(log)], log=lambda _: None)
     reports = [json.loads(line)["metrics"] for line in log.read_text().splitlines()]
     assert len(reports) == 1 and reports[0][0]["epoch"] == DIGITS["epochs"] - 1
-    assert reports[0][0]["eval/best_student_acc"] == first["best_student_acc"]
-    keys = ("best_student_acc", "epochs")
+    assert reports[0][0]["val/best_student_acc"] == first["best_val_acc"]
+    assert reports[0][0]["test/best_student_acc"] == first["test_acc"] is not None
+    keys = ("best_val_acc", "test_acc", "epochs")
     assert {k: again[k] for k in keys} == {k: first[k] for k in keys}

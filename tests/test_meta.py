@@ -1,4 +1,4 @@
-"""The LRRA student update computes the real meta-gradient (design.md section 3)."""
+"""The LRRA student update computes the real meta-gradient (docs/design.md §3)."""
 
 import copy
 
@@ -121,3 +121,15 @@ def test_fast_weight_passes_leave_batchnorm_statistics_alone(order):
                       retention_order=order)
     for (name, got), want in zip(student.named_buffers(), expected.buffers(), strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"buffer {name} moved")
+
+
+def test_clip_norm_rescales_the_applied_gradient_to_that_norm():
+    want = reference_gradient(TinyMLP(), *batches(), order=2)
+    norm = torch.sqrt(sum((w ** 2).sum() for w in want))
+    model = TinyMLP()
+    before = [p.detach().clone() for p in model.parameters()]
+    student_update(model, torch.optim.SGD(model.parameters(), lr=1.0), *batches(), meta_lr=ALPHA,
+                   weight_decay=WD, retention_order=2, clip_norm=float(norm) / 4)
+    applied = [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)]
+    for got, full in zip(applied, want, strict=True):  # same direction, a quarter of the length
+        torch.testing.assert_close(got, full / 4, atol=1e-6, rtol=1e-4)

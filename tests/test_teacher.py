@@ -33,6 +33,7 @@ def images_seen_in_training(preset_name: str, monkeypatch) -> torch.Tensor:
     ramp = torch.arange(32.0).sub(15.5).expand(64, 3, 32, 32)
     images = ramp + 0.01 * torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     split = TensorDataset(images, torch.arange(64) % 10)
+    monkeypatch.setattr(teacher, "teacher_training_split", lambda cfg: (split, {}))
     monkeypatch.setattr(teacher, "load_split", lambda *args, **kwargs: split)
     recorder = InputRecorder(10, 3)
     monkeypatch.setattr(teacher, "build_classifier", lambda arch, classes, channels: recorder)

@@ -43,7 +43,7 @@ EPOCHS = 3
 # Tiny budget: these tests check what is logged, not how well the student learns.
 DISTILL = ["distill", "--preset", "digits", "--epochs", str(EPOCHS),
            "--set", "iters_per_epoch=2", "--set", "kd_steps=2"]
-PER_EPOCH_METRICS = ["epoch", "eval/student_acc", "eval/best_student_acc", "eval/mean_student_acc",
+PER_EPOCH_METRICS = ["epoch", "val/student_acc", "val/best_student_acc", "val/mean_student_acc",
                      "loss/generator", "loss/student_total", "memory/size", "perf/student_steps_per_s"]
 
 
@@ -107,7 +107,8 @@ def check_distill_run(client: MlflowClient, result: dict) -> None:
         assert run.data.params[name] == str(getattr(cfg, name))
     for name in PER_EPOCH_METRICS:
         assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(EPOCHS)), name
-    assert run.data.metrics["eval/best_student_acc"] == result["best_student_acc"]
+    assert run.data.metrics["val/best_student_acc"] == result["best_val_acc"]
+    assert run.data.metrics["test/best_student_acc"] == result["test_acc"] is not None
     if importlib.util.find_spec("psutil"):  # MLflow's system metrics need it; without it they are skipped
         assert any(name.startswith("system/cpu") for name in run.data.metrics)
     images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
@@ -127,14 +128,16 @@ def test_eval_of_the_champion_reproduces_the_logged_accuracy(client, distilled, 
 
 
 def check_eval_reproduces(client: MlflowClient, result: dict, uri: str, tmp_path, model_name: str) -> None:
-    registered = tracking.register_champion(client, model_name, result["model_uri"], result["best_student_acc"])
+    registered = tracking.register_champion(client, model_name, result["model_uri"], result["best_val_acc"],
+                                            result["test_acc"])
     version = client.get_model_version(model_name, str(registered["version"]))
     assert version.source == result["model_uri"]
-    assert float(version.tags[tracking.VERSION_ACCURACY_TAG]) == result["best_student_acc"]
+    assert float(version.tags[tracking.VERSION_ACCURACY_TAG]) == result["best_val_acc"]
+    assert float(version.tags["test_accuracy"]) == result["test_acc"]
     code, evaluated, err = run_cli(["eval", "--model", f"models:/{model_name}@champion",
                                     "--preset", "digits", "--data-dir", str(tmp_path), "--tracking-uri", uri])
     assert code == 0, err
-    assert evaluated["test_accuracy"] == evaluated["logged_accuracy"] == result["best_student_acc"]
+    assert evaluated["test_accuracy"] == evaluated["logged_accuracy"] == result["test_acc"]
     assert evaluated["test_examples"] == 360
 
 
@@ -492,7 +495,7 @@ def search_runs(client: MlflowClient, experiment_path: Path) -> tuple[list, list
 
 
 def epochs_logged(client: MlflowClient, run) -> list[int]:
-    return [int(m.step) for m in client.get_metric_history(run.info.run_id, "eval/student_acc")]
+    return [int(m.step) for m in client.get_metric_history(run.info.run_id, "val/student_acc")]
 
 
 @pytest.mark.slow
@@ -521,14 +524,15 @@ def test_smoke_search_logs_parent_children_plots_and_a_champion(tracking_server,
         assert "images/epoch_000.png" in [f.path for f in client.list_artifacts(run.info.run_id, "images")]
         assert run.data.params["epochs"] == str(epochs)
 
-    best = max(children, key=lambda r: r.data.metrics["eval/best_student_acc"])
+    best = max(children, key=lambda r: r.data.metrics["val/best_student_acc"])  # chosen on validation
     champion = client.get_model_version_by_alias("lrra-digits-student", "champion")
     assert champion.source == best.data.tags[tracking.TAG_MODEL_URI]
-    assert float(champion.tags["test_accuracy"]) == best.data.metrics["eval/best_student_acc"]
+    assert float(champion.tags[tracking.VERSION_ACCURACY_TAG]) == best.data.metrics["val/best_student_acc"]
+    assert float(champion.tags["test_accuracy"]) == best.data.metrics["test/best_student_acc"]
     code, evaluated, err = run_cli(["eval", "--model", "models:/lrra-digits-student@champion", "--preset", "digits",
                                     "--data-dir", str(tmp_path), "--tracking-uri", tracking_server])
     assert code == 0, err
-    assert evaluated["test_accuracy"] == best.data.metrics["eval/best_student_acc"]
+    assert evaluated["test_accuracy"] == best.data.metrics["test/best_student_acc"]
 
 
 def second_trial_is_midway(client: MlflowClient, experiment_path: Path) -> bool:

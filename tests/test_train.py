@@ -11,15 +11,15 @@ from lrra.cli import EXIT_DIVERGED, main
 from lrra.config import preset
 from lrra.data import load_split
 from lrra.runner import default_run_name
+from lrra.splits import evaluation_splits
 from lrra.teacher import load_teacher
 from lrra.train import Distiller, NonFiniteLossError, cosine_factor, load_checkpoint, save_checkpoint
 
 
 def digits_run(teacher_path, **overrides):
     cfg = preset("digits", teacher_path=str(teacher_path), **overrides)
-    teacher, _ = load_teacher(teacher_path, cfg)
-    test_set = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)
-    return Distiller(cfg, teacher, test_set, device=torch.device("cpu"))
+    teacher, meta = load_teacher(teacher_path, cfg)
+    return Distiller(cfg, teacher, evaluation_splits(cfg, meta), device=torch.device("cpu"))
 
 
 def test_teacher_is_accurate(digits_teacher):
@@ -30,7 +30,7 @@ def test_teacher_is_accurate(digits_teacher):
 def test_tiny_run_lifts_the_student_far_above_chance(digits_teacher):
     path, _ = digits_teacher
     distiller = digits_run(path)
-    untrained = distiller._evaluate()["eval/student_acc"]
+    untrained = distiller._validate()["val/student_acc"]
     distiller.accuracies.clear()
     distiller.best_accuracy = -1
     distiller.run()
@@ -84,13 +84,14 @@ def test_a_run_that_diverges_late_keeps_its_best_student(digits_teacher, tmp_pat
     assert captured.err.count("error: ") == 1 and "Traceback" not in captured.err
     assert "non-finite loss at epoch 2" in captured.err and "Kept the best student so far" in captured.err
     result = json.loads(captured.out.strip().splitlines()[-1])
-    accuracies = [m["eval/student_acc"] for m in read_metrics(out)]
-    assert len(accuracies) == 2 and result["best_student_acc"] == max(accuracies) and "diverged" in result
+    accuracies = [m["val/student_acc"] for m in read_metrics(out)]
+    assert len(accuracies) == 2 and result["best_val_acc"] == max(accuracies) and "diverged" in result
 
     # The real run wrote its checkpoints: the last good one is intact, and the best student is kept.
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
     student, meta = load_teacher(out / "best_student.pt", preset("digits", teacher_arch="convnet_half"))
-    assert meta["test_accuracy"] == max(accuracies) and meta["best_epoch"] == accuracies.index(max(accuracies))
+    assert meta["val_accuracy"] == max(accuracies) and meta["best_epoch"] == accuracies.index(max(accuracies))
+    assert meta["test_accuracy"] == result["test_acc"] is not None  # scored once, for the kept student
 
     # MLflow: the run FAILED with the reason, and its best student is a logged model.
     run = mlflow.MlflowClient().get_run(result["mlflow_run_id"])
@@ -107,12 +108,12 @@ def test_cli_distill_prints_metrics_and_writes_a_loadable_student(digits_teacher
                  "--data-dir", str(tmp_path / "data")])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    accuracies = [m["eval/student_acc"] for m in read_metrics(out)]
+    accuracies = [m["val/student_acc"] for m in read_metrics(out)]
     assert result["epochs"] == 2 and len(accuracies) == 2
-    assert result["best_student_acc"] == max(accuracies) and result["final_student_acc"] == accuracies[-1]
+    assert result["best_val_acc"] == max(accuracies) and result["final_val_acc"] == accuracies[-1]
     student_cfg = preset("digits", teacher_arch="convnet_half")
     student, meta = load_teacher(out / "best_student.pt", student_cfg)
-    assert meta["test_accuracy"] == result["best_student_acc"]
+    assert meta["val_accuracy"] == result["best_val_acc"] and meta["test_accuracy"] == result["test_acc"]
     assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
 
 
@@ -223,7 +224,7 @@ def test_gpu_options_run_on_the_cpu(digits_teacher, options):
     distiller = digits_run(path, epochs=1, iters_per_epoch=4, **options)
     metrics = distiller.train_epoch()
     losses = {k: v for k, v in metrics.items() if k.startswith("loss/")}
-    assert all(math.isfinite(v) for v in losses.values()) and metrics["eval/student_acc"] > 0.1
+    assert all(math.isfinite(v) for v in losses.values()) and metrics["val/student_acc"] > 0.1
     conv = distiller.student.body[3].weight  # 32 -> 64 channels: the layouts differ
     assert conv.is_contiguous(memory_format=torch.channels_last) == options.get("channels_last", False)
     if options.get("bf16"):  # autocast really ran: the losses moved off the float32 ones

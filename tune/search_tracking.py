@@ -42,7 +42,8 @@ from lrra.tracking import (
 SEARCH_EXPERIMENT = "lrra-search"
 TAG_SEARCH = "lrra.search"                       # the search's experiment path: finds its parent run on --resume
 TAG_STOP_REASON = "lrra.stop_reason"             # why a search trial ended
-SELECTION_METRIC = "eval/best_student_acc"       # picks the search's best student
+SELECTION_METRIC = "val/best_student_acc"        # picks the search's best student
+TEST_METRIC = "test/best_student_acc"            # reported with it, never compared
 SEARCH_MAX_RESULTS = 10_000                      # child runs read back at once (one per trial)
 
 
@@ -129,15 +130,16 @@ def end_trial_runs(client: MlflowClient, parent_run_id: str, outcomes: dict[str,
 # The search's best student
 
 
-def best_logged_student(client: MlflowClient, parent_run_id: str) -> tuple[str, float] | None:
-    """(model URI, test accuracy) of the search's best logged student; None if no trial logged one."""
-    logged = [(run.data.metrics[SELECTION_METRIC], run.data.tags[TAG_MODEL_URI])
+def best_logged_student(client: MlflowClient, parent_run_id: str) -> tuple[str, float, float | None] | None:
+    """(model URI, validation accuracy, test accuracy) of the search's best logged student, chosen
+    by validation accuracy; None if no trial logged one."""
+    logged = [(run.data.metrics[SELECTION_METRIC], run.data.tags[TAG_MODEL_URI], run.data.metrics.get(TEST_METRIC))
               for run in child_runs(client, parent_run_id)
               if TAG_MODEL_URI in run.data.tags and SELECTION_METRIC in run.data.metrics]
     if not logged:
         return None
-    best_accuracy, model_uri = max(logged)
-    return model_uri, best_accuracy
+    val_accuracy, model_uri, test_accuracy = max(logged, key=lambda entry: entry[0])
+    return model_uri, val_accuracy, test_accuracy
 
 
 def register_best_student(client: MlflowClient, parent_run_id: str, model_name: str) -> dict[str, Any] | None:

@@ -1,8 +1,9 @@
 """The model registry: each registered student is a version; the alias ``champion`` names the best.
 
 One registered model per thing distilled (registered_model_name). Every version records the
-test accuracy it was registered with (tag ``test_accuracy``); the champion is the version with
-the highest one, the earliest registered among equals, so a tie keeps the older champion.
+validation accuracy that chose it (tag ``val_accuracy``) and, for the reader, its test accuracy
+(tag ``test_accuracy``, never compared); the champion is the version with the highest
+validation accuracy, the earliest registered among equals, so a tie keeps the older champion.
 
 Several searches may register into one registry at once. Reading the champion's accuracy,
 comparing and then setting the alias would let a slower registration overwrite a better
@@ -28,7 +29,8 @@ from lrra.config import LRRAConfig
 from lrra.tracking.store import TrackingError
 
 CHAMPION_ALIAS = "champion"
-VERSION_ACCURACY_TAG = "test_accuracy"           # on a registered version: what picks the champion
+VERSION_ACCURACY_TAG = "val_accuracy"            # on a registered version: what picks the champion
+VERSION_TEST_TAG = "test_accuracy"               # reported only
 SETTLE_ROUNDS = 100                              # each round means another registration moved the alias
 
 
@@ -38,16 +40,21 @@ def registered_model_name(cfg: LRRAConfig) -> str:
     return f"lrra-{cfg.subject}-student"
 
 
-def register_champion(client: MlflowClient, name: str, model_uri: str, test_accuracy: float) -> dict[str, Any]:
+def register_champion(client: MlflowClient, name: str, model_uri: str, val_accuracy: float,
+                      test_accuracy: float | None = None) -> dict[str, Any]:
     """Register ``model_uri`` as a version of registered model ``name``; the alias then names the best version.
 
-    ``name`` comes from registered_model_name. The accuracy is recorded on the version (tag
-    ``test_accuracy``) as the version is created, so concurrent registrations see it. Returns the
-    version, whether it holds the alias once settled, and the champion's accuracy before.
+    ``name`` comes from registered_model_name. The validation accuracy is recorded on the version
+    (tag ``val_accuracy``) as the version is created, so concurrent registrations see it; the test
+    accuracy, when known, rides along for the reader. Returns the version, whether it holds the
+    alias once settled, and the champion's validation accuracy before.
     """
     previous = champion_accuracy(client, name)
+    tags = {VERSION_ACCURACY_TAG: repr(float(val_accuracy))}
+    if test_accuracy is not None:
+        tags[VERSION_TEST_TAG] = repr(float(test_accuracy))
     # mlflow.register_model (on the URI connect() set) also links the version to its logged model.
-    model_version = mlflow.register_model(model_uri, name, tags={VERSION_ACCURACY_TAG: repr(float(test_accuracy))})
+    model_version = mlflow.register_model(model_uri, name, tags=tags)
     champion = settle_champion(client, name)
     return {"name": name, "version": int(model_version.version), "champion": champion == int(model_version.version),
             "previous_champion_accuracy": previous}

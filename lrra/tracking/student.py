@@ -15,7 +15,7 @@ from mlflow.models import infer_signature
 from torch import nn
 
 from lrra.config import LRRAConfig
-from lrra.data import load_split
+from lrra.splits import evaluation_splits
 from lrra.tracking.runs import TAG_KIND, TAG_MODEL_URI
 from lrra.tracking.store import TrackingError
 from lrra.train import accuracy, resolve_device
@@ -109,10 +109,11 @@ def check_model_fits(meta: dict[str, Any], cfg: LRRAConfig, model_uri: str) -> N
 
 
 def evaluate_logged_student(model_uri: str, cfg: LRRAConfig) -> dict[str, Any]:
-    """Load a logged student and score it on the real test set of its dataset."""
+    """Load a logged student and score it on the test split of its dataset (lrra/splits.py: the
+    half of the official test split that validation did not use, when its teacher was not trained here)."""
     meta = logged_student_meta(model_uri)
     check_model_fits(meta, cfg, model_uri)
-    test_set = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)
+    test_set = evaluation_splits(cfg, meta).test
     device = resolve_device(cfg.device)
     model = FrozenEvalModel(mlflow.pytorch.load_model(model_uri)).to(device)
     return {"model": model_uri, "arch": meta["arch"], "dataset": cfg.dataset, "test_examples": len(test_set),
