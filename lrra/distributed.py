@@ -207,6 +207,14 @@ def rank0_tracking(config: dict[str, Any], distiller: Distiller):
     return tracked_worker(target, distiller.cfg, config["teacher_meta"])
 
 
+def last_epoch_metrics(distiller: Distiller) -> dict[str, Any]:
+    """The evaluation metrics of the last epoch a restored Distiller ran (losses are not kept)."""
+    accs = distiller.accuracies
+    return {"epoch": distiller.epoch - 1, "eval/student_acc": accs[-1],
+            "eval/best_student_acc": distiller.best_accuracy, "eval/mean_student_acc": sum(accs) / len(accs),
+            "eval/best_epoch": distiller.best_epoch}
+
+
 def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """The Ray Train function: one rank's Distiller, reporting every epoch from every rank."""
     distiller = worker_distiller(config)
@@ -217,6 +225,10 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     resumed = checkpoint is not None
 
     with rank0_tracking(config, distiller) as run:
+        if resumed and distiller.epoch >= cfg.epochs:
+            # A finished run restarted (a search driver killed before it saw the run end): report
+            # the last epoch once more, so that Tune sees the trial complete without training.
+            ray.train.report(last_epoch_metrics(distiller))
         while distiller.epoch < cfg.epochs:
             maybe_inject_fault(cfg, distiller.epoch, rank, resumed)
             metrics = reduce_rank_metrics(distiller.train_epoch())
@@ -232,7 +244,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 # Only rank 0's metrics are attached to the checkpoint; the name is shared by all ranks.
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
                                  checkpoint_dir_name=f"checkpoint_epoch_{int(metrics['epoch']):04d}")
-        if run is not None:
+        if run is not None and not run.has_logged_student():
             run.log_student(distiller.best_student_model(), best_student_meta(distiller, config["teacher_meta"]))
     return distiller.summary() if rank == 0 else None
 

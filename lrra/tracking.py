@@ -213,6 +213,14 @@ def open_trial_run(client: MlflowClient, parent_run_id: str, trial_id: str, *,
     """A trial's child run under ``parent_run_id`` (named after the trial), continued when it resumes."""
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     tags = {TAG_KIND: "trial", MLFLOW_PARENT_RUN_ID: parent_run_id, TAG_TRIAL_ID: trial_id}
+    if optuna_trial_number is not None:
+        # An Optuna trial that a resumed search runs under a new Tune trial id (the first was lost
+        # with a killed driver) continues its own run: one run per Optuna trial.
+        same_optuna_trial = {TAG_KIND: "trial", MLFLOW_PARENT_RUN_ID: parent_run_id,
+                             TAG_OPTUNA_TRIAL: str(optuna_trial_number)}
+        earlier = find_run(client, experiment_id, same_optuna_trial)
+        if earlier is not None:
+            client.set_tag(earlier, TAG_TRIAL_ID, trial_id)
     run_id = open_run(client, experiment_id, tags, run_name=trial_id)
     if optuna_trial_number is not None:
         client.set_tag(run_id, TAG_OPTUNA_TRIAL, str(optuna_trial_number))
@@ -285,7 +293,8 @@ def end_trial_runs(client: MlflowClient, parent_run_id: str, outcomes: dict[str,
         status, reason = outcomes.get(run.data.tags.get(TAG_TRIAL_ID), (KILLED, None))
         if reason is not None:
             client.set_tag(run.info.run_id, TAG_STOP_REASON, reason)
-        if run.info.status == RUNNING:
+        # A trial that failed although its worker ended its run cleanly (a diverged one) ends FAILED.
+        if run.info.status == RUNNING or (status == FAILED and run.info.status != FAILED):
             client.set_terminated(run.info.run_id, status)
 
 
@@ -362,6 +371,10 @@ class RunTracker:
                                         seed=self.cfg.seed)
             self.client.log_image(self.run_id, grid, artifact_file=image_artifact(epoch))
         self.logged_through = epoch
+
+    def has_logged_student(self) -> bool:
+        """True once the run holds its best student (a restarted, already finished run does)."""
+        return TAG_MODEL_URI in self.client.get_run(self.run_id).data.tags
 
     def log_student(self, model: nn.Module, student_meta: dict[str, Any]) -> str:
         """Log the best student as this run's MLflow model; returns its model URI."""
