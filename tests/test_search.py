@@ -91,6 +91,17 @@ def test_smoke_search_fills_the_study_and_the_results_file(smoke):
 
 
 @pytest.mark.slow
+def test_smoke_search_output_is_plain_progress_lines(smoke):
+    """Read as a log file (not a TTY): no Ray Tune tables or TensorBoard hint, no colour codes."""
+    done, _, _ = smoke
+    assert "Configuration for experiment" not in done.stdout and "tensorboard" not in done.stdout.lower()
+    assert "\x1b[" not in done.stdout + done.stderr
+    progress = [line for line in done.stderr.splitlines() if line.startswith("[")]
+    assert any(" trial 0 (" in line and "completed after 3 epoch(s)" in line for line in progress)
+    assert not any("INFO" in line for line in done.stderr.splitlines())  # Optuna's and MLflow's INFO lines
+
+
+@pytest.mark.slow
 def test_asha_stops_the_useless_trial_at_its_first_rung(smoke):
     done, storage, _ = smoke
     rows = {row["optuna_trial_number"]: row for row in results_of(storage, "smoke")}
