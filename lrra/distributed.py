@@ -299,7 +299,11 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     resumed = checkpoint is not None
     if resumed and distiller.epoch >= distiller.cfg.epochs:
         # The run had finished, but whoever started it never saw the end (a search driver killed
-        # after the last checkpoint): tell it again, without training or logging anything twice.
+        # after the last checkpoint): tell it again, without training. Its student is logged
+        # unless the run already holds it (the kill may have come before that).
+        with rank0_tracking(config, distiller) as run:
+            if run is not None and not run.has_logged_student():
+                keep_best_student(distiller, config, run)
         ray.train.report(distiller.last_metrics)
         return distiller.summary() if distiller.rank == 0 else None
 

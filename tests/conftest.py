@@ -1,6 +1,7 @@
 """Shared fixtures: a digits teacher trained once per session (seconds), no network, and a
-search driver interrupted on cue."""
+search driver interrupted or killed on cue."""
 
+import os
 import signal
 import subprocess
 import time
@@ -79,3 +80,71 @@ def interrupt_search():
         return driver.returncode, stderr
 
     return run
+
+
+def session_processes(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (zombies excluded)."""
+    alive = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            if os.getsid(int(entry)) == sid and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                alive.append(int(entry))
+        except (OSError, IndexError):  # the process ended while we looked
+            continue
+    return alive
+
+
+def kill_session(sid: int, grace_s: float = 10.0) -> list[int]:
+    """SIGKILL what is left of session ``sid`` after its leader was killed; returns what had to be.
+
+    The session is the driver's own (started with start_new_session), so this reaches its private
+    Ray (gcs, raylet, workers) and nothing else: another search's Ray on this machine is untouched.
+    Ray's processes share their driver's fate and mostly end by themselves within seconds.
+    """
+    deadline = time.monotonic() + grace_s
+    while session_processes(sid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stragglers = session_processes(sid)
+    for pid in stragglers:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while session_processes(sid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return stragglers
+
+
+@pytest.fixture
+def kill_search(tmp_path):
+    """``run(command, ready, wait_s) -> stderr``: start a search in its own session, SIGKILL its
+    driver's process group once ``ready()`` holds, and clean up the session's Ray processes."""
+    root = Path(__file__).resolve().parent.parent
+    drivers = []
+
+    def run(command: list[str], ready, wait_s: float) -> str:
+        log = tmp_path / f"killed-{len(drivers)}.err"  # a file, not a pipe nobody reads until the end
+        with log.open("w") as err:
+            driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, cwd=root,
+                                      start_new_session=True)
+        drivers.append(driver)
+        deadline = time.monotonic() + wait_s
+        while not ready():
+            assert driver.poll() is None, f"the search ended early: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "timed out waiting for the search"
+            time.sleep(0.1)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        kill_session(driver.pid)
+        assert session_processes(driver.pid) == [], "processes of the killed search are still alive"
+        return log.read_text()
+
+    yield run
+    for driver in drivers:  # a failed assertion above must not leave a Ray behind
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        kill_session(driver.pid, grace_s=0)

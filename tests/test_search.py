@@ -6,22 +6,27 @@ where it must fail before Ray starts.
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import optuna
 import pyarrow.parquet as pq
 import pytest
 import ray
+from mlflow import MlflowClient
 from optuna.trial import TrialState
+from ray.tune import ExperimentAnalysis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
 
+from lrra import tracking  # noqa: E402
 from tune import search, space  # noqa: E402
-from tune.study import TUNE_TRIAL_ID  # noqa: E402
+from tune.study import STOP_REASON, TUNE_TRIAL_ID  # noqa: E402
 
 SEARCH = ROOT / "tune" / "search.py"
 SEARCH_TIMEOUT_S = 600  # a guard against hangs, not a speed target: CI machines can be busy
@@ -57,7 +62,9 @@ def assert_study_matches_results(study: optuna.Study, rows: list[dict], trials: 
         row = by_number[trial.number]
         assert row["tune_trial_id"] == trial.user_attrs[TUNE_TRIAL_ID]
         assert row["state"] == trial.state.name
-        assert row["final_student_acc"] == pytest.approx(trial.value)
+        assert row["final_val_acc"] == pytest.approx(trial.value)  # Optuna's value is validation accuracy
+        # A completed trial's chosen student is scored once on the test split, reported beside it.
+        assert (row["test_acc"] is not None) == (trial.state == TrialState.COMPLETE)
         assert row["epochs"] == max(trial.intermediate_values)
         assert all(row[name] == pytest.approx(value) for name, value in trial.params.items())
     assert len({row["tune_trial_id"] for row in rows}) == trials  # no trial ran twice
@@ -86,6 +93,17 @@ def test_smoke_search_fills_the_study_and_the_results_file(smoke):
 
 
 @pytest.mark.slow
+def test_smoke_search_output_is_plain_progress_lines(smoke):
+    """Read as a log file (not a TTY): no Ray Tune tables or TensorBoard hint, no colour codes."""
+    done, _, _ = smoke
+    assert "Configuration for experiment" not in done.stdout and "tensorboard" not in done.stdout.lower()
+    assert "\x1b[" not in done.stdout + done.stderr
+    progress = [line for line in done.stderr.splitlines() if line.startswith("[")]
+    assert any(" trial 0 (" in line and "completed after 3 epoch(s)" in line for line in progress)
+    assert not any("INFO" in line for line in done.stderr.splitlines())  # Optuna's and MLflow's INFO lines
+
+
+@pytest.mark.slow
 def test_asha_stops_the_useless_trial_at_its_first_rung(smoke):
     done, storage, _ = smoke
     rows = {row["optuna_trial_number"]: row for row in results_of(storage, "smoke")}
@@ -96,7 +114,29 @@ def test_asha_stops_the_useless_trial_at_its_first_rung(smoke):
     assert useless_trial["student_lr"] == pytest.approx(1e-5)
     assert useless_trial["stop_reason"] == "early-stopped" and useless_trial["state"] == "PRUNED"
     assert useless_trial["epochs"] == 1
-    assert useless_trial["best_student_acc"] < preset_trial["best_student_acc"]
+    assert useless_trial["best_val_acc"] < preset_trial["best_val_acc"]
+
+
+@pytest.mark.slow
+def test_the_time_budget_cuts_the_running_trial_and_the_records_say_so(tmp_path, digits_teacher):
+    # 100 epochs cannot end within 60 s here: the budget stops the first trial midway.
+    done = run_search(search_command(tmp_path, digits_teacher[0], "--name", "budget", "--epochs", "100",
+                                     "--time-budget", "60"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = results_of(tmp_path, "budget")
+    asked = [t for t in study_of(tmp_path, "budget").trials if t.state != TrialState.WAITING]  # WAITING: never run
+    assert rows and [row["optuna_trial_number"] for row in rows] == [t.number for t in asked]
+    for row, trial in zip(rows, asked, strict=True):
+        assert trial.state == TrialState.PRUNED and trial.user_attrs[STOP_REASON] == "time budget"
+        assert 1 <= row["epochs"] < 100  # it reported epochs, and was cut before its last
+        assert trial.value == pytest.approx(trial.intermediate_values[row["epochs"]]) == row["final_val_acc"]
+    assert f"cut by the time budget {len(rows)}" in done.stdout
+
+    parent, children = search_runs(tmp_path, "budget")
+    assert parent.info.status == tracking.FINISHED
+    assert sorted(run.data.tags[tracking.TAG_TRIAL_ID] for run in children) == sorted(r["tune_trial_id"] for r in rows)
+    assert all(run.info.status == tracking.KILLED for run in children)
+    assert all(run.data.tags[tracking.TAG_STOP_REASON] == "time budget" for run in children)
 
 
 # ----------------------------------------------------------------------------------------
@@ -140,6 +180,58 @@ def test_resume_after_ctrl_c_finishes_the_same_trials(tmp_path, digits_teacher, 
     result_file = next((tmp_path / "interrupted").glob(f"*{interrupted}*/result.json"))
     resumed_epochs = [json.loads(line)["epochs_done"] for line in result_file.read_text().splitlines()]
     assert resumed_epochs == list(range(resumed_epochs[0], epochs + 1)) and resumed_epochs[0] > epochs_before
+
+
+def trials_now(storage: Path, name: str) -> list:
+    try:
+        return study_of(storage, name).trials
+    except KeyError:  # the study does not exist yet
+        return []
+
+
+def first_trial(storage: Path, name: str, *, reported: int = 0, finished: bool = False) -> bool:
+    """The first trial has reported ``reported`` epochs or more, and is finished (or still running)."""
+    trials = trials_now(storage, name)
+    return (bool(trials) and trials[0].state.is_finished() == finished
+            and trials[0].state != TrialState.WAITING and len(trials[0].intermediate_values) >= reported)
+
+
+def search_runs(storage: Path, name: str) -> tuple:
+    """(the search's MLflow parent run, its child runs) in the tests' MLflow store."""
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name(tracking.SEARCH_EXPERIMENT)
+    parents = client.search_runs([experiment.experiment_id],
+                                 f"tags.`{tracking.TAG_SEARCH}` = '{storage / name}'")
+    assert len(parents) == 1
+    return parents[0], tracking.child_runs(client, parents[0].info.run_id)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_at_any_moment_finishes_every_trial_once(tmp_path, digits_teacher, kill_search):
+    """The driver is SIGKILLed three times during the first trial: as it starts, midway, and right
+    after it ends (Tune's state, saved every ~10 s, then still calls it running, and the next
+    trial may be asked but unknown to Tune). Each --resume continues; the last one finishes."""
+    name = "killed"
+    command = search_command(tmp_path, digits_teacher[0], "--name", name)
+    resume = search_command(tmp_path, digits_teacher[0], "--resume")
+    kill_search(command, lambda: first_trial(tmp_path, name), wait_s=SEARCH_TIMEOUT_S)
+    kill_search(resume, lambda: first_trial(tmp_path, name, reported=1), wait_s=SEARCH_TIMEOUT_S)
+    kill_search(resume, lambda: first_trial(tmp_path, name, finished=True), wait_s=SEARCH_TIMEOUT_S)
+
+    resumed = run_search(resume)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    study, rows = study_of(tmp_path, name), results_of(tmp_path, name)
+    assert_study_matches_results(study, rows, trials=3)
+    assert {t.user_attrs[STOP_REASON] for t in study.trials} <= {"completed", "early-stopped"}
+    tune_ids = {t.trial_id: t.status for t in ExperimentAnalysis(str(tmp_path / name)).trials}
+    assert tune_ids == {t.user_attrs[TUNE_TRIAL_ID]: "TERMINATED" for t in study.trials}
+
+    parent, children = search_runs(tmp_path, name)
+    assert parent.info.status == tracking.FINISHED
+    per_trial = Counter(run.data.tags[tracking.TAG_TRIAL_ID] for run in children)
+    assert per_trial == Counter(list(tune_ids))  # one child run per trial, no duplicate
+    assert {run.info.status for run in children} == {tracking.FINISHED}
 
 
 # ----------------------------------------------------------------------------------------
@@ -199,6 +291,117 @@ def test_unwritable_storage_exits_2_from_the_command_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------
+# StudySearch against a real SQLite study (no Ray): restored stale snapshots, diverged trials.
+
+
+@pytest.fixture
+def new_searcher(tmp_path):
+    """``make() -> StudySearch`` on one SQLite study of the digits space; each call is a fresh
+    searcher on the same study, as a resumed driver's."""
+    from lrra.config import preset
+    from tune.study import StudySearch, open_storage
+
+    cfg = preset("digits", epochs=3)
+    knobs = space.build_space("digits", {}, set(), cfg)
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+
+    def make() -> StudySearch:
+        return StudySearch(knobs, storage=storage, study_name="s", seed=0, epochs=3,
+                           points_to_evaluate=space.baseline_points(knobs, cfg), n_startup_trials=2)
+
+    return make
+
+
+def asked_trials(searcher) -> list:
+    """The study's trials that were asked (points enqueued but not yet asked are WAITING)."""
+    study = optuna.load_study(study_name="s", storage=searcher._storage)
+    return [t for t in study.trials if t.state != TrialState.WAITING]
+
+
+def epoch_result(epoch: int, acc: float, **extra) -> dict:
+    return {"epochs_done": epoch, "val/student_acc": acc, "val/best_student_acc": acc, **extra}
+
+
+def snapshot(searcher, path: Path):
+    """What Tune does every ~10 s: save the searcher, to restore it on --resume."""
+    searcher.save(str(path))
+    return path
+
+
+def restored(new_searcher, path: Path):
+    searcher = new_searcher()
+    searcher.restore(str(path))
+    return searcher
+
+
+def test_a_restored_searcher_leaves_trials_that_the_study_finished_alone(new_searcher, tmp_path):
+    searcher = new_searcher()
+    searcher.suggest("a")
+    searcher.on_trial_result("a", epoch_result(1, 0.2))
+    stale = snapshot(searcher, tmp_path / "searcher.pkl")  # Tune saved here; the driver goes on...
+    searcher.on_trial_result("a", epoch_result(2, 0.3))
+    searcher.on_trial_complete("a", epoch_result(3, 0.4))  # ...the trial ends, then the driver is killed
+
+    again = restored(new_searcher, stale)  # --resume: Tune runs "a" again, which reports its end again
+    again.on_trial_result("a", epoch_result(3, 0.4))
+    again.on_trial_complete("a", epoch_result(3, 0.4))
+
+    (trial,) = asked_trials(searcher)
+    assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(0.4)
+    assert trial.intermediate_values == {1: 0.2, 2: 0.3, 3: 0.4}
+
+
+def test_a_trial_asked_after_the_last_snapshot_is_taken_over_by_the_next_tune_trial(new_searcher, tmp_path):
+    searcher = new_searcher()
+    searcher.suggest("a")
+    searcher.on_trial_complete("a", epoch_result(3, 0.4))
+    stale = snapshot(searcher, tmp_path / "searcher.pkl")
+    lost = searcher.suggest("b")  # asked, then the driver is killed before Tune saves "b"
+
+    again = restored(new_searcher, stale)
+    taken_over = again.suggest("c")
+    assert taken_over == lost  # the same planned configuration (the no-memory baseline), same Optuna number
+    again.on_trial_complete("c", epoch_result(3, 0.5))
+
+    trials = asked_trials(searcher)
+    assert [t.user_attrs[TUNE_TRIAL_ID] for t in trials] == ["a", "c"]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+
+
+def test_a_diverged_trial_fails_with_its_best_accuracy_kept(new_searcher, tmp_path):
+    from tune.report import ending
+    from tune.study import trial_rows
+
+    searcher = new_searcher()
+    searcher.suggest("a")
+    searcher.on_trial_result("a", epoch_result(1, 0.3))
+    searcher.on_trial_result("a", epoch_result(2, 0.25))
+    last = {**epoch_result(2, 0.25), "val/best_student_acc": 0.3, "diverged": 1}  # epoch 3 went NaN
+    searcher.on_trial_result("a", last)
+    searcher.on_trial_complete("a", last)
+    searcher.suggest("b")  # the search goes on
+
+    study = optuna.load_study(study_name="s", storage=searcher._storage)
+    trial = study.trials[0]
+    assert trial.state == TrialState.FAIL and trial.user_attrs[STOP_REASON] == "diverged"
+    assert trial.intermediate_values == {1: 0.3, 2: 0.25}
+    row = trial_rows(study, list(searcher._space), str(tmp_path))[0]
+    assert (row["stop_reason"], row["best_val_acc"], row["epochs"]) == ("diverged", 0.3, 2)
+    assert ending(last, epochs=3) == "diverged at epoch 3 (non-finite loss), best acc 0.3000"
+    assert search.trial_outcomes([row])["a"] == (tracking.FAILED, "diverged")
+
+
+def test_a_diverged_trial_run_ends_failed_although_its_worker_finished_it(tmp_path):
+    client = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = tracking.open_search_run(client, "search-x", {})
+    child = tracking.open_trial_run(client, parent, "a", optuna_trial_number=0)
+    client.set_terminated(child, tracking.FINISHED)  # the worker returned normally after the NaN
+    tracking.end_trial_runs(client, parent, {"a": (tracking.FAILED, "diverged")})
+    run = client.get_run(child)
+    assert run.info.status == tracking.FAILED and run.data.tags[tracking.TAG_STOP_REASON] == "diverged"
+
+
+# ----------------------------------------------------------------------------------------
 # The space (no Ray).
 
 
@@ -222,3 +425,21 @@ def test_bounds_and_set_reshape_the_space():
     assert (knobs["kd_steps"].low, knobs["kd_steps"].high) == (2, 8)
     assert "w_adv" not in knobs  # fixed by --set
     assert space.space_from_json(space.space_to_json(knobs)) == knobs
+
+
+def test_a_bound_that_excludes_the_preset_says_so(tmp_path, capsys):
+    args = search.build_parser().parse_args(["--preset", "digits", "--bound", "student_lr=0.2:0.3",
+                                             "--bound", "kd_steps=2:4"])
+    plan = search.new_plan(args, str(tmp_path))
+    err = capsys.readouterr().err
+    note = [line for line in err.splitlines() if "preset's own configuration" in line]
+    assert note == ["note: the bounds exclude the preset's own configuration (kd_steps=5 outside 2 .. 4 (integer), "
+                    "student_lr=0.1 outside 0.2 .. 0.3 (log)): its trial and its no-memory variant are not run"]
+    assert plan.points_to_evaluate == []
+
+
+def test_a_plan_holds_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = search.build_parser().parse_args(["--preset", "digits", "--data-dir", "data", "--teacher", "t.pt"])
+    config = search.new_plan(args, str(tmp_path)).config
+    assert (config["data_dir"], config["teacher_path"]) == (str(tmp_path / "data"), str(tmp_path / "t.pt"))

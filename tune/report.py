@@ -9,11 +9,23 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.tune import Callback
+from ray.tune.experimental.output import AirVerbosity
+from ray.tune.experimental.output import ProgressReporter as TuneProgressReporter
 
 from lrra.runner import stderr_log as say  # progress goes to stderr, as distill's does
 from tune.plan import SearchPlan, filesystem
-from tune.study import COMPLETED, EARLY_STOPPED, EPOCHS_DONE, ERROR, METRIC, OPTUNA_NUMBER, TIME_BUDGET
+from tune.study import (
+    ALREADY_FINISHED,
+    COMPLETED,
+    DIVERGED,
+    DIVERGED_KEY,
+    EARLY_STOPPED,
+    EPOCHS_DONE,
+    ERROR,
+    METRIC,
+    OPTUNA_NUMBER,
+    TIME_BUDGET,
+)
 
 
 def format_knobs(config: dict[str, Any]) -> str:
@@ -21,16 +33,29 @@ def format_knobs(config: dict[str, Any]) -> str:
                     for k, v in config.items() if k != OPTUNA_NUMBER)
 
 
-class ProgressLines(Callback):
-    """One line when a trial starts, after each of its epochs, and when it ends (driver side)."""
+class ProgressLines(TuneProgressReporter):
+    """One line when a trial starts, after each of its epochs, and when it ends (driver side).
+
+    A Tune progress reporter, not a plain callback: Tune gives the experiment's opening to the
+    first reporter among the callbacks, and Ray's own one prints a boxed table and a TensorBoard
+    hint to stdout there. Its other output is off at verbose=0. Plain text, no colours: the lines
+    read the same on a terminal and in a log file.
+    """
 
     def __init__(self, epochs: int, num_samples: int) -> None:
+        super().__init__(verbosity=AirVerbosity.SILENT)
         self.epochs = epochs
         self.num_samples = num_samples
         self.start = time.monotonic()
 
     def setup(self, **info) -> None:
         self.start = time.monotonic()  # also when a resumed search unpickles this callback
+
+    def experiment_started(self, **info) -> None:
+        """The search prints its own opening lines (tune/search.py)."""
+
+    def print_heartbeat(self, trials, *args, **kwargs) -> None:
+        """No periodic status table: a line per trial event says it all."""
 
     def _say(self, trial, message: str) -> None:
         minutes, seconds = divmod(int(time.monotonic() - self.start), 60)
@@ -41,17 +66,29 @@ class ProgressLines(Callback):
         self._say(trial, f"started ({len(trials)}/{self.num_samples}): {format_knobs(trial.config)}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if ALREADY_FINISHED in result or DIVERGED_KEY in result or METRIC not in result:
+            return  # not a new epoch: on_trial_complete says what it is
         self._say(trial, f"epoch {result[EPOCHS_DONE]}/{self.epochs}  acc {result[METRIC]:.4f}  "
-                         f"best {result['eval/best_student_acc']:.4f}")
+                         f"best {result['val/best_student_acc']:.4f}")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        done = trial.last_result.get(EPOCHS_DONE, 0)
-        how = COMPLETED if done >= self.epochs else f"{EARLY_STOPPED} by ASHA"
-        best = trial.last_result.get("eval/best_student_acc", 0.0)
-        self._say(trial, f"{how} after {done} epoch(s), best acc {best:.4f}")
+        self._say(trial, ending(trial.last_result, self.epochs))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._say(trial, f"failed: {trial.error_file or 'see the Ray logs'}")
+
+
+def ending(result: dict[str, Any], epochs: int) -> str:
+    """How a trial ended, from its last result, for its last progress line."""
+    done = result.get(EPOCHS_DONE, 0)
+    best = result.get("val/best_student_acc")
+    best_text = f"best acc {best:.4f}" if best is not None else "no accuracy yet"
+    if ALREADY_FINISHED in result:
+        return f"had already ended before the search was resumed ({result[ALREADY_FINISHED]}); {best_text}"
+    if result.get(DIVERGED_KEY):
+        return f"{DIVERGED} at epoch {done + 1} (non-finite loss), {best_text}"
+    how = COMPLETED if done >= epochs else f"{EARLY_STOPPED} by ASHA"
+    return f"{how} after {done} epoch(s), {best_text}"
 
 
 def write_parquet(rows: list[dict[str, Any]], path: str) -> None:
@@ -61,10 +98,10 @@ def write_parquet(rows: list[dict[str, Any]], path: str) -> None:
 
 
 def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The best completed trial (it has a saved best student), else the best of any trial."""
-    scored = [r for r in rows if r["best_student_acc"] is not None]
+    """The best completed trial (it has a saved best student), else the best of any trial; by validation."""
+    scored = [r for r in rows if r["best_val_acc"] is not None]
     completed = [r for r in scored if r["stop_reason"] == COMPLETED]
-    return max(completed or scored, key=lambda r: r["best_student_acc"], default=None)
+    return max(completed or scored, key=lambda r: r["best_val_acc"], default=None)
 
 
 def best_student_file(row: dict[str, Any]) -> str:
@@ -75,22 +112,24 @@ def best_student_file(row: dict[str, Any]) -> str:
 
 def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float) -> None:
     count = {reason: sum(r["stop_reason"] == reason for r in rows)
-             for reason in (COMPLETED, EARLY_STOPPED, TIME_BUDGET, ERROR)}
+             for reason in (COMPLETED, EARLY_STOPPED, TIME_BUDGET, DIVERGED, ERROR)}
     best = best_row(rows)
     lines = [
         "",
         f"search {plan.name}: {len(rows)} trial(s) in {wall_s / 60:.1f} min",
         f"  completed {count[COMPLETED]}, stopped early by ASHA {count[EARLY_STOPPED]}, "
-        f"cut by the time budget {count[TIME_BUDGET]}, failed {count[ERROR]}",
+        f"cut by the time budget {count[TIME_BUDGET]}, diverged {count[DIVERGED]}, failed {count[ERROR]}",
     ]
     if best is not None:
         lines += [
-            f"  best student accuracy  {best['best_student_acc']:.4f}  (trial {best['optuna_trial_number']}, "
-            f"{best['stop_reason']}, final {best['final_student_acc']:.4f} after {best['epochs']} epochs)",
+            f"  best student           validation {best['best_val_acc']:.4f}  (trial {best['optuna_trial_number']}, "
+            f"{best['stop_reason']}, final {best['final_val_acc']:.4f} after {best['epochs']} epochs)",
+            "  its test accuracy      " + (f"{best['test_acc']:.4f}" if best["test_acc"] is not None
+                                         else "not scored (the trial did not complete)"),
             f"  best configuration     {format_knobs({k: best[k] for k in plan.space})}",
         ]
         if best["stop_reason"] == COMPLETED:
-            lines.append(f"  best student           {best_student_file(best)}")
+            lines.append(f"  best student file      {best_student_file(best)}")
     lines += [
         f"  experiment             {plan.experiment_path}",
         f"  results (one row/trial) {plan.results_path}",

@@ -16,6 +16,8 @@ per trial). The Optuna study is NAME in --study-storage (default STORAGE_PATH/op
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import sys
 import time
 from pathlib import Path
@@ -23,7 +25,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the tune/ modules importable as tune.*
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import optuna
 import pandas as pd
+import pyarrow.fs
 import ray
 import ray.cloudpickle
 from ray.tune import ExperimentAnalysis, RunConfig, TuneConfig, Tuner
@@ -32,18 +36,27 @@ from ray.tune.schedulers import ASHAScheduler
 
 from lrra import tracking
 from lrra.cli import USER_ERRORS
-from lrra.config import PRESETS, ConfigError, parse_assignments, preset
-from lrra.data import load_split
+from lrra.config import PRESETS, ConfigError, LRRAConfig, parse_assignments, preset
 from lrra.preflight import DistributedSetupError, check_address, check_cluster_fits, check_storage, start_ray
 from lrra.runner import default_run_name
+from lrra.splits import evaluation_splits
 from lrra.teacher import load_teacher, obtain_teacher
-from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, load_plan, save_plan
+from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, filesystem, load_plan, save_plan
 from tune.report import ProgressLines, print_summary, say, write_parquet
 from tune.search_tracking import SearchTracker, tracked_search
-from tune.space import baseline_points, build_space, describe_space, parse_bounds, parse_point, read_space_file
+from tune.space import (
+    baseline_points,
+    build_space,
+    describe_space,
+    excluded_by_bounds,
+    parse_bounds,
+    parse_point,
+    read_space_file,
+)
 from tune.study import (
     ABANDONED,
     COMPLETED,
+    DIVERGED,
     EARLY_STOPPED,
     EPOCHS_DONE,
     ERROR,
@@ -51,6 +64,7 @@ from tune.study import (
     TIME_BUDGET,
     StudySearch,
     default_study_storage,
+    finished_results,
     load_study,
     open_storage,
     settle_unfinished,
@@ -161,13 +175,14 @@ def new_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
         overrides["data_dir"] = args.data_dir
     if args.teacher:
         overrides["teacher_path"] = args.teacher
-    cfg = preset(preset_name, **overrides)
+    cfg = absolute_paths(preset(preset_name, **overrides))
 
     budget = BUDGETS.get(preset_name, CLUSTER_BUDGET)
     bounds = read_space_file(args.space_file) if args.space_file else {}
     bounds.update(parse_bounds(args.bound))
     space = build_space(preset_name, bounds, fixed, cfg)
     points = baseline_points(space, cfg) + [parse_point(text, space, cfg) for text in args.point]
+    note_excluded_preset(space, cfg)
     num_samples = args.num_samples or smoke.get("num_samples", budget.num_samples)
     if len(points) > num_samples:
         say(f"note: --num-samples {num_samples} runs only the first {num_samples} of the {len(points)} points "
@@ -185,6 +200,26 @@ def new_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
         driver_cpus=args.driver_cpus, study_storage=args.study_storage or default_study_storage(storage_path),
         created=time.strftime("%Y-%m-%d %H:%M:%S"))
+
+
+def note_excluded_preset(space, cfg: LRRAConfig) -> None:
+    """One line when the bounds leave out the preset's own configuration, otherwise the first trial."""
+    excluded = excluded_by_bounds(space, cfg)
+    if excluded:
+        knobs = ", ".join(f"{name}={value} outside {space[name].describe()}" for name, value in excluded.items())
+        say(f"note: the bounds exclude the preset's own configuration ({knobs}): "
+            "its trial and its no-memory variant are not run")
+
+
+def absolute_paths(cfg: LRRAConfig) -> LRRAConfig:
+    """The config with its data and teacher paths resolved here, once, on the driver.
+
+    A trial's process runs in a Ray session folder that changes with every Ray start: a relative
+    path resolved there would differ between a search and its --resume, and MLflow refuses to
+    change a logged param of the run that the resumed trial continues.
+    """
+    teacher = str(Path(cfg.teacher_path).absolute()) if cfg.teacher_path else ""
+    return cfg.replace(data_dir=str(Path(cfg.data_dir).absolute()), teacher_path=teacher)
 
 
 def resumed_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
@@ -248,15 +283,19 @@ def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
                              callbacks=[ProgressLines(cfg.epochs, plan.num_samples)]))
 
 
-def unfinished_trials(experiment_path: str) -> set[str]:
-    """Tune trial ids that a --resume would continue, from Tune's last saved experiment state."""
-    return {t.trial_id for t in ExperimentAnalysis(experiment_path).trials
-            if t.status not in (Trial.TERMINATED, Trial.ERROR)}
+def tune_trials(experiment_path: str) -> dict[str, str]:
+    """Tune trial id -> status, from Tune's last saved experiment state."""
+    return {t.trial_id: t.status for t in ExperimentAnalysis(experiment_path).trials}
+
+
+def unfinished(trials: dict[str, str]) -> set[str]:
+    """The Tune trial ids of ``tune_trials`` that a --resume would continue."""
+    return {trial_id for trial_id, status in trials.items() if status not in (Trial.TERMINATED, Trial.ERROR)}
 
 
 # How each trial's MLflow run ends, by the study's stop reason. "running": a trial that --resume continues.
 RUN_STATUS = {COMPLETED: tracking.FINISHED, EARLY_STOPPED: tracking.FINISHED, TIME_BUDGET: tracking.KILLED,
-              ERROR: tracking.FAILED, ABANDONED: tracking.KILLED, "running": tracking.KILLED}
+              DIVERGED: tracking.FAILED, ERROR: tracking.FAILED, ABANDONED: tracking.KILLED, "running": tracking.KILLED}
 
 
 def trial_outcomes(rows: list[dict]) -> dict[str, tuple[str, str]]:
@@ -284,33 +323,54 @@ def cluster_tags() -> dict[str, str]:
             "lrra.cluster.cpus": f"{resources.get('CPU', 0):g}", "lrra.cluster.gpus": f"{resources.get('GPU', 0):g}"}
 
 
+def has_tune_state(experiment_path: str) -> bool:
+    """Whether Tune saved its experiment state (trials, searcher) there: Tune writes the tuner's own
+    file before it, so Tuner.can_restore alone says yes to a search killed in between."""
+    fs, path = filesystem(experiment_path)
+    files = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    return Tuner.can_restore(experiment_path) and any(
+        info.base_name.startswith("experiment_state-") for info in files)
+
+
+def resumed_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
+    """Tune's saved search, whose trials the study already finished only report their stored result.
+
+    Tune saves its state every ~10 s: after a killed driver, a trial it still calls unfinished may
+    be finished in the study (tune/study.py), and must not run again.
+    """
+    if not has_tune_state(plan.experiment_path):
+        # Killed before Tune saved anything: nothing ran to its end yet, so start over; the
+        # study keeps the trials already asked, and StudySearch takes them over.
+        say(f"note: {plan.experiment_path} holds no Tune state yet (the search stopped while starting); "
+            "starting it over with its saved settings")
+        return new_tuner(plan, setup, storage)
+    setup = dataclasses.replace(setup, finished=finished_results(load_study(plan.study_storage, plan.study_name)))
+    return Tuner.restore(plan.experiment_path, trainable=trainable(setup, plan.driver_cpus),
+                         resume_unfinished=True, resume_errored=False)
+
+
 def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, tracker: SearchTracker) -> int:
     study_args = (plan.study_storage, plan.study_name)
-    if resume:
-        # Optuna trials asked after Tune's last state save belong to no Tune trial: close them.
-        settle_unfinished(load_study(*study_args), unfinished_trials(plan.experiment_path), ABANDONED)
-        tuner = Tuner.restore(plan.experiment_path, trainable=trainable(setup, plan.driver_cpus),
-                              resume_unfinished=True, resume_errored=False)
-    else:
-        tuner = new_tuner(plan, setup, storage)
+    tuner = resumed_tuner(plan, setup, storage) if resume else new_tuner(plan, setup, storage)
 
     start = time.monotonic()
     tuner.fit()
     wall_s = time.monotonic() - start
 
     study = load_study(*study_args)
-    unfinished = unfinished_trials(plan.experiment_path)  # empty unless the search was interrupted
-    settle_unfinished(study, unfinished, TIME_BUDGET)
+    known = tune_trials(plan.experiment_path)
+    resumable = unfinished(known)  # empty unless the search was interrupted
+    settle_unfinished(study, resumable, set(known), TIME_BUDGET)
     rows = trial_rows(study, list(plan.space), plan.train_path)
     write_parquet(rows, plan.results_path)
     print_summary(rows, plan, wall_s)
     champion = tracker.finish(study, pd.DataFrame(rows), trial_outcomes(rows), plan.cfg,
-                              interrupted=bool(unfinished))
+                              interrupted=bool(resumable))
     if champion is not None:
         say(f"MLflow: registered {champion['name']} version {champion['version']}"
             + (" as the new champion" if champion["champion"] else "; the champion stays"))
-    if unfinished:
-        say(f"\ninterrupted with {len(unfinished)} trial(s) unfinished; continue with:\n"
+    if resumable:
+        say(f"\ninterrupted with {len(resumable)} trial(s) unfinished; continue with:\n"
             f"  python tune/search.py --resume {plan.name} --storage-path {plan.storage_path}")
         return EXIT_INTERRUPTED
     return 0
@@ -319,8 +379,16 @@ def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, track
 # ----------------------------------------------------------------------------------------
 
 
+def quiet_libraries() -> None:
+    """Optuna's and MLflow's INFO lines (a study created, tables set up) say nothing the progress
+    lines do not; their warnings and errors still show."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_libraries()
     resume = args.resume is not None
     try:
         if args.address:
@@ -336,10 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             load_teacher(cfg.teacher_path, cfg)  # a teacher that does not fit fails now, before anything is written
         storage = open_storage(plan.study_storage)
         teacher, teacher_meta, teacher_path = obtain_teacher(cfg, log=say)  # trains and caches one if needed
-        load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)  # fails early if unavailable
+        splits = evaluation_splits(cfg, teacher_meta)  # fails early if the data is unavailable
         plan.config["teacher_path"] = str(Path(teacher_path).absolute())  # a resume uses this very teacher
-        if resume and not Tuner.can_restore(plan.experiment_path):
-            raise ConfigError(f"--resume {plan.name}: {plan.experiment_path} holds no Tune state to resume")
         start_search_ray(args.address)
     except USER_ERRORS as err:
         say(f"error: {err}")
@@ -352,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
         say(f"search {plan.name}: {plan.num_samples} trial(s) of {cfg.epochs} epochs on {cfg.preset}, "
             f"{plan.max_concurrent_trials} at a time, {plan.workers_per_trial} worker(s) each; "
             f"time budget {f'{plan.time_budget_s / 60:g} min' if plan.time_budget_s else 'none'}; "
-            f"teacher {teacher_path} (acc {teacher_meta['test_accuracy']:.4f})\nknobs:\n{describe_space(plan.space)}")
+            f"teacher {teacher_path} (test acc {teacher_meta['test_accuracy']:.4f})\n{splits.describe()}; "
+            f"every choice reads validation\nknobs:\n{describe_space(plan.space)}")
         with tracked_search(tracking_uri, plan.experiment_path, search_params(plan, teacher_meta),
                             resume=resume, run_name=plan.name, tags=cluster_tags()) as tracker:
             setup = TrialSetup(config=plan.config, teacher_state=teacher.state_dict(), teacher_meta=teacher_meta,

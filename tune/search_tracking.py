@@ -20,6 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from lrra.config import LRRAConfig
 from lrra.tracking import (
+    FAILED,
     FINISHED,
     KILLED,
     RUNNING,
@@ -122,7 +123,8 @@ def end_trial_runs(client: MlflowClient, parent_run_id: str, outcomes: dict[str,
         status, reason = outcomes.get(run.data.tags.get(TAG_TRIAL_ID), (KILLED, None))
         if reason is not None:
             client.set_tag(run.info.run_id, TAG_STOP_REASON, reason)
-        if run.info.status == RUNNING:
+        # A trial that failed although its worker ended its run cleanly (a diverged one) ends FAILED.
+        if run.info.status == RUNNING or (status == FAILED and run.info.status != FAILED):
             client.set_terminated(run.info.run_id, status)
 
 

@@ -182,6 +182,11 @@ def _apply_bound(name: str, knob: Knob, spec: Any) -> Knob:
     return Knob(low, high, log=knob.log, integer=knob.integer)
 
 
+def excluded_by_bounds(space: Space, base: LRRAConfig) -> dict[str, Any]:
+    """The knobs whose base value lies outside their (bounded) range: knob -> base value."""
+    return {name: getattr(base, name) for name in space if not space[name].contains(getattr(base, name))}
+
+
 def preset_point(space: Space, base: LRRAConfig) -> dict[str, Any] | None:
     """The base configuration's value of every knob, or None when a bound excludes one of them."""
     point = {name: getattr(base, name) for name in space}

@@ -8,10 +8,17 @@ the state and why the trial ended (user attribute ``stop_reason``):
     COMPLETE  ran all its epochs                       stop_reason "completed"
     PRUNED    ASHA stopped it early                    "early-stopped"
     PRUNED    the time budget ended it                 "time budget"
+    FAIL      its loss went NaN/inf (intermediate       "diverged"
+              values kept: its best-so-far accuracy)
     FAIL      it raised, or it never ran               "error" / "abandoned"
 
 A pruned trial's value is its last accuracy (Optuna's rule), which TPE ranks below the trials
 that completed.
+
+The study, not Tune's saved state, is the truth about a trial: Tune saves its experiment state
+(its trials and this searcher) every ~10 s, so a driver killed between two saves leaves Tune
+believing in an older state. A resumed search therefore checks the stored state before writing
+anything, and takes over the trials asked after Tune's last save (see StudySearch).
 """
 
 from __future__ import annotations
@@ -22,20 +29,25 @@ from typing import Any
 import optuna
 from optuna.samplers import TPESampler
 from optuna.storages import RDBStorage
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from lrra.config import ConfigError
 from tune.space import Space
 
-METRIC = "eval/student_acc"
+METRIC = "val/student_acc"              # validation accuracy: ASHA, TPE and every choice read it
+TEST_METRIC = "test/best_student_acc"  # a completed trial's chosen student on the test split: reported only
+TEST_ACC = "test_acc"                  # user attribute holding it
 EPOCHS_DONE = "epochs_done"            # reported by tune/trial.py; ASHA's time attribute
 TUNE_TRIAL_ID = "tune_trial_id"        # user attribute: the Tune trial behind an Optuna trial
 STOP_REASON = "stop_reason"            # user attribute, see the module docstring
+EARLIER_TUNE_IDS = "earlier_tune_trial_ids"  # user attribute: Tune trials lost to a killed driver
+DIVERGED_KEY = "diverged"              # in a trial's final result when its loss went non-finite
 OPTUNA_NUMBER = "optuna_trial_number"  # added to each trial's config: joins Tune results and the study
+ALREADY_FINISHED = "already_finished"  # in a result re-reported by a trial the study already finished
 
-COMPLETED, EARLY_STOPPED, TIME_BUDGET, ERROR, ABANDONED = (
-    "completed", "early-stopped", "time budget", "error", "abandoned")
+COMPLETED, EARLY_STOPPED, TIME_BUDGET, DIVERGED, ERROR, ABANDONED = (
+    "completed", "early-stopped", "time budget", "diverged", "error", "abandoned")
 
 
 def default_study_storage(storage_path: str) -> str:
@@ -66,6 +78,11 @@ class StudySearch(OptunaSearch):
     are stored per epoch (not per Tune iteration, which restarts at 1 when a trial resumes);
     a trial stopped before its last epoch is PRUNED rather than COMPLETE; every trial records
     its Tune trial id and stop reason.
+
+    Idempotent against the storage, for a search resumed after its driver was killed: a trial
+    that the study already holds as finished is never written again, and a RUNNING trial that
+    Tune no longer knows (asked after Tune's last save) is handed to the next Tune trial
+    instead of asking Optuna for a new one, so the study keeps one trial per planned trial.
     """
 
     def __init__(self, space: Space, *, storage: RDBStorage, study_name: str, seed: int, epochs: int,
@@ -74,61 +91,132 @@ class StudySearch(OptunaSearch):
         # shorter random phase so that half of it is guided.
         sampler = TPESampler(seed=seed, multivariate=True, n_startup_trials=n_startup_trials)
         self._epochs = epochs
-        self._last_epoch: dict[str, int] = {}  # Tune trial id -> last epoch stored as an intermediate value
+        if stored_trials(storage, study_name):
+            # A search started over (its driver was killed before Tune saved any state): the
+            # points were enqueued by the first start; enqueueing them again would run them twice.
+            points_to_evaluate = None
         super().__init__(space={name: knob.distribution() for name, knob in space.items()}, metric=METRIC,
                          mode="max", points_to_evaluate=points_to_evaluate, sampler=sampler,
                          study_name=study_name, storage=storage)
 
     def suggest(self, trial_id: str) -> dict | None:
+        orphan = self._orphan()
+        if orphan is not None:
+            self._adopt(trial_id, orphan)
         config = super().suggest(trial_id)
         ot_trial = self._ot_trials[trial_id]
         ot_trial.set_user_attr(TUNE_TRIAL_ID, trial_id)
         return {**config, OPTUNA_NUMBER: ot_trial.number}
 
+    def _orphan(self) -> FrozenTrial | None:
+        """The oldest RUNNING trial of the study that belongs to no Tune trial this searcher knows."""
+        known = set(self._ot_trials)
+        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return next((t for t in running if t.user_attrs.get(TUNE_TRIAL_ID) not in known), None)
+
+    def _adopt(self, trial_id: str, orphan: FrozenTrial) -> None:
+        # Same params and Optuna number: the planned trial runs again under a new Tune trial id.
+        earlier = [*orphan.user_attrs.get(EARLIER_TUNE_IDS, []), orphan.user_attrs.get(TUNE_TRIAL_ID)]
+        self._storage.set_trial_user_attr(orphan._trial_id, EARLIER_TUNE_IDS, [i for i in earlier if i])
+        self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphan._trial_id)
+
+    def _live_trial(self, trial_id: str) -> FrozenTrial | None:
+        """The stored trial behind ``trial_id``, or None when it is finished (an earlier driver told
+        it): a finished trial must not be written again."""
+        if trial_id in self._completed_trials:
+            return None
+        stored = self._storage.get_trial(self._ot_trials[trial_id]._trial_id)
+        if stored.state.is_finished():
+            self._completed_trials.add(trial_id)
+            return None
+        return stored
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if result.get(DIVERGED_KEY) or METRIC not in result:
+            return  # a diverged trial's last result repeats its last good epoch
+        stored = self._live_trial(trial_id)
         epoch = int(result[EPOCHS_DONE])
-        if trial_id in self._completed_trials or epoch <= self._last_epoch.get(trial_id, 0):
+        # The stored values, not a counter: a restored searcher's counter may lag the study.
+        if stored is None or epoch in stored.intermediate_values:
             return
         self._ot_trials[trial_id].report(result[METRIC], step=epoch)
-        self._last_epoch[trial_id] = epoch
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if trial_id in self._completed_trials:
+        if self._live_trial(trial_id) is None:
             return
-        ot_trial = self._ot_trials[trial_id]
-        if error or not result or METRIC not in result:
-            reason, state, value = ERROR, TrialState.FAIL, None
-        elif int(result[EPOCHS_DONE]) < self._epochs:
-            # Tune calls this for a trial that ends before its last epoch only when the scheduler
-            # stops it; the time budget and Ctrl-C stop trials without it (see settle_unfinished).
-            reason, state, value = EARLY_STOPPED, TrialState.PRUNED, None
-        else:
-            reason, state, value = COMPLETED, TrialState.COMPLETE, result[METRIC]
+        reason, state, value = self.outcome(result, error)
         if state != TrialState.FAIL:
             # A result that makes the scheduler stop a trial reaches on_trial_complete only.
             self.on_trial_result(trial_id, result)
+        ot_trial = self._ot_trials[trial_id]
         ot_trial.set_user_attr(STOP_REASON, reason)
+        if state == TrialState.COMPLETE and result.get(TEST_METRIC) is not None:
+            ot_trial.set_user_attr(TEST_ACC, result[TEST_METRIC])
         self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
         self._completed_trials.add(trial_id)
 
+    def outcome(self, result: dict | None, error: bool) -> tuple[str, TrialState, float | None]:
+        """(stop reason, Optuna state, value) of a trial that ends with ``result``."""
+        if result and result.get(DIVERGED_KEY):
+            return DIVERGED, TrialState.FAIL, None
+        if error or not result or METRIC not in result:
+            return ERROR, TrialState.FAIL, None
+        if int(result[EPOCHS_DONE]) < self._epochs:
+            # Tune calls this for a trial that ends before its last epoch only when the scheduler
+            # stops it; the time budget and Ctrl-C stop trials without it (see settle_unfinished).
+            return EARLY_STOPPED, TrialState.PRUNED, None
+        return COMPLETED, TrialState.COMPLETE, result[METRIC]
 
-def settle_unfinished(study: optuna.Study, resumable: set[str], reason: str) -> int:
+
+def stored_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:
+    """The trials already stored for ``study_name`` (none when the study does not exist yet)."""
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return []
+    return storage.get_all_trials(study_id, deepcopy=False)
+
+
+def finished_results(study: optuna.Study) -> dict[str, dict[str, Any]]:
+    """Tune trial id -> the last result of each trial the study holds as finished.
+
+    A resumed search hands these to the trials that Tune's saved state still calls unfinished
+    (tune/trial.py): such a trial reports its stored result once instead of running again.
+    """
+    results = {}
+    for trial in study.get_trials(deepcopy=False):
+        tune_id = trial.user_attrs.get(TUNE_TRIAL_ID)
+        if tune_id is None or not trial.state.is_finished():
+            continue
+        values = trial.intermediate_values
+        result = {ALREADY_FINISHED: trial.user_attrs.get(STOP_REASON, trial.state.name.lower())}
+        if values:
+            last = max(values)
+            result.update({EPOCHS_DONE: last, "epoch": last - 1, METRIC: values[last],
+                           "val/best_student_acc": max(values.values()),
+                           TEST_METRIC: trial.user_attrs.get(TEST_ACC)})
+        results[tune_id] = result
+    return results
+
+
+def settle_unfinished(study: optuna.Study, resumable: set[str], known: set[str], reason: str) -> int:
     """Close the study's RUNNING trials that no Tune trial will continue; returns how many.
 
     Tune ends trials without telling the searcher in two cases: the time budget runs out (the
     trials become TERMINATED), and the driver is interrupted (they stay RUNNING in Tune's saved
-    state and resume with --resume). A trial asked from Optuna after Tune's last state save
-    (the driver killed) belongs to no Tune trial at all. ``resumable`` holds the Tune trial ids
-    that will continue; every other RUNNING trial is closed with ``reason``: PRUNED with its
-    last accuracy when it reported any, else FAIL.
+    state and resume with --resume). ``resumable`` holds the Tune trial ids that will continue;
+    every other RUNNING trial is closed: with ``reason`` when Tune knows its trial (``known``),
+    else as ABANDONED (asked after Tune's last state save by a killed driver, and not taken over
+    by a resumed one). PRUNED with its last accuracy when it reported any, else FAIL.
     """
     settled = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get(TUNE_TRIAL_ID) in resumable:
+        tune_id = trial.user_attrs.get(TUNE_TRIAL_ID)
+        if tune_id in resumable:
             continue
         ran = bool(trial.intermediate_values)
         # Optuna's public set_user_attr lives on a live Trial; this one belongs to no running code.
-        study._storage.set_trial_user_attr(trial._trial_id, STOP_REASON, reason)
+        study._storage.set_trial_user_attr(trial._trial_id, STOP_REASON, reason if tune_id in known else ABANDONED)
         study.tell(trial.number, state=TrialState.PRUNED if ran else TrialState.FAIL)
         settled += 1
     return settled
@@ -148,8 +236,9 @@ def trial_rows(study: optuna.Study, knobs: list[str], train_path: str) -> list[d
             "optuna_trial_number": trial.number,
             "tune_trial_id": tune_id,
             **{knob: trial.params.get(knob) for knob in knobs},
-            "final_student_acc": accs[-1] if accs else None,
-            "best_student_acc": max(accs) if accs else None,
+            "final_val_acc": accs[-1] if accs else None,
+            "best_val_acc": max(accs) if accs else None,
+            "test_acc": trial.user_attrs.get(TEST_ACC),  # completed trials: their chosen student's
             "epochs": max(trial.intermediate_values, default=0),
             "stop_reason": trial.user_attrs.get(STOP_REASON, "running" if trial.state == TrialState.RUNNING else None),
             "state": trial.state.name,

@@ -14,7 +14,7 @@ Where things happen, for whoever extends a trial:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray.tune
@@ -39,6 +39,9 @@ class TrialSetup:
     gpus_per_worker: float
     train_path: str                        # Ray Train storage for the trials' runs
     tracking: RunTarget | None = None      # the search's MLflow parent run; each trial logs a child run
+    # Tune trial id -> stored last result, for the trials the study already finished (a resumed
+    # search whose driver was killed before Tune saved their end): they must not run again.
+    finished: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 class EpochReport(TuneReportCallback):
@@ -60,6 +63,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     unfinished trial, Ray Train finds that run and continues it from its latest checkpoint.
     """
     trial_id = ray.tune.get_context().get_trial_id()
+    if trial_id in setup.finished:
+        ray.tune.report(setup.finished[trial_id])  # Tune then ends the trial with its real last result
+        return
     knobs = {name: value for name, value in config.items() if name != OPTUNA_NUMBER}
     cfg = LRRAConfig.from_dict({**setup.config, **knobs})
     tracking = setup.tracking.for_trial(trial_id, config.get(OPTUNA_NUMBER)) if setup.tracking else None

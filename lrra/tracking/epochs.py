@@ -19,7 +19,7 @@ from torch import nn
 
 from lrra.config import LRRAConfig
 from lrra.data import dataset_info
-from lrra.tracking.runs import end_run, tag_failure
+from lrra.tracking.runs import TAG_MODEL_URI, end_run, tag_failure
 from lrra.tracking.student import log_student_model
 from lrra.train import Distiller
 
@@ -53,6 +53,10 @@ class RunTracker:
                                         seed=self.cfg.seed)
             self.client.log_image(self.run_id, grid, artifact_file=image_artifact(epoch))
         self.logged_through = epoch
+
+    def has_logged_student(self) -> bool:
+        """True once the run holds its best student (a restarted, already finished run may)."""
+        return TAG_MODEL_URI in self.client.get_run(self.run_id).data.tags
 
     def log_student(self, model: nn.Module, student_meta: dict[str, Any]) -> str:
         """Log the best student as this run's MLflow model; returns its model URI."""

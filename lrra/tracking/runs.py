@@ -90,6 +90,14 @@ def open_trial_run(client: MlflowClient, parent_run_id: str, trial_id: str, *,
     """A trial's child run under ``parent_run_id`` (named after the trial), continued when it resumes."""
     experiment_id = client.get_run(parent_run_id).info.experiment_id
     tags = {TAG_KIND: "trial", MLFLOW_PARENT_RUN_ID: parent_run_id, TAG_TRIAL_ID: trial_id}
+    if optuna_trial_number is not None:
+        # An Optuna trial that a resumed search runs under a new Tune trial id (the first was lost
+        # with a killed driver) continues its own run: one run per Optuna trial.
+        same_optuna_trial = {TAG_KIND: "trial", MLFLOW_PARENT_RUN_ID: parent_run_id,
+                             TAG_OPTUNA_TRIAL: str(optuna_trial_number)}
+        earlier = find_run(client, experiment_id, same_optuna_trial)
+        if earlier is not None:
+            client.set_tag(earlier, TAG_TRIAL_ID, trial_id)
     run_id = open_run(client, experiment_id, tags, run_name=trial_id)
     if optuna_trial_number is not None:
         client.set_tag(run_id, TAG_OPTUNA_TRIAL, str(optuna_trial_number))
