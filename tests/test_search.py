@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
 
 from lrra import tracking  # noqa: E402
-from tune import search, space  # noqa: E402
+from tune import search, search_tracking, space  # noqa: E402
 from tune.study import STOP_REASON, TUNE_TRIAL_ID  # noqa: E402
 
 SEARCH = ROOT / "tune" / "search.py"
@@ -393,12 +393,12 @@ def test_a_diverged_trial_fails_with_its_best_accuracy_kept(new_searcher, tmp_pa
 
 def test_a_diverged_trial_run_ends_failed_although_its_worker_finished_it(tmp_path):
     client = tracking.connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    parent = tracking.open_search_run(client, "search-x", {})
+    parent = search_tracking.open_search_run(client, "search-x", {})
     child = tracking.open_trial_run(client, parent, "a", optuna_trial_number=0)
     client.set_terminated(child, tracking.FINISHED)  # the worker returned normally after the NaN
-    tracking.end_trial_runs(client, parent, {"a": (tracking.FAILED, "diverged")})
+    search_tracking.end_trial_runs(client, parent, {"a": (tracking.FAILED, "diverged")})
     run = client.get_run(child)
-    assert run.info.status == tracking.FAILED and run.data.tags[tracking.TAG_STOP_REASON] == "diverged"
+    assert run.info.status == tracking.FAILED and run.data.tags[search_tracking.TAG_STOP_REASON] == "diverged"
 
 
 # ----------------------------------------------------------------------------------------
