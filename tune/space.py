@@ -80,7 +80,7 @@ MNIST: Space = {
     "w_adv": log_range(0.1, 2.0),
 }
 
-# The authors' ResNet setup (design.md section 3): alpha 0.9, student SGD 0.1, generator Adam 0.02.
+# The authors' ResNet setup (docs/design.md §3): alpha 0.9, student SGD 0.1, generator Adam 0.02.
 REFERENCE: Space = {
     "meta_lr": log_range(0.1, 1.0),
     "memory_capacity": int_range(0, 20),
