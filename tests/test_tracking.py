@@ -26,6 +26,7 @@ import ray
 import torch
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.trial import TrialState
 
 from lrra import tracking
 from lrra.cli import main
@@ -38,6 +39,7 @@ sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed 
 
 from tune import search, search_tracking  # noqa: E402
 from tune.plan import load_plan  # noqa: E402
+from tune.study import TUNE_TRIAL_ID  # noqa: E402
 
 EPOCHS = 3
 # Tiny budget: these tests check what is logged, not how well the student learns.
@@ -554,9 +556,15 @@ def test_interrupted_and_resumed_search_keeps_one_run_per_trial_and_none_running
     code, stderr = interrupt_search(command, lambda: second_trial_is_midway(client, tmp_path / "resumed"),
                                     wait_s=600, stop_s=180)
     assert code == search.EXIT_INTERRUPTED, stderr[-3000:]
+    assert "--resume resumed" in stderr
     [parent], children = search_runs(client, tmp_path / "resumed")
     assert parent.info.status == "KILLED"
     assert "RUNNING" not in {r.info.status for r in children}
+    study = optuna.load_study(study_name="resumed", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    interrupted = study.trials[1]
+    assert interrupted.state == TrialState.RUNNING  # kept for the resumed search to continue
+    epochs_before = len(interrupted.intermediate_values)
+    assert epochs_before < epochs
 
     # No --tracking-uri: the search logs to the server it started with, not to $MLFLOW_TRACKING_URI.
     resumed = subprocess.run(search_command(tmp_path, digits_teacher[0], None, "--resume"),
@@ -569,6 +577,16 @@ def test_interrupted_and_resumed_search_keeps_one_run_per_trial_and_none_running
     assert {r.info.status for r in children} == {"FINISHED"}
     for run in children:
         assert epochs_logged(client, run) == list(range(epochs))  # each epoch once, though re-trained after resume
+
+    # Optuna: both trials complete, none RUNNING; the interrupted one kept its Tune trial and went on
+    # from its last checkpoint, not from scratch (its result.json after the resume starts later).
+    study = optuna.load_study(study_name="resumed", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    tune_id = interrupted.user_attrs[TUNE_TRIAL_ID]
+    assert study.trials[1].user_attrs[TUNE_TRIAL_ID] == tune_id
+    result_file = next((tmp_path / "resumed").glob(f"*{tune_id}*/result.json"))
+    resumed_epochs = [json.loads(line)["epochs_done"] for line in result_file.read_text().splitlines()]
+    assert resumed_epochs == list(range(resumed_epochs[0], epochs + 1)) and resumed_epochs[0] > epochs_before
 
 
 def test_search_with_an_unreachable_tracking_server_starts_nothing(tmp_path, capsys):
