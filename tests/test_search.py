@@ -137,7 +137,7 @@ def test_the_time_budget_cuts_the_running_trial_and_the_records_say_so(tmp_path,
     assert parent.info.status == tracking.FINISHED
     assert sorted(run.data.tags[tracking.TAG_TRIAL_ID] for run in children) == sorted(r["tune_trial_id"] for r in rows)
     assert all(run.info.status == tracking.KILLED for run in children)
-    assert all(run.data.tags[tracking.TAG_STOP_REASON] == "time budget" for run in children)
+    assert all(run.data.tags[search_tracking.TAG_STOP_REASON] == "time budget" for run in children)
 
 
 # ----------------------------------------------------------------------------------------
