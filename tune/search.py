@@ -37,6 +37,7 @@ from lrra.data import load_split
 from lrra.preflight import DistributedSetupError, check_address, check_cluster_fits, check_storage, start_ray
 from lrra.runner import default_run_name
 from lrra.teacher import load_teacher, obtain_teacher
+from tune import cluster
 from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, load_plan, save_plan
 from tune.report import ProgressLines, print_summary, say, write_parquet
 from tune.space import baseline_points, build_space, describe_space, parse_bounds, parse_point, read_space_file
@@ -203,10 +204,11 @@ def resumed_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
 # Ray side.
 
 
-def start_search_ray(address: str | None) -> None:
+def start_search_ray(target: cluster.RayTarget) -> None:
     # Ray's dashboard stays on: Ray Train frees a stopped trial's workers through the state API it
     # serves. Workers' logs stay in Ray's session folder: the driver prints one line per trial event.
-    start_ray(address, logging_level="WARNING", log_to_driver=False)
+    start_ray(target.address, logging_level="WARNING", log_to_driver=False)
+    say(cluster.describe(target, ray.nodes(), ray.cluster_resources()))
     # Trial functions are pickled by value: a cluster's nodes have the lrra package, not this folder.
     ray.cloudpickle.register_pickle_by_value(sys.modules["tune"])
 
@@ -217,7 +219,7 @@ def fit_resources(plan: SearchPlan) -> SearchPlan:
         plan.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     check_cluster_fits(plan.workers_per_trial, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
     free = ray.available_resources()
-    need = {k: v for k, v in plan.trial_resources().items() if v > 0}
+    need = {k: v for k, v in plan.trial_resources().items() if v > 0} | cluster.driver_resources(free)
     plan.max_concurrent_trials = min(int(free.get(k, 0) // v) for k, v in need.items())
     if plan.max_concurrent_trials < 1:
         have = {k: free.get(k, 0) for k in need}
@@ -322,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     resume = args.resume is not None
     try:
+        target = cluster.prepare(args, argv, build_parser, say)  # which Ray; a cluster's settings as defaults
         if args.address:
             check_address(args.address)  # seconds, not ray.init's minutes of retries
         storage_path = check_storage(args.storage_path)
@@ -339,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         plan.config["teacher_path"] = str(Path(teacher_path).absolute())  # a resume uses this very teacher
         if resume and not Tuner.can_restore(plan.experiment_path):
             raise ConfigError(f"--resume {plan.name}: {plan.experiment_path} holds no Tune state to resume")
-        start_search_ray(args.address)
+        start_search_ray(target)
     except USER_ERRORS as err:
         say(f"error: {err}")
         return 2

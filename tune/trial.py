@@ -24,6 +24,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from lrra.config import LRRAConfig
 from lrra.distributed import build_trainer
 from lrra.tracking import RunTarget
+from tune.cluster import driver_resources
 from tune.study import EPOCHS_DONE, OPTUNA_NUMBER
 
 
@@ -80,6 +81,9 @@ def trainable(setup: TrialSetup, driver_cpus: float):
 
     Only the trial's process is declared here (by default 1 CPU, Ray Tune's own default, which
     also keeps the driver, Ray's daemons and the trainer's controller off the workers' cores on a
-    small machine); the Ray Train workers reserve theirs when the trainer starts.
+    small machine); the Ray Train workers reserve theirs when the trainer starts. On a cluster whose
+    head advertises tune/cluster.py's DRIVER_RESOURCE, the trial's process also takes one unit of it,
+    so it runs on the head (its Ray Train controller follows it there).
     """
-    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), {"CPU": driver_cpus})
+    resources = {"CPU": driver_cpus, **driver_resources(ray.cluster_resources())}
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), resources)
