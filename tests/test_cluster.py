@@ -8,6 +8,7 @@ temp dir, a smoke search with RAY_ADDRESS and no --address, which must run its t
 import argparse
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -158,16 +159,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def token_env(folder: Path) -> dict[str, str]:
+    """Ray's token authentication with a token of this test's own (not the machine's ~/.ray/auth_token)."""
+    token = folder / "ray-token"
+    if not token.exists():
+        token.write_text(secrets.token_hex(32))
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+
 @pytest.fixture
 def ray_head(tmp_path):
-    """(address, temp dir) of a real `ray start --head` with a private temp dir; stopped afterwards.
+    """(address, temp dir) of a real `ray start --head` with a private temp dir and its own auth
+    token (token_env(tmp_path)); stopped afterwards.
 
     Started in its own process group and stopped by killing that group only: other Ray
     instances on this machine are left alone.
     """
     temp_dir = Path("/tmp") / f"lrra-head-{os.getpid()}"  # Ray's socket paths must stay short
     port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = {**os.environ, "RAY_ADDRESS": "", **token_env(tmp_path)}
     head_process = subprocess.Popen(
         [str(RAY), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          f"--temp-dir={temp_dir}", "--num-cpus=2", "--resources", json.dumps({cluster.DRIVER_RESOURCE: 8}),
@@ -195,11 +205,18 @@ def test_a_search_joins_the_cluster_named_by_ray_address(ray_head, tmp_path, dig
     address, _ = ray_head
     storage = tmp_path / "runs"
     env = {**os.environ, "RAY_ADDRESS": address, cluster.SETTINGS_ENV: str(tmp_path / "no-settings.json")}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tune" / "search.py"), "--smoke-test", "--teacher", str(digits_teacher[0]),
-         "--storage-path", str(storage), "--data-dir", str(tmp_path / "data"), "--name", "joined",
-         "--num-samples", "2"],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    command = [sys.executable, str(ROOT / "tune" / "search.py"), "--smoke-test", "--teacher", str(digits_teacher[0]),
+               "--storage-path", str(storage), "--data-dir", str(tmp_path / "data"), "--name", "joined",
+               "--num-samples", "2"]
+    # Without the token mode the head refuses the search: one line says what to set.
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                             env={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")})
+    assert refused.returncode == 2
+    assert f"RAY_ADDRESS {address}: cannot join that Ray cluster" in refused.stderr
+    assert "set RAY_AUTH_MODE=token" in refused.stderr and "Traceback" not in refused.stderr
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**env, **token_env(tmp_path)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"ray: joined the cluster at {address} (found via RAY_ADDRESS) with 1 node(s), 2 CPU(s)" in done.stderr
     # The trials ran in that cluster's Ray session, under its private temp dir.
@@ -209,3 +226,32 @@ def test_a_search_joins_the_cluster_named_by_ray_address(ray_head, tmp_path, dig
     assert len(rows) == 2 and all(row["stop_reason"] in ("completed", "early-stopped") for row in rows)
     sessions = list((Path(ray_head[1]) / "session_latest" / "logs").glob("worker-*"))
     assert sessions, "no worker logs in the joined cluster's session: the search ran elsewhere"
+
+
+# ----------------------------------------------------------------------------------------
+# An autoscaling cluster: sized to what it can grow to (cluster.yaml starts with no GPU node).
+
+
+def test_capacity_of_cluster_yaml():
+    capacity = cluster.read_capacity(ROOT / "cluster.yaml")
+    assert capacity.node_types["gpu_1"] == {"CPU": 8, "GPU": 1}
+    assert capacity.total["GPU"] == 8 * 1 + 2 * 4 and capacity.total[cluster.DRIVER_RESOURCE] == 64
+
+
+def test_an_autoscaling_cluster_with_no_gpu_node_yet_gets_gpu_trials(tmp_path):
+    capacity = cluster.read_capacity(ROOT / "cluster.yaml")
+    plan = search.new_plan(search.build_parser().parse_args(["--preset", "digits"]), str(tmp_path))
+    plan = search.fit_resources(plan, capacity)  # no Ray: the capacity alone decides
+    assert plan.gpus_per_worker == 1.0
+    assert plan.max_concurrent_trials == 16  # one trial per GPU the cluster can grow to
+
+    too_big = search.new_plan(search.build_parser().parse_args(["--preset", "digits", "--gpus-per-worker", "8"]),
+                              str(tmp_path))
+    with pytest.raises(ConfigError, match=r"one worker needs \{'CPU': 1.0, 'GPU': 8.0\} but no node type"):
+        search.fit_resources(too_big, capacity)
+
+
+def test_a_bad_autoscaling_config_is_named(tmp_path):
+    (tmp_path / "bad.yaml").write_text("available_node_types: {}\n")
+    with pytest.raises(ConfigError, match=r"autoscaling_config .*bad.yaml cannot be read"):
+        cluster.read_capacity(tmp_path / "bad.yaml")

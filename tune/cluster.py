@@ -32,7 +32,9 @@ DEFAULT_SETTINGS_FILE = "~/.lrra/cluster.json"
 # Setting -> the flag it is the default of. "mlflow" is the head's own section (tune/head.py).
 SETTING_FLAGS = {"preset": "--preset", "storage_path": "--storage-path", "tracking_uri": "--tracking-uri",
                  "study_storage": "--study-storage"}
-HEAD_ONLY_KEYS = {"mlflow"}
+# Not a flag's default: the autoscaler's config on the head (how far the cluster can grow).
+AUTOSCALING_KEY = "autoscaling_config"
+HEAD_ONLY_KEYS = {"mlflow", AUTOSCALING_KEY}
 # Settings a resumed search ignores: it keeps what it started with (tune/search.py resumed_plan).
 SHAPING = {"preset", "study_storage"}
 CONNECT_TIMEOUT_S = 2.0
@@ -40,9 +42,18 @@ _UNSET = object()
 
 
 @dataclass(frozen=True)
+class Capacity:
+    """How far an autoscaling cluster can grow, from its autoscaler config (node types' declared resources)."""
+
+    node_types: dict[str, dict[str, float]]  # what one node of each type offers
+    total: dict[str, float]                  # every type at its max_workers (the head once)
+
+
+@dataclass(frozen=True)
 class RayTarget:
     address: str | None  # None: start a private local Ray
     source: str          # "--address", "RAY_ADDRESS", the ray_current_cluster file, or "local"
+    capacity: Capacity | None = None  # set on an autoscaling cluster whose settings name its config
 
     @property
     def is_cluster(self) -> bool:
@@ -98,10 +109,10 @@ def read_settings(path: Path) -> dict[str, str]:
     if unknown:
         raise ConfigError(f"cluster settings {path}: unknown key(s) {sorted(unknown)}; "
                           f"allowed: {sorted(SETTING_FLAGS) + sorted(HEAD_ONLY_KEYS)}")
-    for key in SETTING_FLAGS:
+    for key in [*SETTING_FLAGS, AUTOSCALING_KEY]:
         if key in values and not (isinstance(values[key], str) and values[key]):
             raise ConfigError(f"cluster settings {path}: '{key}' must be a non-empty string, got {values[key]!r}")
-    return {key: values[key] for key in SETTING_FLAGS if key in values}
+    return {key: values[key] for key in [*SETTING_FLAGS, AUTOSCALING_KEY] if key in values}
 
 
 def given_options(build_parser: Callable[[], argparse.ArgumentParser], argv: list[str] | None) -> set[str]:
@@ -127,7 +138,7 @@ def apply_settings(args: argparse.Namespace, settings: dict[str, str], given: se
         skip.add("preset")
     if environ.get("MLFLOW_TRACKING_URI"):
         skip.add("tracking_uri")
-    used = {key: value for key, value in settings.items() if key not in skip}
+    used = {key: value for key, value in settings.items() if key in SETTING_FLAGS and key not in skip}
     for key, value in used.items():
         setattr(args, key, value)
     return used
@@ -152,11 +163,31 @@ def prepare(args: argparse.Namespace, argv: list[str] | None,
                           "or unset RAY_ADDRESS to run on a private local Ray")
     if target.is_cluster:
         path = settings_path()
-        used = apply_settings(args, read_settings(path), given_options(build_parser, argv))
+        settings = read_settings(path)
+        used = apply_settings(args, settings, given_options(build_parser, argv))
         if used:
             log(f"cluster settings from {path}: "
                 + ", ".join(f"{SETTING_FLAGS[key]} {value}" for key, value in used.items()))
+        if AUTOSCALING_KEY in settings:
+            target = RayTarget(target.address, target.source, read_capacity(Path(settings[AUTOSCALING_KEY])))
+    if target.is_cluster and target.source not in ("--address", "RAY_ADDRESS"):
+        # What ray.init(address="auto") does for a cluster it finds on this node: use the node's Ray
+        # token if there is one. An address given explicitly never gets the token unasked (Ray's
+        # rule: it could be anyone's server); RAY_AUTH_MODE=token asks for it.
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
     return target
+
+
+def join_failure(target: RayTarget, error: Exception) -> str:
+    """Why the search could not join ``target``, and what to check (Ray retries for a while, then says little)."""
+    hint = ("" if os.environ.get("RAY_AUTH_MODE") == "token" else
+            "; if the cluster uses Ray's token authentication, set RAY_AUTH_MODE=token and give this node its "
+            "token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token)")
+    return f"{target.source} {target.address}: cannot join that Ray cluster ({error}){hint}"
 
 
 # A custom resource that only the head advertises (cluster.yaml, or `ray start --head --resources`):
@@ -167,3 +198,41 @@ DRIVER_RESOURCE = "lrra_driver"
 
 def driver_resources(cluster_resources: Mapping[str, float]) -> dict[str, float]:
     return {DRIVER_RESOURCE: 1.0} if cluster_resources.get(DRIVER_RESOURCE, 0) >= 1 else {}
+
+
+def read_capacity(path: Path) -> Capacity:
+    """The node types and the largest cluster that an autoscaler config (cluster.yaml's form) allows."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.expanduser().read_text())
+        types, head = config["available_node_types"], config["head_node_type"]
+        node_types = {name: dict(spec["resources"]) for name, spec in types.items()}
+        counts = {name: 1 if name == head else int(spec.get("max_workers", 0)) for name, spec in types.items()}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"cluster settings: autoscaling_config {path} cannot be read as a Ray cluster config "
+                          f"with available_node_types, head_node_type and each type's resources ({err!r})") from None
+    total: dict[str, float] = {}
+    for name, offer in node_types.items():
+        for key, value in offer.items():
+            total[key] = total.get(key, 0) + value * counts[name]
+    return Capacity(node_types, total)
+
+
+def fit_to_capacity(plan, capacity: Capacity, worker: dict[str, float]):
+    """fit_resources for an autoscaling cluster: sized to what it can grow to, not to what runs now.
+
+    Trials beyond the nodes running now wait PENDING, and their demand is what makes the
+    autoscaler add nodes. ``worker`` is one Ray Train worker's resources (GPU default resolved).
+    """
+    from lrra.preflight import DistributedSetupError
+
+    if not any(all(offer.get(k, 0) >= v for k, v in worker.items()) for offer in capacity.node_types.values()):
+        raise DistributedSetupError(f"--workers-per-trial {plan.workers_per_trial}: one worker needs {worker} but "
+                                    f"no node type of the cluster offers that ({capacity.node_types})")
+    need = {k: v for k, v in plan.trial_resources().items() if v > 0} | driver_resources(capacity.total)
+    plan.max_concurrent_trials = min(int(capacity.total.get(k, 0) // v) for k, v in need.items())
+    if plan.max_concurrent_trials < 1:
+        raise DistributedSetupError(f"one trial needs {need} but the cluster grows to at most {capacity.total}; "
+                                    "lower --workers-per-trial/--driver-cpus or raise the node types' max_workers")
+    return plan

@@ -39,7 +39,8 @@ def private_address() -> str:
     return get_node_ip_address()
 
 
-def head_settings(storage_path: str, preset: str | None, host: str, port: int, state_dir: Path) -> dict:
+def head_settings(storage_path: str, preset: str | None, host: str, port: int, state_dir: Path,
+                  autoscaling_config: str | None = None) -> dict:
     settings = {
         "storage_path": storage_path.rstrip("/"),
         "tracking_uri": f"http://{host}:{port}",
@@ -49,13 +50,16 @@ def head_settings(storage_path: str, preset: str | None, host: str, port: int, s
     }
     if preset:
         settings["preset"] = preset
+    if autoscaling_config:
+        settings["autoscaling_config"] = str(Path(autoscaling_config).expanduser().absolute())
     return settings
 
 
 def write_settings(args: argparse.Namespace) -> Path:
     path = settings_path()
     state_dir = path.parent.absolute()
-    settings = head_settings(args.storage_path, args.preset, args.host or private_address(), args.port, state_dir)
+    settings = head_settings(args.storage_path, args.preset, args.host or private_address(), args.port, state_dir,
+                             args.autoscaling_config)
     state_dir.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".json.tmp")
     partial.write_text(json.dumps(settings, indent=2) + "\n")
@@ -112,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
                                "state, MLflow artifacts)")
     settings.add_argument("--preset", choices=sorted(PRESETS), help="the search's default preset on this cluster")
     settings.add_argument("--host", help="address the MLflow server listens on (default: this node's private one)")
+    settings.add_argument("--autoscaling-config", metavar="YAML",
+                          help="the autoscaler's config (`ray up` leaves it at ~/ray_bootstrap_config.yaml): the "
+                               "search sizes itself to what the cluster can grow to, not to the nodes running now")
     settings.add_argument("--port", type=int, default=MLFLOW_PORT, help=f"MLflow port (default: {MLFLOW_PORT})")
     settings.set_defaults(run=write_settings)
     commands.add_parser("mlflow", help="(re)start the MLflow tracking server").set_defaults(run=start_mlflow)

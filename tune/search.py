@@ -207,16 +207,23 @@ def resumed_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
 def start_search_ray(target: cluster.RayTarget) -> None:
     # Ray's dashboard stays on: Ray Train frees a stopped trial's workers through the state API it
     # serves. Workers' logs stay in Ray's session folder: the driver prints one line per trial event.
-    start_ray(target.address, logging_level="WARNING", log_to_driver=False)
+    try:
+        start_ray(target.address, logging_level="WARNING", log_to_driver=False)
+    except DistributedSetupError as err:
+        raise DistributedSetupError(cluster.join_failure(target, err.__context__ or err)) from None
     say(cluster.describe(target, ray.nodes(), ray.cluster_resources()))
     # Trial functions are pickled by value: a cluster's nodes have the lrra package, not this folder.
     ray.cloudpickle.register_pickle_by_value(sys.modules["tune"])
 
 
-def fit_resources(plan: SearchPlan) -> SearchPlan:
-    """Resolve the GPU default and derive how many trials run at once from the free resources."""
+def fit_resources(plan: SearchPlan, capacity: cluster.Capacity | None = None) -> SearchPlan:
+    """Resolve the GPU default and derive how many trials run at once from the free resources
+    (on an autoscaling cluster: from what it can grow to, tune/cluster.py)."""
     if plan.gpus_per_worker is None:
-        plan.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus = (capacity.total if capacity else ray.cluster_resources()).get("GPU", 0)
+        plan.gpus_per_worker = 1.0 if gpus > 0 else 0.0
+    if capacity is not None:
+        return cluster.fit_to_capacity(plan, capacity, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
     check_cluster_fits(plan.workers_per_trial, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
     free = ray.available_resources()
     need = {k: v for k, v in plan.trial_resources().items() if v > 0} | cluster.driver_resources(free)
@@ -349,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if not resume:
-            plan = fit_resources(plan)
+            plan = fit_resources(plan, target.capacity)
             save_plan(plan)
         say(f"search {plan.name}: {plan.num_samples} trial(s) of {cfg.epochs} epochs on {cfg.preset}, "
             f"{plan.max_concurrent_trials} at a time, {plan.workers_per_trial} worker(s) each; "
