@@ -102,7 +102,7 @@ def checkpoint_bytes() -> dict[str, float]:
     cfg = preset("cifar100", device="cpu")
     teacher = build_classifier(cfg.teacher_arch, cfg.num_classes, cfg.channels)
     distiller = Distiller(cfg, teacher, None, device=torch.device("cpu"))
-    for push in range(cfg.memory_capacity):  # a full memory, as after 50 epochs
+    for _ in range(cfg.memory_capacity):  # a full memory, as after 50 epochs
         distiller.memory.push(torch.zeros(cfg.memory_push_size, cfg.channels, cfg.image_size, cfg.image_size))
     shared, own = io.BytesIO(), io.BytesIO()
     torch.save(distiller.state_dict(), shared)

@@ -53,6 +53,8 @@ class NetnsCluster:
     root: Path
     resources: list[dict[str, float]]
     tag: str = field(default_factory=lambda: str(os.getpid()))
+    head_args: list[str] = field(default_factory=list)  # e.g. --autoscaling-config=...
+    env: dict[str, str] = field(default_factory=dict)   # for every node, e.g. RAY_FAKE_CLUSTER=1
     nodes: list[Node] = field(default_factory=list)
 
     @property
@@ -116,11 +118,12 @@ class NetnsCluster:
         if resources:
             command += ["--resources", json.dumps(resources)]
         if index == 0:
-            command += ["--head", f"--port={HEAD_PORT}", "--include-dashboard=true", f"--dashboard-host={node.ip}"]
+            command += ["--head", f"--port={HEAD_PORT}", "--include-dashboard=true", f"--dashboard-host={node.ip}",
+                        *self.head_args]
         else:
             command += [f"--address={self.address}"]
         log = open(self.root / f"n{index}.log", "wb")  # noqa: SIM115 - lives as long as the node
-        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **self.auth_env}
+        env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **self.auth_env, **self.env}
         node.process = subprocess.Popen(self.exec_in(index, command), stdout=log, stderr=subprocess.STDOUT,
                                         env=env, start_new_session=True)
         if index == 0:
