@@ -97,3 +97,68 @@ def test_a_smoke_search_spreads_over_the_nodes(layout, tmp_path, digits_teacher)
             assert head_ip not in placement.values()  # the head's CPUs went to the drivers
         print(f"\n{layout}: smoke search {wall_s:.1f} s; rank-0 placement {placement}")
     assert cluster.stopped()
+
+
+def test_a_trial_whose_node_is_lost_continues_on_another_node(tmp_path, digits_teacher):
+    """Kill every process of the node that runs a trial's rank 0, mid-trial: the trial's worker group
+    restarts from its last checkpoint on the other node, and every epoch is reported exactly once."""
+    import json
+
+    import optuna
+
+    root = Path("/tmp") / f"lrra-mn-{os.getpid()}-lost"
+    root.mkdir()
+    storage, settings = tmp_path / "storage", tmp_path / "lrra" / "cluster.json"
+    env = {**cluster_env(settings), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    epochs = 6
+    with NetnsCluster(root, [{"CPU": 1, DRIVER_RESOURCE: 8}, {"CPU": 1}, {"CPU": 1}]) as cluster:
+        done = run_on_head(cluster, [sys.executable, str(ROOT / "tune" / "head.py"), "settings",
+                                     "--storage-path", str(storage)], env, 120)
+        assert done.returncode == 0, done.stderr
+        search = subprocess.Popen(cluster.exec_in(0, [
+            sys.executable, str(ROOT / "tune" / "search.py"), "--smoke-test", "--teacher", str(digits_teacher[0]),
+            "--data-dir", str(tmp_path / "data"), "--name", "lost", "--num-samples", "1", "--epochs", str(epochs),
+            "--set", "iters_per_epoch=60"]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            env={**env, "RAY_ADDRESS": cluster.address, **cluster.auth_env})
+        try:
+            client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+            study_url = f"sqlite:///{settings.parent / 'optuna.db'}"
+            deadline = time.monotonic() + 600
+            while True:  # two epochs reported (so checkpointed), and rank 0's node known
+                assert search.poll() is None, search.communicate()[1][-4000:]
+                assert time.monotonic() < deadline, "the trial never reached its second epoch"
+                try:
+                    trial = optuna.load_study(study_name="lost", storage=study_url).trials[0]
+                    runs = client.search_runs([client.get_experiment_by_name(SEARCH_EXPERIMENT).experiment_id],
+                                              f"tags.`{TAG_KIND}` = 'trial'")
+                except (KeyError, IndexError, AttributeError):
+                    runs, trial = [], None
+                if trial is not None and len(trial.intermediate_values) >= 2 and runs \
+                        and NODE_IP_TAG in runs[0].data.tags:
+                    break
+                time.sleep(0.5)
+            lost_ip = runs[0].data.tags[NODE_IP_TAG]
+            lost = next(i for i, node in enumerate(cluster.nodes) if node.ip == lost_ip)
+            assert lost != 0
+            cluster.kill_node(lost)
+            _, stderr = search.communicate(timeout=900)
+        finally:
+            if search.poll() is None:
+                search.kill()
+        assert search.returncode == 0, stderr[-4000:]
+
+        row = pq.read_table(storage / "lost" / "results.parquet").to_pylist()[0]
+        assert row["stop_reason"] == "completed" and row["epochs"] == epochs
+        run = client.get_run(runs[0].info.run_id)
+        history = run.data.tags[NODE_HISTORY_TAG].split(",")
+        assert history[0] == lost_ip and len(history) == 2 and history[1] != lost_ip, history
+        assert run.info.status == "FINISHED"
+        # Every epoch exactly once: in Tune's results and in MLflow.
+        result_file = next((storage / "lost").glob(f"*{row['tune_trial_id']}*/result.json"))
+        reported = [json.loads(line)["epochs_done"] for line in result_file.read_text().splitlines()]
+        assert reported == list(range(1, epochs + 1)), reported
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "eval/student_acc")]
+        assert sorted(steps) == list(range(epochs)), steps
+        print(f"\nnode lost: rank 0 moved {history[0]} -> {history[1]}; epochs reported {reported}")
+    assert cluster.stopped()

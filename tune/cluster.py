@@ -236,3 +236,13 @@ def fit_to_capacity(plan, capacity: Capacity, worker: dict[str, float]):
         raise DistributedSetupError(f"one trial needs {need} but the cluster grows to at most {capacity.total}; "
                                     "lower --workers-per-trial/--driver-cpus or raise the node types' max_workers")
     return plan
+
+
+# On a cluster, a worker node can go away under a trial (the autoscaler, a spot reclaim, a crash):
+# Ray Train then restarts the trial's worker group from its last checkpoint, on whatever node has
+# room, this many times. A private local Ray has no node to lose; a failure there is a bug, shown at once.
+CLUSTER_TRIAL_MAX_FAILURES = 2
+
+
+def trial_max_failures(target: RayTarget) -> int:
+    return CLUSTER_TRIAL_MAX_FAILURES if target.is_cluster else 0

@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             setup = TrialSetup(config=plan.config, teacher_state=teacher.state_dict(), teacher_meta=teacher_meta,
                                workers=plan.workers_per_trial, cpus_per_worker=plan.cpus_per_worker,
                                gpus_per_worker=plan.gpus_per_worker, train_path=plan.train_path,
-                               tracking=tracker.trial_target)
+                               tracking=tracker.trial_target, max_failures=cluster.trial_max_failures(target))
             return run_search(plan, setup, storage, resume, tracker)
     except USER_ERRORS as err:
         say(f"error: {err}")

@@ -40,6 +40,7 @@ class TrialSetup:
     gpus_per_worker: float
     train_path: str                        # Ray Train storage for the trials' runs
     tracking: RunTarget | None = None      # the search's MLflow parent run; each trial logs a child run
+    max_failures: int = 0                  # worker-group restarts from the last checkpoint (a lost node)
 
 
 class EpochReport(TuneReportCallback):
@@ -68,7 +69,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         cfg, setup.teacher_state, setup.teacher_meta, workers=setup.workers,
         use_gpu=setup.gpus_per_worker > 0,
         resources_per_worker=worker_resources(setup.cpus_per_worker, setup.gpus_per_worker),
-        storage_path=setup.train_path, name=trial_id, callbacks=[EpochReport()], tracking=tracking)
+        storage_path=setup.train_path, name=trial_id, max_failures=setup.max_failures, callbacks=[EpochReport()],
+        tracking=tracking)
     trainer.fit()
 
 
