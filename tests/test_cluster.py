@@ -133,8 +133,11 @@ def test_head_writes_the_settings_the_search_reads(tmp_path, monkeypatch):
     assert cluster.read_settings(cluster.settings_path()) == {
         "preset": "cifar100", "storage_path": "s3://bucket/lrra", "tracking_uri": "http://10.1.2.3:5000",
         "study_storage": f"sqlite:///{tmp_path / 'lrra' / 'optuna.db'}"}
+    head.main(["settings", "--storage-path", "/shared/lrra", "--host", "10.1.2.3",
+               "--autoscaling-config", str(ROOT / "cluster.yaml")])
+    assert cluster.read_settings(cluster.settings_path())["autoscaling_config"] == str(ROOT / "cluster.yaml")
     mlflow = json.loads(cluster.settings_path().read_text())["mlflow"]
-    assert mlflow["artifacts_destination"] == "s3://bucket/lrra/mlflow-artifacts"
+    assert mlflow["artifacts_destination"] == "/shared/lrra/mlflow-artifacts"
     assert mlflow["backend_store_uri"] == f"sqlite:///{tmp_path / 'lrra' / 'mlflow.db'}"
 
 
@@ -255,3 +258,17 @@ def test_a_bad_autoscaling_config_is_named(tmp_path):
     (tmp_path / "bad.yaml").write_text("available_node_types: {}\n")
     with pytest.raises(ConfigError, match=r"autoscaling_config .*bad.yaml cannot be read"):
         cluster.read_capacity(tmp_path / "bad.yaml")
+
+
+def test_on_a_cluster_whose_settings_name_its_autoscaler_config_the_search_knows_its_capacity(tmp_path, monkeypatch):
+    path = settings_file(tmp_path, autoscaling_config=str(ROOT / "cluster.yaml"))
+    monkeypatch.setenv(cluster.SETTINGS_ENV, str(path))
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
+    monkeypatch.setattr(cluster, "answers", lambda address: True)  # no cluster needed to decide
+    args = search.build_parser().parse_args([])
+    target = cluster.prepare(args, [], search.build_parser, lambda _: None)
+    assert target.address == "10.0.0.9:6379" and target.capacity.total["GPU"] == 16
+    assert cluster.trial_max_failures(target) == cluster.CLUSTER_TRIAL_MAX_FAILURES
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    local = cluster.prepare(args, [], search.build_parser, lambda _: None)
+    assert local.capacity is None and cluster.trial_max_failures(local) == 0

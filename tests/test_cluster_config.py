@@ -115,3 +115,8 @@ def test_the_head_commands_write_settings_that_tune_head_accepts():
     assert storage.startswith("s3://")
     assert any("tune/head.py mlflow" in c for c in config["head_start_ray_commands"])
     assert any("--autoscaling-config=~/ray_bootstrap_config.yaml" in c for c in config["head_start_ray_commands"])
+
+
+def test_the_fake_autoscaling_config_of_the_tests_passes_rays_monitor_checks():
+    """Ray's monitor validates tests/fake_autoscaling.yaml as it stands (no defaults are merged)."""
+    validate_config(yaml.safe_load((ROOT / "tests" / "fake_autoscaling.yaml").read_text()))
