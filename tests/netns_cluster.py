@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,6 +91,7 @@ class NetnsCluster:
 
     def __exit__(self, *_) -> None:
         self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)  # the nodes' Ray session folders
 
     def _network(self) -> None:
         sh("ip", "netns", "add", self.switch)

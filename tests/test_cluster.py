@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -201,6 +202,7 @@ def ray_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head_process.pid, signal.SIGKILL)
         subprocess.run(["pkill", "-KILL", "-g", str(head_process.pid)], check=False)  # stragglers of that group
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
