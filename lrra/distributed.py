@@ -241,6 +241,22 @@ def rank0_tracking(config: dict[str, Any], distiller: Distiller):
     return tracked_worker(target, distiller.cfg, config["teacher_meta"])
 
 
+NODE_IP_TAG, NODE_ID_TAG, NODE_HISTORY_TAG = "lrra.node.ip", "lrra.node.id", "lrra.node.ips"
+
+
+def tag_node(run) -> None:
+    """Rank 0's node on its MLflow run: where the run trains now, and every node rank 0 ran on, in order.
+
+    Set by each worker group that starts, so a run restarted on another node after losing one
+    shows both (``lrra.node.ips``, comma-separated).
+    """
+    ip, node_id = ray.util.get_node_ip_address(), ray.get_runtime_context().get_node_id()
+    history = run.client.get_run(run.run_id).data.tags.get(NODE_HISTORY_TAG)
+    run.client.set_tag(run.run_id, NODE_IP_TAG, ip)
+    run.client.set_tag(run.run_id, NODE_ID_TAG, node_id)
+    run.client.set_tag(run.run_id, NODE_HISTORY_TAG, f"{history},{ip}" if history else ip)
+
+
 def run_epochs(distiller: Distiller, config: dict[str, Any], run, resumed: bool) -> None:
     """Train to the last epoch, reporting every epoch from every rank and checkpointing when due."""
     cfg, rank = distiller.cfg, distiller.rank
@@ -310,6 +326,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     diverged = None
     try:
         with rank0_tracking(config, distiller) as run:
+            if run is not None:
+                tag_node(run)
             try:
                 run_epochs(distiller, config, run, resumed)
             except NonFiniteLossError as error:

@@ -41,6 +41,7 @@ from lrra.preflight import DistributedSetupError, check_address, check_cluster_f
 from lrra.runner import default_run_name
 from lrra.splits import evaluation_splits
 from lrra.teacher import load_teacher, obtain_teacher
+from tune import cluster
 from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, filesystem, load_plan, save_plan
 from tune.report import ProgressLines, print_summary, say, write_parquet
 from tune.search_tracking import SearchTracker, tracked_search
@@ -239,21 +240,29 @@ def resumed_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
 # Ray side.
 
 
-def start_search_ray(address: str | None) -> None:
+def start_search_ray(target: cluster.RayTarget) -> None:
     # Ray's dashboard stays on: Ray Train frees a stopped trial's workers through the state API it
     # serves. Workers' logs stay in Ray's session folder: the driver prints one line per trial event.
-    start_ray(address, logging_level="WARNING", log_to_driver=False)
+    try:
+        start_ray(target.address, logging_level="WARNING", log_to_driver=False)
+    except DistributedSetupError as err:
+        raise DistributedSetupError(cluster.join_failure(target, err.__context__ or err)) from None
+    say(cluster.describe(target, ray.nodes(), ray.cluster_resources()))
     # Trial functions are pickled by value: a cluster's nodes have the lrra package, not this folder.
     ray.cloudpickle.register_pickle_by_value(sys.modules["tune"])
 
 
-def fit_resources(plan: SearchPlan) -> SearchPlan:
-    """Resolve the GPU default and derive how many trials run at once from the free resources."""
+def fit_resources(plan: SearchPlan, capacity: cluster.Capacity | None = None) -> SearchPlan:
+    """Resolve the GPU default and derive how many trials run at once from the free resources
+    (on an autoscaling cluster: from what it can grow to, tune/cluster.py)."""
     if plan.gpus_per_worker is None:
-        plan.gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus = (capacity.total if capacity else ray.cluster_resources()).get("GPU", 0)
+        plan.gpus_per_worker = 1.0 if gpus > 0 else 0.0
+    if capacity is not None:
+        return cluster.fit_to_capacity(plan, capacity, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
     check_cluster_fits(plan.workers_per_trial, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
     free = ray.available_resources()
-    need = {k: v for k, v in plan.trial_resources().items() if v > 0}
+    need = {k: v for k, v in plan.trial_resources().items() if v > 0} | cluster.driver_resources(free)
     plan.max_concurrent_trials = min(int(free.get(k, 0) // v) for k, v in need.items())
     if plan.max_concurrent_trials < 1:
         have = {k: free.get(k, 0) for k in need}
@@ -391,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     resume = args.resume is not None
     try:
+        target = cluster.prepare(args, argv, build_parser, say)  # which Ray; a cluster's settings as defaults
         if args.address:
             check_address(args.address)  # seconds, not ray.init's minutes of retries
         storage_path = check_storage(args.storage_path)
@@ -406,14 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         teacher, teacher_meta, teacher_path = obtain_teacher(cfg, log=say)  # trains and caches one if needed
         splits = evaluation_splits(cfg, teacher_meta)  # fails early if the data is unavailable
         plan.config["teacher_path"] = str(Path(teacher_path).absolute())  # a resume uses this very teacher
-        start_search_ray(args.address)
+        start_search_ray(target)
     except USER_ERRORS as err:
         say(f"error: {err}")
         return 2
 
     try:
         if not resume:
-            plan = fit_resources(plan)
+            plan = fit_resources(plan, target.capacity)
             save_plan(plan)
         say(f"search {plan.name}: {plan.num_samples} trial(s) of {cfg.epochs} epochs on {cfg.preset}, "
             f"{plan.max_concurrent_trials} at a time, {plan.workers_per_trial} worker(s) each; "
@@ -425,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             setup = TrialSetup(config=plan.config, teacher_state=teacher.state_dict(), teacher_meta=teacher_meta,
                                workers=plan.workers_per_trial, cpus_per_worker=plan.cpus_per_worker,
                                gpus_per_worker=plan.gpus_per_worker, train_path=plan.train_path,
-                               tracking=tracker.trial_target)
+                               tracking=tracker.trial_target, max_failures=cluster.trial_max_failures(target))
             return run_search(plan, setup, storage, resume, tracker)
     except USER_ERRORS as err:
         say(f"error: {err}")

@@ -24,6 +24,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from lrra.config import LRRAConfig
 from lrra.distributed import build_trainer
 from lrra.tracking import RunTarget
+from tune.cluster import driver_resources
 from tune.study import EPOCHS_DONE, OPTUNA_NUMBER
 
 
@@ -42,6 +43,7 @@ class TrialSetup:
     # Tune trial id -> stored last result, for the trials the study already finished (a resumed
     # search whose driver was killed before Tune saved their end): they must not run again.
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_failures: int = 0                  # worker-group restarts from the last checkpoint (a lost node)
 
 
 class EpochReport(TuneReportCallback):
@@ -73,7 +75,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         cfg, setup.teacher_state, setup.teacher_meta, workers=setup.workers,
         use_gpu=setup.gpus_per_worker > 0,
         resources_per_worker=worker_resources(setup.cpus_per_worker, setup.gpus_per_worker),
-        storage_path=setup.train_path, name=trial_id, callbacks=[EpochReport()], tracking=tracking)
+        storage_path=setup.train_path, name=trial_id, max_failures=setup.max_failures, callbacks=[EpochReport()],
+        tracking=tracking)
     trainer.fit()
 
 
@@ -86,6 +89,9 @@ def trainable(setup: TrialSetup, driver_cpus: float):
 
     Only the trial's process is declared here (by default 1 CPU, Ray Tune's own default, which
     also keeps the driver, Ray's daemons and the trainer's controller off the workers' cores on a
-    small machine); the Ray Train workers reserve theirs when the trainer starts.
+    small machine); the Ray Train workers reserve theirs when the trainer starts. On a cluster whose
+    head advertises tune/cluster.py's DRIVER_RESOURCE, the trial's process also takes one unit of it,
+    so it runs on the head (its Ray Train controller follows it there).
     """
-    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), {"CPU": driver_cpus})
+    resources = {"CPU": driver_cpus, **driver_resources(ray.cluster_resources())}
+    return ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), resources)
