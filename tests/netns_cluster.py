@@ -141,11 +141,14 @@ class NetnsCluster:
             time.sleep(1)
 
     def alive_nodes(self) -> list[dict]:
-        script = "import json,ray; ray.init(address='auto', logging_level='ERROR'); print(json.dumps(ray.nodes()))"
+        # Marked, because Ray may print autoscaler events ("(autoscaler +1s) Resized to ...") around it.
+        script = ("import json,ray; ray.init(address='auto', logging_level='ERROR', log_to_driver=False); "
+                  "print('NODES ' + json.dumps(ray.nodes()))")
         env = {**os.environ, "RAY_ADDRESS": self.address, **self.auth_env}
         done = subprocess.run(self.exec_in(0, [sys.executable, "-c", script]), capture_output=True, text=True,
                               env=env, timeout=120)
-        return [n for n in json.loads(done.stdout.strip().splitlines()[-1]) if n["Alive"]]
+        [nodes] = [line.removeprefix("NODES ") for line in done.stdout.splitlines() if line.startswith("NODES ")]
+        return [n for n in json.loads(nodes) if n["Alive"]]
 
     def wait_for_nodes(self, count: int, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s
