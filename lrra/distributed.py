@@ -281,10 +281,10 @@ def keep_best_student(distiller: Distiller, config: dict[str, Any], run) -> None
     """Rank 0: the best student so far as ``best_student.pt`` in the run's folder, and as the run's model."""
     if distiller.rank != 0 or distiller.best_epoch < 0:
         return
-    meta = student_metadata(distiller, config["teacher_meta"])
-    write_teacher_file(distiller.best_student_model(), meta, f"{config['run_path']}/{BEST_STUDENT_FILE}")
+    meta, model = student_metadata(distiller, config["teacher_meta"]), distiller.best_student_model()
+    write_teacher_file(model, meta, f"{config['run_path']}/{BEST_STUDENT_FILE}")
     if run is not None:
-        run.log_student(distiller.best_student_model(), meta)
+        run.log_student(model, meta)
 
 
 def quiet_ray_train_reports() -> None:

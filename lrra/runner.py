@@ -119,8 +119,9 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
         if distiller.best_epoch < 0:
             return None
         student_meta = student_metadata(distiller, teacher_meta, teacher=str(teacher_path))
-        save_teacher(distiller.best_student_model(), student_meta, out / "best_student.pt")
-        return run.log_student(distiller.best_student_model(), student_meta) if run else None
+        model = distiller.best_student_model()
+        save_teacher(model, student_meta, out / "best_student.pt")
+        return run.log_student(model, student_meta) if run else None
 
     def result(model_uri: str | None) -> dict[str, Any]:
         tracked = {"mlflow_run_id": run.run_id, "model_uri": model_uri} if run else {}
