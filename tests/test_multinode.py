@@ -94,8 +94,9 @@ def test_a_smoke_search_spreads_over_the_nodes(layout, tmp_path, digits_teacher)
         ips = {node.ip for node in cluster.nodes}
         assert set(placement.values()) <= ips
         if layout == "multi-node":
+            # Which node takes a trial's worker depends on which CPUs are free when it starts
+            # (the head's too), so only the spread is asserted.
             assert len(set(placement.values())) > 1, placement
-            assert head_ip not in placement.values()  # the head's CPUs went to the drivers
         print(f"\n{layout}: smoke search {wall_s:.1f} s; rank-0 placement {placement}")
     assert cluster.stopped()
 
