@@ -181,6 +181,17 @@ RAY_TRAIN_COLLECTIVES = Collectives(average_gradients=average_gradients, mean_ov
                                     average_buffers=average_float_buffers, reduce_metrics=reduce_rank_metrics)
 
 
+def use_assigned_cpus() -> None:
+    """As many torch threads as CPUs reserved for this worker (at least one).
+
+    Ray already exports OMP_NUM_THREADS so, but only if the variable was unset where Ray started;
+    a worker that kept the user's value (or torch's default of every core) would oversubscribe the
+    cores that the search gave to the other trials' workers.
+    """
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+
+
 def worker_distiller(config: dict[str, Any]) -> Distiller:
     """This rank's Distiller: Ray's device, the collectives above, validation and test splits on rank 0."""
     cfg = LRRAConfig.from_dict(config["cfg"])
@@ -308,6 +319,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     restarting it would only diverge again.
     """
     quiet_ray_train_reports()
+    use_assigned_cpus()
     distiller = worker_distiller(config)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

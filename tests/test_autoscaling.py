@@ -1,10 +1,11 @@
 """A search on an autoscaling cluster that starts with the head alone (Ray's fake multi-node provider).
 
-The head has CPUs for the trials' drivers only; the Ray Train workers' CPUs exist only once the
-autoscaler adds a node, which it does because the trials ask for them. The search knows the
-cluster can grow (its settings name the autoscaler's config), so it does not refuse the trials or
-size them to the head. The whole cluster lives in one network namespace of its own, so the fake
-provider's fixed ports (GCS on 6379) meet no other Ray on this machine.
+The head offers no CPU (the trials' drivers need none, only its lrra_driver units); the Ray Train
+workers' CPUs exist only once the autoscaler adds a node, which it does because the trials ask for
+them. The search knows the cluster can grow (its settings name the autoscaler's config), so it
+does not refuse the trials or size them to the head. The whole cluster lives in one network
+namespace of its own, so the fake provider's fixed ports (GCS on 6379) meet no other Ray on this
+machine.
 """
 
 import os
@@ -39,7 +40,7 @@ def test_the_autoscaler_adds_a_node_for_the_trials_and_the_search_finishes(tmp_p
     storage, settings = tmp_path / "storage", tmp_path / "lrra" / "cluster.json"
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, SETTINGS_ENV: str(settings),
            "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    with NetnsCluster(root, [{"CPU": 2, "lrra_driver": 8}], head_args=[f"--autoscaling-config={FAKE_CONFIG}"],
+    with NetnsCluster(root, [{"CPU": 0, "lrra_driver": 8}], head_args=[f"--autoscaling-config={FAKE_CONFIG}"],
                       env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}) as cluster:
         done = subprocess.run(cluster.exec_in(0, [sys.executable, str(ROOT / "tune" / "head.py"), "settings",
                                                   "--storage-path", str(storage),
@@ -77,7 +78,7 @@ def test_the_autoscaler_adds_a_node_for_the_trials_and_the_search_finishes(tmp_p
         wall_s = time.monotonic() - started
         stderr = "".join(lines)
         assert search.returncode == 0, stderr[-4000:]
-        assert "with 1 node(s), 2 CPU(s)" in stderr  # what it found when it started
+        assert "with 1 node(s), 0 CPU(s)" in stderr  # what it found when it started
         assert most_nodes > 1 and joined_at is not None, "the autoscaler added no node"
 
         rows = pq.read_table(storage / "grown" / "results.parquet").to_pylist()

@@ -415,3 +415,15 @@ def test_a_plan_holds_absolute_paths(tmp_path, monkeypatch):
     args = search.build_parser().parse_args(["--preset", "digits", "--data-dir", "data", "--teacher", "t.pt"])
     config = search.new_plan(args, str(tmp_path)).config
     assert (config["data_dir"], config["teacher_path"]) == (str(tmp_path / "data"), str(tmp_path / "t.pt"))
+
+
+@pytest.mark.parametrize("free_cpus, workers, samples, expected", [
+    (2, 1, 8, 1.0),     # this machine: two single-thread trials at once
+    (16, 1, 8, 2.0),    # a workstation: 8 trials of 2 threads
+    (16, 2, 3, 2.0),    # 3 trials of 2 workers: 6 workers on 16 CPUs
+    (3, 1, 2, 1.0),     # an odd CPU left over stays free rather than unevenly split
+    (1, 2, 4, 1.0),     # fewer CPUs than one trial needs: the fit check reports it, not this
+    (None, 1, 8, 1.0),  # GPUs (or an autoscaling cluster): a CPU per worker
+])
+def test_free_cpus_are_shared_out_over_the_trials_that_run_at_once(free_cpus, workers, samples, expected):
+    assert search.share_cpus(free_cpus, workers, samples) == expected

@@ -54,8 +54,8 @@ class SearchPlan:
     grace_period: int
     reduction_factor: float
     workers_per_trial: int
-    cpus_per_worker: float
-    gpus_per_worker: float
+    cpus_per_worker: float | None  # None until fit to the cluster (tune/search.py fit_resources)
+    gpus_per_worker: float | None
     driver_cpus: float         # the trial's own process (Tune function + Ray Train controller)
     study_storage: str
     max_concurrent_trials: int = 1

@@ -109,12 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     where = parser.add_argument_group("where it runs and writes")
     where.add_argument("--address", help="Ray cluster to join, HOST:PORT or auto (default: start a local Ray)")
     where.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default: 1)")
-    where.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default: 1)")
+    where.add_argument("--cpus-per-worker", type=float,
+                       help="CPUs (and torch threads) per worker (default: on CPUs, the free CPUs shared out over "
+                            "the trials that run at once, at least 1; with GPUs, 1)")
     where.add_argument("--gpus-per-worker", type=float,
                        help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
-    where.add_argument("--driver-cpus", type=float, default=1.0,
-                       help="CPUs reserved for each trial's own process, which drives its Ray Train run "
-                            "(default: 1, Ray Tune's default)")
+    where.add_argument("--driver-cpus", type=float, default=0.0,
+                       help="CPUs reserved for each trial's own process, which only waits on its Ray Train run "
+                            "(default: 0, so every CPU goes to the workers that train)")
     where.add_argument("--storage-path", default=DEFAULT_STORAGE,
                        help=f"experiments folder or URI, e.g. s3://bucket/runs (default: {DEFAULT_STORAGE})")
     where.add_argument("--name", help="experiment name (default: <preset>-<date>-<time>)")
@@ -258,6 +260,9 @@ def fit_resources(plan: SearchPlan, capacity: cluster.Capacity | None = None) ->
     if plan.gpus_per_worker is None:
         gpus = (capacity.total if capacity else ray.cluster_resources()).get("GPU", 0)
         plan.gpus_per_worker = 1.0 if gpus > 0 else 0.0
+    if plan.cpus_per_worker is None:
+        free_cpus = None if capacity or plan.gpus_per_worker > 0 else ray.available_resources().get("CPU", 0)
+        plan.cpus_per_worker = share_cpus(free_cpus, plan.workers_per_trial, plan.num_samples)
     if capacity is not None:
         return cluster.fit_to_capacity(plan, capacity, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
     check_cluster_fits(plan.workers_per_trial, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
@@ -269,6 +274,19 @@ def fit_resources(plan: SearchPlan, capacity: cluster.Capacity | None = None) ->
         raise DistributedSetupError(f"one trial needs {need} (its driver plus {plan.workers_per_trial} worker(s)) "
                                     f"but the cluster has {have} free; lower --workers-per-trial/--driver-cpus")
     return plan
+
+
+def share_cpus(free_cpus: float | None, workers_per_trial: int, num_samples: int) -> float:
+    """CPUs per worker that keep every free CPU busy: as many trials at once as there are trials
+    and CPUs for one worker each, then the CPUs left over shared out among their workers.
+
+    2 CPUs and 8 trials: 2 trials at a time, 1 CPU (one torch thread) each. 16 CPUs and 8 trials:
+    8 trials, 2 each. With GPUs (``free_cpus`` None) a worker's CPU only feeds its GPU: 1.
+    """
+    if not free_cpus:
+        return 1.0
+    at_once = max(1, min(num_samples, int(free_cpus // workers_per_trial)))
+    return float(max(1, int(free_cpus // (at_once * workers_per_trial))))
 
 
 def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
@@ -426,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
             plan = fit_resources(plan, target.capacity)
             save_plan(plan)
         say(f"search {plan.name}: {plan.num_samples} trial(s) of {cfg.epochs} epochs on {cfg.preset}, "
-            f"{plan.max_concurrent_trials} at a time, {plan.workers_per_trial} worker(s) each; "
+            f"{plan.max_concurrent_trials} at a time, {plan.workers_per_trial} worker(s) each "
+            f"({plan.cpus_per_worker:g} CPU(s), {plan.gpus_per_worker:g} GPU(s) per worker); "
             f"time budget {f'{plan.time_budget_s / 60:g} min' if plan.time_budget_s else 'none'}; "
             f"teacher {teacher_path} (test acc {teacher_meta['test_accuracy']:.4f})\n{splits.describe()}; "
             f"every choice reads validation\nknobs:\n{describe_space(plan.space)}")

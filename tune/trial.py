@@ -87,9 +87,10 @@ def worker_resources(cpus: float, gpus: float) -> dict[str, float]:
 def trainable(setup: TrialSetup, driver_cpus: float):
     """``run_trial`` with its setup attached and the trial process's own resources declared.
 
-    Only the trial's process is declared here (by default 1 CPU, Ray Tune's own default, which
-    also keeps the driver, Ray's daemons and the trainer's controller off the workers' cores on a
-    small machine); the Ray Train workers reserve theirs when the trainer starts. On a cluster whose
+    Only the trial's process is declared here (by default no CPU: it waits on its Ray Train run,
+    whose controller reserves none either, so a 2-core machine runs two single-thread trials
+    rather than one trial beside an idle core); the Ray Train workers reserve theirs when the
+    trainer starts. On a cluster whose
     head advertises tune/cluster.py's DRIVER_RESOURCE, the trial's process also takes one unit of it,
     so it runs on the head (its Ray Train controller follows it there).
     """
