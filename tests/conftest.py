@@ -4,8 +4,10 @@ search driver interrupted or killed on cue."""
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +16,11 @@ import torchvision.datasets as tvd
 from lrra import dataset_files
 from lrra.config import preset
 from lrra.teacher import save_teacher, train_teacher
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests/ and tune/ are folders of modules, not installed packages
+
+from tests.services import mlflow_server, search_command  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +50,36 @@ def digits_teacher(tmp_path_factory):
     model, meta = train_teacher(cfg, log=lambda _: None)
     path = save_teacher(model, meta, tmp_path_factory.mktemp("teacher") / "digits-teacher.pt")
     return path, meta
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory):
+    """URI of one real `mlflow server` shared by the session's tests."""
+    with mlflow_server(tmp_path_factory.mktemp("server")) as uri:
+        yield uri
+
+
+# The useless trial: a student that barely moves. The preset's own trial (the first) learns, so
+# ASHA stops the useless one at its first rung (after epoch 1, grace period 1).
+USELESS_TRIAL = ["--bound", "student_lr=1e-5:0.3", "--point", "student_lr=1e-5"]
+
+
+@pytest.fixture(scope="session")
+def finished_smoke_search(tmp_path_factory, digits_teacher, tracking_server):
+    """One uninterrupted smoke search, as a user runs it, read by every test that checks what a
+    finished search leaves behind (study, results, output, MLflow runs, champion).
+
+    Three trials, two at a time: the preset's configuration, its no-memory variant, then the
+    useless point. Two at a time whatever the machine's cores, so the useless trial always starts
+    after a learning trial has reported its first epoch, and ASHA has a rung to compare it with.
+    """
+    storage = tmp_path_factory.mktemp("search")
+    started = time.monotonic()
+    done = subprocess.run(search_command(storage, digits_teacher[0], "--name", "smoke", "--tracking-uri",
+                                         tracking_server, "--max-concurrent-trials", "2", *USELESS_TRIAL),
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return SimpleNamespace(storage=storage, name="smoke", tracking_uri=tracking_server, done=done,
+                           study_url=f"sqlite:///{storage / 'optuna.db'}", wall_s=time.monotonic() - started)
 
 
 @pytest.fixture

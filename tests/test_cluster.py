@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lrra.config import ConfigError  # noqa: E402
+from tests.services import free_port  # noqa: E402
 from tune import cluster, head, search  # noqa: E402
 
 RAY = Path(sys.executable).parent / "ray"
@@ -157,12 +158,6 @@ def test_a_dead_ray_address_fails_fast_naming_it(monkeypatch, capsys, tmp_path):
 # A real head on this machine, joined through RAY_ADDRESS.
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def token_env(folder: Path) -> dict[str, str]:
     """Ray's token authentication with a token of this test's own (not the machine's ~/.ray/auth_token)."""
     token = folder / "ray-token"
@@ -245,10 +240,15 @@ def test_capacity_of_cluster_yaml():
 
 def test_an_autoscaling_cluster_with_no_gpu_node_yet_gets_gpu_trials(tmp_path):
     capacity = cluster.read_capacity(ROOT / "cluster.yaml")
-    plan = search.new_plan(search.build_parser().parse_args(["--preset", "digits"]), str(tmp_path))
-    plan = search.fit_resources(plan, capacity)  # no Ray: the capacity alone decides
-    assert plan.gpus_per_worker == 1.0
+    def fitted(*flags: str):
+        plan = search.new_plan(search.build_parser().parse_args(["--preset", "digits", *flags]), str(tmp_path))
+        return search.fit_resources(plan, capacity)  # no Ray: the capacity alone decides
+
+    plan = fitted("--num-samples", "32")
+    assert plan.gpus_per_worker == 1.0 and plan.cpus_per_worker == 1.0
     assert plan.max_concurrent_trials == 16  # one trial per GPU the cluster can grow to
+    assert fitted("--num-samples", "6").max_concurrent_trials == 6  # never more than there are trials
+    assert fitted("--num-samples", "32", "--max-concurrent-trials", "3").max_concurrent_trials == 3
 
     too_big = search.new_plan(search.build_parser().parse_args(["--preset", "digits", "--gpus-per-worker", "8"]),
                               str(tmp_path))

@@ -25,19 +25,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
 
 from lrra import tracking  # noqa: E402
+from tests.services import search_command  # noqa: E402
 from tune import search, search_tracking, space  # noqa: E402
 from tune.study import STOP_REASON, TUNE_TRIAL_ID  # noqa: E402
 
 SEARCH = ROOT / "tune" / "search.py"
+
 SEARCH_TIMEOUT_S = 600  # a guard against hangs, not a speed target: CI machines can be busy
-# The useless trial: a student that barely moves. The preset's own trial (the first) learns, so
-# ASHA stops the useless one at its first rung (after epoch 1, grace period 1).
-USELESS = ["--bound", "student_lr=1e-5:0.3", "--point", "student_lr=1e-5"]
-
-
-def search_command(storage: Path, teacher: Path, *args: str) -> list[str]:
-    return [sys.executable, str(SEARCH), "--smoke-test", "--teacher", str(teacher),
-            "--storage-path", str(storage), "--data-dir", str(storage / "data"), *args]
 
 
 def run_search(command: list[str]) -> subprocess.CompletedProcess:
@@ -74,17 +68,15 @@ def assert_study_matches_results(study: optuna.Study, rows: list[dict], trials: 
 # One uninterrupted smoke search: the study, the parquet file and ASHA.
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory, digits_teacher):
-    storage = tmp_path_factory.mktemp("search")
-    started = time.monotonic()
-    done = run_search(search_command(storage, digits_teacher[0], "--name", "smoke", *USELESS))
-    return done, storage, time.monotonic() - started
+@pytest.fixture
+def smoke(finished_smoke_search):
+    """(the search's completed process, its storage path) of the session's smoke search (conftest)."""
+    return finished_smoke_search.done, finished_smoke_search.storage
 
 
 @pytest.mark.slow
 def test_smoke_search_fills_the_study_and_the_results_file(smoke):
-    done, storage, _ = smoke
+    done, storage = smoke
     assert done.returncode == 0, done.stderr[-3000:]
     rows = results_of(storage, "smoke")
     assert_study_matches_results(study_of(storage, "smoke"), rows, trials=3)
@@ -96,7 +88,7 @@ def test_smoke_search_fills_the_study_and_the_results_file(smoke):
 @pytest.mark.slow
 def test_smoke_search_output_is_plain_progress_lines(smoke):
     """Read as a log file (not a TTY): no Ray Tune tables or TensorBoard hint, no colour codes."""
-    done, _, _ = smoke
+    done, _ = smoke
     assert "Configuration for experiment" not in done.stdout and "tensorboard" not in done.stdout.lower()
     assert "\x1b[" not in done.stdout + done.stderr
     progress = [line for line in done.stderr.splitlines() if line.startswith("[")]
@@ -106,7 +98,7 @@ def test_smoke_search_output_is_plain_progress_lines(smoke):
 
 @pytest.mark.slow
 def test_asha_stops_the_useless_trial_at_its_first_rung(smoke):
-    done, storage, _ = smoke
+    done, storage = smoke
     rows = {row["optuna_trial_number"]: row for row in results_of(storage, "smoke")}
     # The preset's point first, its no-memory variant second, then --point.
     preset_trial, plain_kd_trial, useless_trial = rows[0], rows[1], rows[2]
@@ -233,6 +225,7 @@ def bad_input(tmp_path, capsys):
     (["--preset", "digits", "--bound", "retention_order=0,3"], "config field 'retention_order' = 3 is invalid"),
     (["--preset", "digits", "--bound", "epochs=1:5"], "--bound epochs: not a searched knob"),
     (["--preset", "digits", "--time-budget", "soon"], "--time-budget soon"),
+    (["--preset", "digits", "--max-concurrent-trials", "0"], "--max-concurrent-trials 0: must be >= 1"),
     (["--preset", "digits", "--address", "127.0.0.1:1"], "--address 127.0.0.1:1: nothing answers there"),
 ])
 def test_bad_input_fails_before_anything_starts(bad_input, args, message):

@@ -10,12 +10,10 @@ import contextlib
 import importlib.util
 import io
 import json
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow.pytorch
@@ -37,6 +35,7 @@ from lrra.teacher import load_teacher
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
 
+from tests.services import free_port, search_command  # noqa: E402
 from tune import search, search_tracking  # noqa: E402
 from tune.plan import load_plan  # noqa: E402
 from tune.study import TUNE_TRIAL_ID  # noqa: E402
@@ -56,12 +55,6 @@ def run_cli(argv: list[str]) -> tuple[int, dict | None, str]:
         code = main(argv)
     lines = out.getvalue().strip().splitlines()
     return code, json.loads(lines[-1]) if lines else None, err.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -450,42 +443,10 @@ def test_sqlite_store_in_a_missing_folder_is_a_clear_error(tmp_path):
 # A real tracking server (integration tier)
 
 
-@pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory):
-    """URI of a real `mlflow server` on a free loopback port, with proxied artifacts."""
-    folder = tmp_path_factory.mktemp("server")
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
-               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]  # the default 4 processes take a minute to start on two busy cores
-    log = open(folder / "server.log", "w")
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(uri, server, timeout_s=120)
-        yield uri
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        log.close()
-
-
-def wait_for_health(uri: str, server: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "mlflow server exited during startup"
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"mlflow server at {uri} did not answer /health within {timeout_s} s")
-
-
-def search_command(storage: Path, teacher: Path, uri: str | None, *args: str) -> list[str]:
-    """A two-trial smoke search in which ASHA stops nothing (grace period = epochs) and no budget cuts."""
-    return [sys.executable, str(ROOT / "tune" / "search.py"), "--smoke-test", "--num-samples", "2",
-            "--time-budget", "none", "--teacher", str(teacher), "--storage-path", str(storage),
-            "--data-dir", str(storage / "data"), *(["--tracking-uri", uri] if uri else []), *args]
+def two_trial_search(storage: Path, teacher: Path, uri: str | None, *args: str) -> list[str]:
+    """A two-trial smoke search that no budget cuts."""
+    return search_command(storage, teacher, "--num-samples", "2", "--time-budget", "none",
+                          *(["--tracking-uri", uri] if uri else []), *args)
 
 
 def search_runs(client: MlflowClient, experiment_path: Path) -> tuple[list, list]:
@@ -501,15 +462,13 @@ def epochs_logged(client: MlflowClient, run) -> list[int]:
 
 
 @pytest.mark.slow
-def test_smoke_search_logs_parent_children_plots_and_a_champion(tracking_server, digits_teacher, tmp_path):
-    epochs = 3
-    done = subprocess.run(search_command(tmp_path, digits_teacher[0], tracking_server, "--name", "tracked"),
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    client = tracking.connect(tracking_server)
-    [parent], children = search_runs(client, tmp_path / "tracked")
+def test_smoke_search_logs_parent_children_plots_and_a_champion(finished_smoke_search, tmp_path):
+    search_run, epochs = finished_smoke_search, 3
+    assert search_run.done.returncode == 0, search_run.done.stderr[-3000:]
+    client = tracking.connect(search_run.tracking_uri)
+    [parent], children = search_runs(client, search_run.storage / search_run.name)
     assert parent.info.status == "FINISHED" and parent.data.params["preset"] == "digits"
-    plan = load_plan(str(tmp_path), "tracked")
+    plan = load_plan(str(search_run.storage), search_run.name)
     assert {f"space.{name}": knob.describe() for name, knob in plan.space.items()}.items() <= parent.data.params.items()
     # What Ray detects on this one machine (cgroup limits included), as the search's local Ray did.
     assert parent.data.tags["lrra.cluster.nodes"] == "1"
@@ -518,21 +477,30 @@ def test_smoke_search_logs_parent_children_plots_and_a_champion(tracking_server,
         "plots/optimization_history.png", "plots/parallel_coordinate.png", "plots/param_importances.png"]
     assert [f.path for f in client.list_artifacts(parent.info.run_id, "results")] == ["results/trials.parquet"]
 
-    assert len(children) == 2 and {r.info.status for r in children} == {"FINISHED"}
-    assert {r.data.tags[tracking.TAG_OPTUNA_TRIAL] for r in children} == {"0", "1"}
-    for run in children:
-        assert epochs_logged(client, run) == list(range(epochs))
-        assert run.data.tags[search_tracking.TAG_STOP_REASON] == "completed"
+    # The preset's trial and its no-memory variant ran to the end; ASHA stopped the useless one
+    # after its first epoch. Every trial's run ends FINISHED, tagged with why it ended.
+    by_trial = {r.data.tags[tracking.TAG_OPTUNA_TRIAL]: r for r in children}
+    assert sorted(by_trial) == ["0", "1", "2"] and {r.info.status for r in children} == {"FINISHED"}
+    for number, reason in {"0": "completed", "1": "completed", "2": "early-stopped"}.items():
+        run = by_trial[number]
+        assert run.data.tags[search_tracking.TAG_STOP_REASON] == reason
+        logged = epochs_logged(client, run)
+        if reason == "completed":
+            assert logged == list(range(epochs))
+        else:  # stopped after its first epoch's report; it may have logged the next before it was killed
+            assert logged[0] == 0 and logged == list(range(len(logged))) and len(logged) < epochs
         assert "images/epoch_000.png" in [f.path for f in client.list_artifacts(run.info.run_id, "images")]
         assert run.data.params["epochs"] == str(epochs)
 
-    best = max(children, key=lambda r: r.data.metrics["val/best_student_acc"])  # chosen on validation
+    logged = [r for r in children if tracking.TAG_MODEL_URI in r.data.tags]
+    best = max(logged, key=lambda r: r.data.metrics["val/best_student_acc"])  # chosen on validation
+    # The first search to register on the session's server (the interrupted one below registers later).
     champion = client.get_model_version_by_alias("lrra-digits-student", "champion")
     assert champion.source == best.data.tags[tracking.TAG_MODEL_URI]
     assert float(champion.tags[tracking.VERSION_ACCURACY_TAG]) == best.data.metrics["val/best_student_acc"]
     assert float(champion.tags["test_accuracy"]) == best.data.metrics["test/best_student_acc"]
     code, evaluated, err = run_cli(["eval", "--model", "models:/lrra-digits-student@champion", "--preset", "digits",
-                                    "--data-dir", str(tmp_path), "--tracking-uri", tracking_server])
+                                    "--data-dir", str(tmp_path), "--tracking-uri", search_run.tracking_uri])
     assert code == 0, err
     assert evaluated["test_accuracy"] == best.data.metrics["test/best_student_acc"]
 
@@ -550,8 +518,9 @@ def second_trial_is_midway(client: MlflowClient, experiment_path: Path) -> bool:
 def test_interrupted_and_resumed_search_keeps_one_run_per_trial_and_none_running(
         tracking_server, digits_teacher, tmp_path, interrupt_search):
     epochs = 5  # the second trial must still be running when the signal lands
-    command = search_command(tmp_path, digits_teacher[0], tracking_server, "--name", "resumed", "--epochs",
-                             str(epochs), "--grace-period", str(epochs))
+    # One trial at a time whatever the machine's cores: the first finishes before the second starts.
+    command = two_trial_search(tmp_path, digits_teacher[0], tracking_server, "--name", "resumed", "--epochs",
+                               str(epochs), "--grace-period", str(epochs), "--max-concurrent-trials", "1")
     client = tracking.connect(tracking_server)
     code, stderr = interrupt_search(command, lambda: second_trial_is_midway(client, tmp_path / "resumed"),
                                     wait_s=600, stop_s=180)
@@ -567,7 +536,7 @@ def test_interrupted_and_resumed_search_keeps_one_run_per_trial_and_none_running
     assert epochs_before < epochs
 
     # No --tracking-uri: the search logs to the server it started with, not to $MLFLOW_TRACKING_URI.
-    resumed = subprocess.run(search_command(tmp_path, digits_teacher[0], None, "--resume"),
+    resumed = subprocess.run(two_trial_search(tmp_path, digits_teacher[0], None, "--resume"),
                              capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     [parent_after], children = search_runs(client, tmp_path / "resumed")

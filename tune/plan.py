@@ -58,7 +58,8 @@ class SearchPlan:
     gpus_per_worker: float | None
     driver_cpus: float         # the trial's own process (Tune function + Ray Train controller)
     study_storage: str
-    max_concurrent_trials: int = 1
+    max_concurrent_trials: int = 1     # derived from the cluster (tune/search.py fit_resources)
+    concurrent_trials_limit: int | None = None  # --max-concurrent-trials: at most this many, if given
     created: str = field(default="")
     tracking_uri: str = ""     # the MLflow store; --resume logs to it unless given another
 

@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "the trials that run at once, at least 1; with GPUs, 1)")
     where.add_argument("--gpus-per-worker", type=float,
                        help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
+    where.add_argument("--max-concurrent-trials", type=int, metavar="N",
+                       help="run at most N trials at once (default: as many as the cluster's CPUs/GPUs fit)")
     where.add_argument("--driver-cpus", type=float, default=0.0,
                        help="CPUs reserved for each trial's own process, which only waits on its Ray Train run "
                             "(default: 0, so every CPU goes to the workers that train)")
@@ -152,7 +154,8 @@ def parse_duration(text: str | None) -> float | None:
 
 def check_positive(args: argparse.Namespace) -> None:
     for flag, value in (("--num-samples", args.num_samples), ("--epochs", args.epochs),
-                        ("--grace-period", args.grace_period), ("--workers-per-trial", args.workers_per_trial)):
+                        ("--grace-period", args.grace_period), ("--workers-per-trial", args.workers_per_trial),
+                        ("--max-concurrent-trials", args.max_concurrent_trials)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value}: must be >= 1")
     for flag, value in (("--cpus-per-worker", args.cpus_per_worker), ("--driver-cpus", args.driver_cpus),
@@ -202,7 +205,7 @@ def new_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
         reduction_factor=args.reduction_factor, workers_per_trial=args.workers_per_trial,
         cpus_per_worker=args.cpus_per_worker, gpus_per_worker=args.gpus_per_worker,
         driver_cpus=args.driver_cpus, study_storage=args.study_storage or default_study_storage(storage_path),
-        created=time.strftime("%Y-%m-%d %H:%M:%S"))
+        concurrent_trials_limit=args.max_concurrent_trials, created=time.strftime("%Y-%m-%d %H:%M:%S"))
 
 
 def note_excluded_preset(space, cfg: LRRAConfig) -> None:
@@ -262,21 +265,24 @@ def fit_resources(plan: SearchPlan, capacity: cluster.Capacity | None = None) ->
         plan.gpus_per_worker = 1.0 if gpus > 0 else 0.0
     if plan.cpus_per_worker is None:
         free_cpus = None if capacity or plan.gpus_per_worker > 0 else ray.available_resources().get("CPU", 0)
-        plan.cpus_per_worker = share_cpus(free_cpus, plan.workers_per_trial, plan.num_samples)
+        plan.cpus_per_worker = share_cpus(free_cpus, plan.workers_per_trial,
+                                          min(plan.num_samples, plan.concurrent_trials_limit or plan.num_samples))
     if capacity is not None:
-        return cluster.fit_to_capacity(plan, capacity, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
-    check_cluster_fits(plan.workers_per_trial, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
-    free = ray.available_resources()
-    need = {k: v for k, v in plan.trial_resources().items() if v > 0} | cluster.driver_resources(free)
-    plan.max_concurrent_trials = min(int(free.get(k, 0) // v) for k, v in need.items())
-    if plan.max_concurrent_trials < 1:
-        have = {k: free.get(k, 0) for k in need}
-        raise DistributedSetupError(f"one trial needs {need} (its driver plus {plan.workers_per_trial} worker(s)) "
-                                    f"but the cluster has {have} free; lower --workers-per-trial/--driver-cpus")
+        cluster.fit_to_capacity(plan, capacity, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
+    else:
+        check_cluster_fits(plan.workers_per_trial, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
+        free = ray.available_resources()
+        need = {k: v for k, v in plan.trial_resources().items() if v > 0} | cluster.driver_resources(free)
+        plan.max_concurrent_trials = min(int(free.get(k, 0) // v) for k, v in need.items())
+        if plan.max_concurrent_trials < 1:
+            have = {k: free.get(k, 0) for k in need}
+            raise DistributedSetupError(f"one trial needs {need} (its driver plus {plan.workers_per_trial} worker(s)) "
+                                        f"but the cluster has {have} free; lower --workers-per-trial/--driver-cpus")
+    plan.max_concurrent_trials = min(plan.max_concurrent_trials, plan.concurrent_trials_limit or plan.num_samples)
     return plan
 
 
-def share_cpus(free_cpus: float | None, workers_per_trial: int, num_samples: int) -> float:
+def share_cpus(free_cpus: float | None, workers_per_trial: int, trials: int) -> float:
     """CPUs per worker that keep every free CPU busy: as many trials at once as there are trials
     and CPUs for one worker each, then the CPUs left over shared out among their workers.
 
@@ -285,7 +291,7 @@ def share_cpus(free_cpus: float | None, workers_per_trial: int, num_samples: int
     """
     if not free_cpus:
         return 1.0
-    at_once = max(1, min(num_samples, int(free_cpus // workers_per_trial)))
+    at_once = max(1, min(trials, int(free_cpus // workers_per_trial)))
     return float(max(1, int(free_cpus // (at_once * workers_per_trial))))
 
 
