@@ -207,7 +207,7 @@ def test_a_search_joins_the_cluster_named_by_ray_address(ray_head, tmp_path, dig
     env = {**os.environ, "RAY_ADDRESS": address, cluster.SETTINGS_ENV: str(tmp_path / "no-settings.json")}
     command = [sys.executable, str(ROOT / "tune" / "search.py"), "--smoke-test", "--teacher", str(digits_teacher[0]),
                "--storage-path", str(storage), "--data-dir", str(tmp_path / "data"), "--name", "joined",
-               "--num-samples", "2"]
+               "--num-samples", "1", "--epochs", "1"]  # joining is the point, not searching
     # Without the token mode the head refuses the search: one line says what to set.
     refused = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT,
                              env={k: v for k, v in env.items() if not k.startswith("RAY_AUTH")})
@@ -223,7 +223,7 @@ def test_a_search_joins_the_cluster_named_by_ray_address(ray_head, tmp_path, dig
     import pyarrow.parquet as pq
 
     rows = pq.read_table(storage / "joined" / "results.parquet").to_pylist()
-    assert len(rows) == 2 and all(row["stop_reason"] in ("completed", "early-stopped") for row in rows)
+    assert len(rows) == 1 and rows[0]["stop_reason"] == "completed"
     sessions = list((Path(ray_head[1]) / "session_latest" / "logs").glob("worker-*"))
     assert sessions, "no worker logs in the joined cluster's session: the search ran elsewhere"
 

@@ -63,7 +63,7 @@ def test_a_smoke_search_spreads_over_the_nodes(tmp_path, digits_teacher):
         started = time.monotonic()
         search = run_on_head(cluster, [sys.executable, str(ROOT / "tune" / "search.py"), "--smoke-test",
                                        "--teacher", str(digits_teacher[0]), "--data-dir", str(tmp_path / "data"),
-                                       "--name", "spread"],
+                                       "--name", "spread", "--num-samples", "2"],
                              {**env, "RAY_ADDRESS": cluster.address, **cluster.auth_env}, timeout=900)
         wall_s = time.monotonic() - started
         assert search.returncode == 0, search.stderr[-4000:]
@@ -74,7 +74,7 @@ def test_a_smoke_search_spreads_over_the_nodes(tmp_path, digits_teacher):
 
         # Every trial ran to its end, with its checkpoints in the shared storage.
         rows = pq.read_table(storage / "spread" / "results.parquet").to_pylist()
-        assert len(rows) == 3 and all(row["stop_reason"] in ("completed", "early-stopped") for row in rows)
+        assert len(rows) == 2 and all(row["stop_reason"] in ("completed", "early-stopped") for row in rows)
         for row in rows:
             assert list((storage / "spread" / "train" / row["tune_trial_id"]).glob("checkpoint_epoch_*/state.pt"))
 
@@ -83,13 +83,13 @@ def test_a_smoke_search_spreads_over_the_nodes(tmp_path, digits_teacher):
         client = MlflowClient(f"sqlite:///{mlflow_db}")
         experiment = client.get_experiment_by_name(SEARCH_EXPERIMENT)
         trial_runs = client.search_runs([experiment.experiment_id], f"tags.`{TAG_KIND}` = 'trial'")
-        assert len(trial_runs) == 3 and all(run.info.status == "FINISHED" for run in trial_runs)
+        assert len(trial_runs) == 2 and all(run.info.status == "FINISHED" for run in trial_runs)
         placement = {run.data.tags[TAG_TRIAL_ID]: run.data.tags[NODE_IP_TAG] for run in trial_runs}
         assert all(run.data.tags[NODE_HISTORY_TAG] == run.data.tags[NODE_IP_TAG] for run in trial_runs)
         ips = {node.ip for node in cluster.nodes}
         assert set(placement.values()) <= ips
-        assert len(set(placement.values())) > 1, placement
-        assert head_ip not in placement.values()  # the head offers no CPU to workers
+        # Two trials at once, one worker each, and one CPU on each worker node: one trial per node.
+        assert len(set(placement.values())) == 2 and head_ip not in placement.values(), placement
         print(f"\nsmoke search on 3 nodes {wall_s:.1f} s; rank-0 placement {placement}")
     assert cluster.stopped()
 
