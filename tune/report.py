@@ -167,6 +167,28 @@ def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float) -
         f"  experiment             {plan.experiment_path}",
         f"  results (one row/trial) {plan.results_path}",
         f"  Optuna study           {plan.study_name!r} in {plan.study_storage}",
-        f"  dashboard              optuna-dashboard {plan.study_storage}",
+        "",
+        "look at it with:",
+        *viewing_commands(plan),
     ]
     print("\n".join(lines), flush=True)
+
+
+DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
+
+
+def viewing_commands(plan: SearchPlan) -> list[str]:
+    """The exact commands that open this search in Optuna's dashboard, MLflow's UI and Grafana."""
+    tracking = plan.tracking_uri
+    mlflow = (f"open {tracking} (the tracking server)" if tracking.startswith(("http://", "https://"))
+              else f"mlflow ui --backend-store-uri {tracking}")
+    provisioning = DASHBOARDS / "grafana" / "provisioning"
+    return [
+        f"  Optuna dashboard       optuna-dashboard {plan.study_storage}",
+        f"  MLflow UI              {mlflow}",
+        f"  Prometheus             prometheus --config.file={DASHBOARDS / 'prometheus.yml'}   (during a search)",
+        f"  Grafana                LRRA_DASHBOARDS_DIR={DASHBOARDS} LRRA_PROMETHEUS_URL=http://localhost:9090 "
+        f"grafana-server --homepath /usr/share/grafana cfg:paths.provisioning={provisioning}",
+        f"                         then http://localhost:3000/d/lrra-search?var-search={plan.name} "
+        f"(see {DASHBOARDS / 'README.md'})",
+    ]
