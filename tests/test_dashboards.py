@@ -167,3 +167,8 @@ def test_every_dashboard_query_returns_series_of_a_running_search(tmp_path, digi
                 assert labels["search"] == name, (expr, labels)
     ranks = {s["metric"]["rank"] for s in seen[next(e for e in seen if "lrra_student_steps_per_second" in e)]}
     assert ranks == {"0", "1"}, "every worker exports its own speed"
+
+
+def test_the_readme_lists_every_exported_metric():
+    readme = (DASHBOARDS / "README.md").read_text()
+    assert [name for name in EXPORTED if f"`{name}`" not in readme] == []
