@@ -2,12 +2,14 @@
 plain lines when stderr is a pipe. A fake stream of trial events drives it; no Ray is needed."""
 
 import os
+import pickle
 import pty
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,3 +78,30 @@ def test_a_pipe_keeps_one_plain_line_per_event():
     assert len(lines) == 10 and "\x1b" not in done.stderr
     assert re.fullmatch(r"\[\s*0:\d\d\] trial 0 \(t0\) epoch 2/3  acc 0\.7000  best 0\.7000", lines[4]), lines[4]
     assert lines[-1].endswith("trial 1 (t1) stopped early by ASHA after 3 epoch(s), best acc 0.2500")
+
+
+def test_tune_trial_events_fill_the_board_with_state_epoch_speed_and_node():
+    sys.path.insert(0, str(ROOT))
+    from lrra.distributed import RANK0_NODE
+    from tune.report import ProgressLines
+    from tune.study import DIVERGED_KEY, EPOCHS_DONE, METRIC, OPTUNA_NUMBER
+
+    reporter = ProgressLines(epochs=3, num_samples=2)  # no search name: nothing exported to Ray
+    reporter.setup()
+    trials = [SimpleNamespace(trial_id=f"t{n}", config={OPTUNA_NUMBER: n, "meta_lr": 0.1}, error_file=None,
+                              last_result={}) for n in (0, 1)]
+    for trial in trials:
+        reporter.on_trial_start(0, trials, trial)
+    epoch = {EPOCHS_DONE: 3, METRIC: 0.7, "val/best_student_acc": 0.8, "perf/student_steps_per_s": 12.5,
+             RANK0_NODE: "10.0.0.9"}
+    reporter.on_trial_result(0, trials, trials[0], epoch)
+    trials[0].last_result = epoch
+    trials[1].last_result = {**epoch, EPOCHS_DONE: 1, DIVERGED_KEY: 1}
+    for trial in trials:
+        reporter.on_trial_complete(0, trials, trial)
+    rows = reporter.board.rows
+    assert (rows["t0"].state, rows["t0"].epoch, rows["t0"].steps_per_s, rows["t0"].node) == ("completed", 3, 12.5,
+                                                                                            "10.0.0.9")
+    assert rows["t1"].state == "failed"
+    assert reporter.board.states() == {"completed": 1, "failed": 1} and reporter.board.best_accuracy() == 0.8
+    assert pickle.loads(pickle.dumps(reporter)).board is None  # Tune pickles its callbacks

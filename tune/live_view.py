@@ -8,6 +8,7 @@ or a log file ``LineView`` prints one plain line per event, as the search always
 
 from __future__ import annotations
 
+import atexit
 import sys
 import time
 from dataclasses import dataclass
@@ -100,6 +101,7 @@ class TableView:
         self.console = Console(file=stream or sys.stderr)
         self.live = Live(console=self.console, auto_refresh=False, transient=False)
         self.live.start()
+        atexit.register(self.close)  # an interrupted search gives the terminal its cursor back too
 
     def render(self, board: TrialBoard, last: str):
         from rich.table import Table
