@@ -168,7 +168,7 @@ def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float) -
         f"  results (one row/trial) {plan.results_path}",
         f"  Optuna study           {plan.study_name!r} in {plan.study_storage}",
         "",
-        "look at it with:",
+        "look at it with (Prometheus records only while it runs, so start it before the next search):",
         *viewing_commands(plan),
     ]
     print("\n".join(lines), flush=True)
@@ -186,7 +186,7 @@ def viewing_commands(plan: SearchPlan) -> list[str]:
     return [
         f"  Optuna dashboard       optuna-dashboard {plan.study_storage}",
         f"  MLflow UI              {mlflow}",
-        f"  Prometheus             prometheus --config.file={DASHBOARDS / 'prometheus.yml'}   (during a search)",
+        f"  Prometheus             prometheus --config.file={DASHBOARDS / 'prometheus.yml'}",
         f"  Grafana                LRRA_DASHBOARDS_DIR={DASHBOARDS} LRRA_PROMETHEUS_URL=http://localhost:9090 "
         f"grafana-server --homepath /usr/share/grafana cfg:paths.provisioning={provisioning}",
         f"                         then http://localhost:3000/d/lrra-search?var-search={plan.name} "
