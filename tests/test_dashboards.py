@@ -101,9 +101,11 @@ def free_port() -> int:
 
 
 def start_prometheus(folder: Path) -> tuple[subprocess.Popen, str]:
-    """dashboards/prometheus.yml as it is, but scraping every second (the test is short)."""
+    """dashboards/prometheus.yml as it is, but scraping every second and re-reading Ray's
+    service-discovery file every two (the test is short)."""
     config = yaml.safe_load((DASHBOARDS / "prometheus.yml").read_text())
     config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
+    config["scrape_configs"][0]["file_sd_configs"][0]["refresh_interval"] = "2s"
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     process = subprocess.Popen(
