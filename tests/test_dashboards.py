@@ -115,12 +115,15 @@ def start_prometheus(folder: Path) -> tuple[subprocess.Popen, str]:
     return process, f"http://127.0.0.1:{port}"
 
 
-def query(prometheus: str, expr: str) -> list[dict]:
-    url = f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expr})}"
+def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as response:
         answer = json.load(response)
     assert answer["status"] == "success", answer
-    return answer["data"]["result"]
+    return answer
+
+
+def query(prometheus: str, expr: str) -> list[dict]:
+    return get_json(f"{prometheus}/api/v1/query?{urllib.parse.urlencode({'query': expr})}")["data"]["result"]
 
 
 def dashboard_expr(expr: str, search: str) -> str:
@@ -152,13 +155,15 @@ def test_every_dashboard_query_returns_series_of_a_running_search(tmp_path, digi
                     seen[expr] = series
                     del pending[expr]
         output = search.communicate(timeout=240)[0]
+        targets = [(t["scrapeUrl"], t["health"], t["lastError"])
+                   for t in get_json(f"{url}/api/v1/targets")["data"]["activeTargets"]]
     finally:
         for process in (search, prometheus):
             if process.poll() is None:
                 process.kill()
                 process.wait()
     assert search.returncode == 0, output[-3000:]
-    assert not pending, f"no series while the search ran for: {sorted(pending)}\n{output[-2000:]}"
+    assert not pending, f"no series while the search ran for: {sorted(pending)}; targets {targets}\n{output[-2000:]}"
     for expr, series in seen.items():
         scope = next(q.scope for q in build_dashboard.queries() if q.expr == expr)
         for one in series:
