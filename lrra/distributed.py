@@ -45,6 +45,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 
 from lrra.config import LRRAConfig
+from lrra.live_metrics import DISTILL_SEARCH, WorkerMetrics
 from lrra.models import build_classifier
 from lrra.preflight import (
     DistributedSetupError,
@@ -75,6 +76,8 @@ BEST_STUDENT_FILE = "best_student.pt"
 # spare so that a checkpoint being replaced is never the only one.
 CHECKPOINTS_KEPT = 2
 DIVERGED = "diverged"  # key of the last report of a run whose loss went non-finite (value 1)
+# Key of each epoch's report (not of MLflow's metrics): the node rank 0 trains on, for the search's view.
+RANK0_NODE = "rank0_node_ip"
 
 if TYPE_CHECKING:
     from lrra.tracking import RunTarget
@@ -268,23 +271,33 @@ def tag_node(run) -> None:
     run.client.set_tag(run.run_id, NODE_HISTORY_TAG, f"{history},{ip}" if history else ip)
 
 
+def worker_metrics(config: dict[str, Any], rank: int) -> WorkerMetrics:
+    """This worker's live metrics (lrra/live_metrics.py), tagged with its search, trial and rank."""
+    tags = config["metric_tags"]
+    return WorkerMetrics(tags["search"], tags["trial"], rank)
+
+
 def run_epochs(distiller: Distiller, config: dict[str, Any], run, resumed: bool) -> None:
     """Train to the last epoch, reporting every epoch from every rank and checkpointing when due."""
     cfg, rank = distiller.cfg, distiller.rank
+    live, node_ip = worker_metrics(config, rank), ray.util.get_node_ip_address()
     while distiller.epoch < cfg.epochs:
         maybe_inject_fault(cfg, distiller.epoch, rank, resumed)
         metrics = distiller.train_epoch()
+        live.export(metrics, distiller.rank_metrics, cfg.memory_capacity, cfg.iters_per_epoch * cfg.kd_steps,
+                    distiller.device)
         if rank == 0:
             logger.info(format_progress(metrics, cfg.epochs))
         if run is not None:
             run.on_epoch(metrics, distiller)  # before the report, after which a scheduler may stop the trial
+        report = {**metrics, RANK0_NODE: node_ip} if rank == 0 else metrics
         if not checkpoint_due(cfg, distiller.epoch):
-            ray.train.report(metrics)  # V2: every rank reports, every epoch (it is a barrier)
+            ray.train.report(report)  # V2: every rank reports, every epoch (it is a barrier)
             continue
         with tempfile.TemporaryDirectory(prefix="lrra-checkpoint-") as directory:
             save(distiller, Path(directory), config["teacher_meta"])
             # Only rank 0's metrics are attached to the checkpoint; the name is shared by all ranks.
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
                              checkpoint_dir_name=f"checkpoint_epoch_{int(metrics['epoch']):04d}")
 
 
@@ -376,13 +389,15 @@ def write_teacher_file(model: nn.Module, meta: dict[str, Any], path: str) -> Non
 def build_trainer(cfg: LRRAConfig, teacher_state: dict[str, torch.Tensor], teacher_meta: dict[str, Any], *,
                   workers: int, use_gpu: bool = False, resources_per_worker: dict[str, float] | None = None,
                   storage_path: str, name: str, max_failures: int = 0,
-                  callbacks: list | None = None, tracking: RunTarget | None = None) -> TorchTrainer:
+                  callbacks: list | None = None, tracking: RunTarget | None = None,
+                  search: str = DISTILL_SEARCH) -> TorchTrainer:
     """A TorchTrainer running ``train_worker`` on ``workers`` ranks (gloo on CPUs, NCCL on GPUs).
 
     Pure builder: nothing is checked against the cluster or storage (see lrra/preflight.py). A
     ``name`` that already exists under ``storage_path`` resumes that run. ``cfg``'s paths must be
     absolute already (``LRRAConfig.with_absolute_paths`` on the driver): this may run in a Tune
-    trial, whose working folder belongs to one Ray session.
+    trial, whose working folder belongs to one Ray session. The workers' live metrics are tagged
+    with ``search`` and, as the trial, ``name`` (a search names each run after its Tune trial id).
     """
     check_workers(workers)
     check_fault_switch(cfg)
@@ -390,6 +405,7 @@ def build_trainer(cfg: LRRAConfig, teacher_state: dict[str, torch.Tensor], teach
         raise ValueError(f"build_trainer needs an absolute data_dir, got {cfg.data_dir!r}: resolve it on the driver")
     config = train_loop_config(cfg, teacher_state, teacher_meta, tracking)
     config["run_path"] = f"{storage_path.rstrip('/')}/{name}"
+    config["metric_tags"] = {"search": search, "trial": name}
     return TorchTrainer(
         train_worker,
         train_loop_config=config,

@@ -28,6 +28,7 @@ from lrra.losses import generator_loss, generator_loss_terms
 from lrra.memory import ReplayMemory
 from lrra.meta import GradSync, RankMean, student_update
 from lrra.models import build_classifier, build_generator
+from lrra.phase_clock import PhaseClock
 from lrra.splits import EvaluationSplits
 
 EpochCallback = Callable[[dict[str, float], "Distiller"], None]
@@ -144,6 +145,10 @@ class Distiller:
         self.best_epoch = -1
         self.best_student: dict[str, torch.Tensor] | None = None
         self.last_metrics: dict[str, float] = {}  # the last finished epoch's (a finished run reports them again)
+        # This rank's own losses and speeds of the last epoch, before the ranks' are averaged: what
+        # a per-worker view shows (the same as last_metrics' in a single process).
+        self.rank_metrics: dict[str, float] = {}
+        self.clock = PhaseClock(self.device)
         self._latest_fresh: torch.Tensor | None = None
 
     def _cosine_schedule(self, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -222,9 +227,11 @@ class Distiller:
         start = time.perf_counter()
         for _ in range(cfg.iters_per_epoch):
             for _ in range(cfg.gen_steps):
-                add(self.generator_step(), "loss/")
+                with self.clock.phase("perf/generator_step_s"):
+                    add(self.generator_step(), "loss/")
             for _ in range(cfg.kd_steps):
-                add(self.student_step(), "loss/student_")
+                with self.clock.phase("perf/student_step_s"):
+                    add(self.student_step(), "loss/student_")
         seconds = time.perf_counter() - start
 
         # One host sync per epoch: check every loss at once instead of after each step.
@@ -235,7 +242,9 @@ class Distiller:
             "perf/epoch_s": seconds,
             "perf/student_steps_per_s": student_steps / seconds,
             "perf/images_per_s": student_steps * cfg.batch_size / seconds,
+            **self.clock.mean_seconds(),  # mean seconds of one generator step and of one student (meta) step
         }
+        self.rank_metrics = dict(metrics)
         if self.collectives.reduce_metrics is not None:
             metrics = self.collectives.reduce_metrics(metrics)  # every rank then decides alike below
         bad = {k: v for k, v in metrics.items() if k.startswith("loss/") and not math.isfinite(v)}

@@ -3,7 +3,6 @@ a final table."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,11 @@ import pyarrow.parquet as pq
 from ray.tune.experimental.output import AirVerbosity
 from ray.tune.experimental.output import ProgressReporter as TuneProgressReporter
 
-from lrra.runner import stderr_log as say  # progress goes to stderr, as distill's does
+from lrra.distributed import RANK0_NODE
+from lrra.live_metrics import search_metrics
+from lrra.runner import stderr_log as say  # noqa: F401 - tune/search.py says its lines through this
+from tune.live_view import COMPLETED as COMPLETED_STATE
+from tune.live_view import FAILED, STOPPED, TrialBoard, view_for
 from tune.plan import SearchPlan, filesystem
 from tune.study import (
     ALREADY_FINISHED,
@@ -34,48 +37,78 @@ def format_knobs(config: dict[str, Any]) -> str:
 
 
 class ProgressLines(TuneProgressReporter):
-    """One line when a trial starts, after each of its epochs, and when it ends (driver side).
+    """Shows each trial's start, epochs and end (driver side) and exports the search's live metrics.
 
     A Tune progress reporter, not a plain callback: Tune gives the experiment's opening to the
     first reporter among the callbacks, and Ray's own one prints a boxed table and a TensorBoard
-    hint to stdout there. Its other output is off at verbose=0. Plain text, no colours: the lines
-    read the same on a terminal and in a log file.
+    hint to stdout there. Its other output is off at verbose=0. What it shows goes to a
+    tune/live_view.py board: a refreshing table on a terminal, plain lines (no colours) otherwise.
     """
 
-    def __init__(self, epochs: int, num_samples: int) -> None:
+    def __init__(self, epochs: int, num_samples: int, search: str = "") -> None:
         super().__init__(verbosity=AirVerbosity.SILENT)
         self.epochs = epochs
         self.num_samples = num_samples
-        self.start = time.monotonic()
+        self.search = search
+        self.board: TrialBoard | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment state; a live display does not pickle.
+        return {**self.__dict__, "board": None}
+
+    def _board(self) -> TrialBoard:
+        if self.board is None:
+            self.board = TrialBoard(self.epochs, view_for())
+        return self.board
 
     def setup(self, **info) -> None:
-        self.start = time.monotonic()  # also when a resumed search unpickles this callback
+        self.board = TrialBoard(self.epochs, view_for())  # also when a resumed search unpickles this callback
 
     def experiment_started(self, **info) -> None:
         """The search prints its own opening lines (tune/search.py)."""
 
     def print_heartbeat(self, trials, *args, **kwargs) -> None:
-        """No periodic status table: a line per trial event says it all."""
+        """No periodic status table: the board shows every trial event."""
 
-    def _say(self, trial, message: str) -> None:
-        minutes, seconds = divmod(int(time.monotonic() - self.start), 60)
-        number = trial.config.get(OPTUNA_NUMBER, "?")
-        say(f"[{minutes:3d}:{seconds:02d}] trial {number} ({trial.trial_id}) {message}")
+    def _export(self) -> None:
+        if self.search:
+            board = self._board()
+            search_metrics(self.search).export(board.states(), board.best_accuracy())
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._say(trial, f"started ({len(trials)}/{self.num_samples}): {format_knobs(trial.config)}")
+        self._board().started(trial.trial_id, trial.config.get(OPTUNA_NUMBER, "?"),
+                              f"started ({len(trials)}/{self.num_samples}): {format_knobs(trial.config)}")
+        self._export()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if ALREADY_FINISHED in result or DIVERGED_KEY in result or METRIC not in result:
             return  # not a new epoch: on_trial_complete says what it is
-        self._say(trial, f"epoch {result[EPOCHS_DONE]}/{self.epochs}  acc {result[METRIC]:.4f}  "
-                         f"best {result['val/best_student_acc']:.4f}")
+        self._board().epoch(trial.trial_id, trial.config.get(OPTUNA_NUMBER, "?"), result[EPOCHS_DONE],
+                            result[METRIC], result["val/best_student_acc"],
+                            result.get("perf/student_steps_per_s"), result.get(RANK0_NODE, ""))
+        self._export()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        self._say(trial, ending(trial.last_result, self.epochs))
+        result = trial.last_result
+        self._board().ended(trial.trial_id, trial.config.get(OPTUNA_NUMBER, "?"), end_state(result, self.epochs),
+                            ending(result, self.epochs), result.get("val/best_student_acc"))
+        self._export()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._say(trial, f"failed: {trial.error_file or 'see the Ray logs'}")
+        self._board().ended(trial.trial_id, trial.config.get(OPTUNA_NUMBER, "?"), FAILED,
+                            f"failed: {trial.error_file or 'see the Ray logs'}")
+        self._export()
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def end_state(result: dict[str, Any], epochs: int) -> str:
+    """The board's state of a trial that ended: completed, stopped (ASHA, budget) or failed (diverged)."""
+    if result.get(DIVERGED_KEY):
+        return FAILED
+    return COMPLETED_STATE if result.get(EPOCHS_DONE, 0) >= epochs or ALREADY_FINISHED in result else STOPPED
 
 
 def ending(result: dict[str, Any], epochs: int) -> str:
@@ -134,6 +167,28 @@ def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float) -
         f"  experiment             {plan.experiment_path}",
         f"  results (one row/trial) {plan.results_path}",
         f"  Optuna study           {plan.study_name!r} in {plan.study_storage}",
-        f"  dashboard              optuna-dashboard {plan.study_storage}",
+        "",
+        "look at it with (Prometheus records only while it runs, so start it before the next search):",
+        *viewing_commands(plan),
     ]
     print("\n".join(lines), flush=True)
+
+
+DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
+
+
+def viewing_commands(plan: SearchPlan) -> list[str]:
+    """The exact commands that open this search in Optuna's dashboard, MLflow's UI and Grafana."""
+    tracking = plan.tracking_uri
+    mlflow = (f"open {tracking} (the tracking server)" if tracking.startswith(("http://", "https://"))
+              else f"mlflow ui --backend-store-uri {tracking}")
+    provisioning = DASHBOARDS / "grafana" / "provisioning"
+    return [
+        f"  Optuna dashboard       optuna-dashboard {plan.study_storage}",
+        f"  MLflow UI              {mlflow}",
+        f"  Prometheus             prometheus --config.file={DASHBOARDS / 'prometheus.yml'}",
+        f"  Grafana                LRRA_DASHBOARDS_DIR={DASHBOARDS} LRRA_PROMETHEUS_URL=http://localhost:9090 "
+        f"grafana-server --homepath /usr/share/grafana cfg:paths.provisioning={provisioning}",
+        f"                         then http://localhost:3000/d/lrra-search?var-search={plan.name} "
+        f"(see {DASHBOARDS / 'README.md'})",
+    ]

@@ -313,7 +313,7 @@ def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
                                max_concurrent_trials=plan.max_concurrent_trials, time_budget_s=plan.time_budget_s,
                                reuse_actors=False),
         run_config=RunConfig(name=plan.name, storage_path=plan.storage_path, verbose=0,
-                             callbacks=[ProgressLines(cfg.epochs, plan.num_samples)]))
+                             callbacks=[ProgressLines(cfg.epochs, plan.num_samples, plan.name)]))
 
 
 def tune_trials(experiment_path: str) -> dict[str, str]:
@@ -460,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             setup = TrialSetup(config=plan.config, teacher_state=teacher.state_dict(), teacher_meta=teacher_meta,
                                workers=plan.workers_per_trial, cpus_per_worker=plan.cpus_per_worker,
                                gpus_per_worker=plan.gpus_per_worker, train_path=plan.train_path,
-                               tracking=tracker.trial_target, max_failures=cluster.trial_max_failures(target))
+                               tracking=tracker.trial_target, max_failures=cluster.trial_max_failures(target),
+                               search_name=plan.name)
             return run_search(plan, setup, storage, resume, tracker)
     except USER_ERRORS as err:
         say(f"error: {err}")

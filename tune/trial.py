@@ -44,6 +44,7 @@ class TrialSetup:
     # search whose driver was killed before Tune saved their end): they must not run again.
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_failures: int = 0                  # worker-group restarts from the last checkpoint (a lost node)
+    search_name: str = "unnamed-search"    # tags the workers' live metrics (lrra/live_metrics.py)
 
 
 class EpochReport(TuneReportCallback):
@@ -76,7 +77,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         use_gpu=setup.gpus_per_worker > 0,
         resources_per_worker=worker_resources(setup.cpus_per_worker, setup.gpus_per_worker),
         storage_path=setup.train_path, name=trial_id, max_failures=setup.max_failures, callbacks=[EpochReport()],
-        tracking=tracking)
+        tracking=tracking, search=setup.search_name)
     trainer.fit()
 
 

@@ -1,0 +1,124 @@
+"""The tools a finished search points to are installed and serve it: the exact optuna-dashboard and
+``mlflow ui`` commands its last lines print, started on loopback, serve its study and its parent and
+child runs over HTTP."""
+
+import contextlib
+import json
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
+
+from tune.search_tracking import SEARCH_EXPERIMENT  # noqa: E402
+
+BIN = Path(sys.executable).parent  # the environment's console scripts: optuna-dashboard, mlflow
+
+
+@dataclass
+class FinishedSearch:
+    storage: Path                          # the search's --storage-path
+    name: str
+    tracking_uri: str                      # its MLflow store
+    study_url: str                         # its Optuna storage
+    done: subprocess.CompletedProcess
+
+
+# Provisional: the lead's shared session fixture of the same name and interface replaces this one.
+@pytest.fixture(scope="session")
+def finished_smoke_search(tmp_path_factory, digits_teacher) -> FinishedSearch:
+    storage = tmp_path_factory.mktemp("finished-search")
+    name, tracking_uri = "smoke-finished", f"sqlite:///{storage / 'mlflow.db'}"
+    command = [sys.executable, str(ROOT / "tune" / "search.py"), "--smoke-test", "--teacher", str(digits_teacher[0]),
+               "--storage-path", str(storage), "--data-dir", str(storage / "data"), "--name", name,
+               "--tracking-uri", tracking_uri]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return FinishedSearch(storage, name, tracking_uri, f"sqlite:///{storage / 'optuna.db'}", done)
+
+
+def printed_command(stdout: str, label: str) -> list[str]:
+    """The command the search's summary prints after ``label``, split as a shell would."""
+    line = next(line for line in stdout.splitlines() if line.strip().startswith(label))
+    return shlex.split(line.strip().removeprefix(label))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(command: list[str], url: str, log: Path):
+    """Start ``command`` (its program taken from this environment) and wait until ``url`` answers."""
+    with log.open("w") as out:
+        server = subprocess.Popen([str(BIN / command[0]), *command[1:]], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120  # a guard against hangs: both start in seconds on an idle machine
+        while True:
+            assert server.poll() is None, f"{command[0]} exited: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, f"{command[0]} did not answer: {log.read_text()[-2000:]}"
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(url, timeout=2):
+                    break
+            time.sleep(0.5)
+        yield
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def get_json(url: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+@pytest.mark.slow
+def test_optuna_dashboard_serves_the_study_of_a_finished_search(finished_smoke_search, tmp_path):
+    search = finished_smoke_search
+    assert search.done.returncode == 0, search.done.stderr[-3000:]
+    command = printed_command(search.done.stdout, "Optuna dashboard")
+    assert command == ["optuna-dashboard", search.study_url]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with serving([*command, "--host", "127.0.0.1", "--port", str(port)], f"{url}/api/studies", tmp_path / "od.log"):
+        studies = {s["study_name"]: s for s in get_json(f"{url}/api/studies")["study_summaries"]}
+        assert search.name in studies
+        detail = get_json(f"{url}/api/studies/{studies[search.name]['study_id']}")
+        assert len(detail["trials"]) == 3
+        with urllib.request.urlopen(f"{url}/dashboard/", timeout=10) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+
+
+@pytest.mark.slow
+def test_mlflow_ui_serves_the_parent_and_child_runs_of_a_finished_search(finished_smoke_search, tmp_path):
+    search = finished_smoke_search
+    assert search.done.returncode == 0, search.done.stderr[-3000:]
+    command = printed_command(search.done.stdout, "MLflow UI")
+    assert command == ["mlflow", "ui", "--backend-store-uri", search.tracking_uri]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # One worker process: the default several take a minute to start on two busy cores.
+    with serving([*command, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], f"{url}/health",
+                 tmp_path / "mlflow.log"):
+        experiment = get_json(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={SEARCH_EXPERIMENT}")
+        runs = get_json(f"{url}/api/2.0/mlflow/runs/search",
+                        {"experiment_ids": [experiment["experiment"]["experiment_id"]], "max_results": 100})["runs"]
+        tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
+        parents = [run for run, tag in zip(runs, tags, strict=True) if tag.get("mlflow.runName") == search.name]
+        assert len(parents) == 1
+        parent_id = parents[0]["info"]["run_id"]
+        children = [tag for tag in tags if tag.get("mlflow.parentRunId") == parent_id]
+        assert len(children) == 3
+        with urllib.request.urlopen(url, timeout=10) as page:
+            assert page.status == 200 and b"mlflow" in page.read().lower()
