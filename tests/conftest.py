@@ -65,7 +65,7 @@ USELESS_TRIAL = ["--bound", "student_lr=1e-5:0.3", "--point", "student_lr=1e-5"]
 
 
 @pytest.fixture(scope="session")
-def finished_smoke_search(tmp_path_factory, digits_teacher, tracking_server):
+def finished_smoke_search(tmp_path_factory, digits_teacher):
     """One uninterrupted smoke search, as a user runs it, read by every test that checks what a
     finished search leaves behind (study, results, output, MLflow runs, champion).
 
@@ -74,11 +74,12 @@ def finished_smoke_search(tmp_path_factory, digits_teacher, tracking_server):
     after a learning trial has reported its first epoch, and ASHA has a rung to compare it with.
     """
     storage = tmp_path_factory.mktemp("search")
+    tracking_uri = f"sqlite:///{storage / 'mlflow.db'}"  # its own store: `mlflow ui` serves it as printed
     started = time.monotonic()
     done = subprocess.run(search_command(storage, digits_teacher[0], "--name", "smoke", "--tracking-uri",
-                                         tracking_server, "--max-concurrent-trials", "2", *USELESS_TRIAL),
+                                         tracking_uri, "--max-concurrent-trials", "2", *USELESS_TRIAL),
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
-    return SimpleNamespace(storage=storage, name="smoke", tracking_uri=tracking_server, done=done,
+    return SimpleNamespace(storage=storage, name="smoke", tracking_uri=tracking_uri, done=done,
                            study_url=f"sqlite:///{storage / 'optuna.db'}", wall_s=time.monotonic() - started)
 
 

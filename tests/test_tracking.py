@@ -494,7 +494,6 @@ def test_smoke_search_logs_parent_children_plots_and_a_champion(finished_smoke_s
 
     logged = [r for r in children if tracking.TAG_MODEL_URI in r.data.tags]
     best = max(logged, key=lambda r: r.data.metrics["val/best_student_acc"])  # chosen on validation
-    # The first search to register on the session's server (the interrupted one below registers later).
     champion = client.get_model_version_by_alias("lrra-digits-student", "champion")
     assert champion.source == best.data.tags[tracking.TAG_MODEL_URI]
     assert float(champion.tags[tracking.VERSION_ACCURACY_TAG]) == best.data.metrics["val/best_student_acc"]

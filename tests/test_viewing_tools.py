@@ -5,12 +5,10 @@ child runs over HTTP."""
 import contextlib
 import json
 import shlex
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -18,42 +16,16 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
 
+from tests.services import free_port  # noqa: E402
 from tune.search_tracking import SEARCH_EXPERIMENT  # noqa: E402
 
 BIN = Path(sys.executable).parent  # the environment's console scripts: optuna-dashboard, mlflow
-
-
-@dataclass
-class FinishedSearch:
-    storage: Path                          # the search's --storage-path
-    name: str
-    tracking_uri: str                      # its MLflow store
-    study_url: str                         # its Optuna storage
-    done: subprocess.CompletedProcess
-
-
-# Provisional: the lead's shared session fixture of the same name and interface replaces this one.
-@pytest.fixture(scope="session")
-def finished_smoke_search(tmp_path_factory, digits_teacher) -> FinishedSearch:
-    storage = tmp_path_factory.mktemp("finished-search")
-    name, tracking_uri = "smoke-finished", f"sqlite:///{storage / 'mlflow.db'}"
-    command = [sys.executable, str(ROOT / "tune" / "search.py"), "--smoke-test", "--teacher", str(digits_teacher[0]),
-               "--storage-path", str(storage), "--data-dir", str(storage / "data"), "--name", name,
-               "--tracking-uri", tracking_uri]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    return FinishedSearch(storage, name, tracking_uri, f"sqlite:///{storage / 'optuna.db'}", done)
 
 
 def printed_command(stdout: str, label: str) -> list[str]:
     """The command the search's summary prints after ``label``, split as a shell would."""
     line = next(line for line in stdout.splitlines() if line.strip().startswith(label))
     return shlex.split(line.strip().removeprefix(label))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
