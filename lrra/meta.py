@@ -23,10 +23,6 @@ Two traps this module avoids (docs/design.md §3):
     gradient to the student (the authors' public code drops it);
   * fast-weight passes run on cloned BatchNorm buffers, so they never move the real student's
     running statistics; only the single plain KD forward does.
-
-A student whose training-mode forward treats each image on its own (no BatchNorm, no dropout)
-gets S_theta(x_n) from the first rows of the plain KD forward instead of a pass of its own: one
-forward fewer, and one backward through it for the KD and second-order terms together.
 """
 
 from __future__ import annotations
@@ -50,13 +46,6 @@ def _functional_forward(model: nn.Module, params: dict[str, torch.Tensor], x: to
     return functional_call(model, (params, buffers), (x,))
 
 
-def _rows_independent(model: nn.Module) -> bool:
-    """True when a training-mode forward maps each image on its own, deterministically: no batch
-    statistics (BatchNorm, InstanceNorm) and no random masks (dropout)."""
-    coupled = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)
-    return not any(isinstance(module, coupled) for module in model.modules())
-
-
 def student_objective(student: nn.Module, x_new: torch.Tensor, y_new: torch.Tensor,
                       x_mem: torch.Tensor | None, y_mem: torch.Tensor | None, *,
                       meta_lr: float, weight_decay: float, retention_order: int,
@@ -72,25 +61,14 @@ def student_objective(student: nn.Module, x_new: torch.Tensor, y_new: torch.Tens
         loss = kd_loss(student(x_new), y_new)
         return loss, {"kd": loss.detach()}
 
-    logits_both = student(torch.cat([x_new, x_mem]))
-    loss_kd = kd_loss(logits_both, torch.cat([y_new, y_mem]))
+    loss_kd = kd_loss(student(torch.cat([x_new, x_mem])), torch.cat([y_new, y_mem]))
     if retention_order == 0:
         return loss_kd, {"kd": loss_kd.detach()}
 
     # Knowledge acquisition (meta-train): one differentiable SGD step on the fresh batch.
     params = dict(student.named_parameters())
-    shared = _rows_independent(student)
-    if shared:
-        # S_theta(x_n) is then the first rows of S_theta(x_n u x_m): one forward serves both terms,
-        # and one backward through it carries the KD gradient and the second-order term together.
-        logits_new = logits_both[:len(x_new)]
-    else:
-        logits_new = _functional_forward(student, params, x_new)
-    loss_acq = kd_loss(logits_new, y_new)
-    # Order 2 differentiates through this graph again; a shared graph is also the KD term's.
-    second_order = retention_order == 2
-    grads = torch.autograd.grad(loss_acq, list(params.values()), create_graph=second_order,
-                                retain_graph=second_order or shared)
+    loss_acq = kd_loss(_functional_forward(student, params, x_new), y_new)
+    grads = torch.autograd.grad(loss_acq, list(params.values()), create_graph=retention_order == 2)
     if mean_over_ranks is not None:
         # Every rank must step to the same theta': the one of the union of all ranks' fresh batches.
         grads = mean_over_ranks(list(grads))

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrra import meta
 from lrra.meta import student_objective, student_update
 from lrra.models import build_classifier
 
@@ -134,28 +133,3 @@ def test_clip_norm_rescales_the_applied_gradient_to_that_norm():
     applied = [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)]
     for got, full in zip(applied, want, strict=True):  # same direction, a quarter of the length
         torch.testing.assert_close(got, full / 4, atol=1e-6, rtol=1e-4)
-
-
-def test_shared_forward_equals_separate_forward_and_is_off_with_batch_statistics(monkeypatch):
-    """Without BatchNorm or dropout the acquisition reuses the KD forward; the update is the same."""
-    torch.manual_seed(0)
-    student = build_classifier("lenet5_half", 10, 1).double()
-    g = torch.Generator().manual_seed(3)
-    x_new, x_mem = (torch.randn(n, 1, 32, 32, generator=g, dtype=torch.float64) for n in (6, 2))
-    y_new, y_mem = (torch.randn(n, 10, generator=g, dtype=torch.float64) for n in (6, 2))
-
-    def step(model):
-        before = [p.detach().clone() for p in model.parameters()]
-        student_update(model, torch.optim.SGD(model.parameters(), lr=1.0), x_new, y_new, x_mem, y_mem,
-                       meta_lr=ALPHA, weight_decay=WD, retention_order=2)
-        return [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)]
-
-    assert meta._rows_independent(student)
-    shared = step(copy.deepcopy(student))
-    monkeypatch.setattr(meta, "_rows_independent", lambda model: False)
-    separate = step(copy.deepcopy(student))
-    for a, b in zip(shared, separate, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
-    monkeypatch.undo()
-    assert not meta._rows_independent(build_classifier("resnet18", 10, 3))
-    assert not meta._rows_independent(nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1)))
