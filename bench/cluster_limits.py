@@ -1,4 +1,4 @@
-"""What the central services of a cluster search cost per trial: ``python bench/cluster_limits.py``.
+"""What the central services of a cluster search cost per trial: ``python -m bench.cluster_limits``.
 
 No Ray is started. Measures, on this machine:
 - the Optuna study in SQLite: a TPE ask (the cifar100 space, multivariate) + tell, as the study
@@ -21,12 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 import optuna
 import torch
 
+from bench.timing import timed
 from lrra.config import preset
 from lrra.models import build_classifier
 from lrra.train import Distiller
@@ -41,16 +39,11 @@ def optuna_costs(folder: Path, trials: int) -> dict[str, float]:
                                 sampler=optuna.samplers.TPESampler(multivariate=True, seed=0, n_startup_trials=10))
     ask_tell, report = [], []
     for number in range(trials):
-        started = time.perf_counter()
-        trial = study.ask(space)
-        ask_s = time.perf_counter() - started
+        trial, ask_s = timed(lambda: study.ask(space))
         for epoch in range(3):
-            started = time.perf_counter()
-            trial.report(0.5 + 0.01 * epoch, epoch)
-            report.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        study.tell(trial, 0.5 + 0.4 * (number % 7) / 7)
-        ask_tell.append(ask_s + time.perf_counter() - started)
+            report.append(timed(lambda trial=trial, epoch=epoch: trial.report(0.5 + 0.01 * epoch, epoch))[1])
+        _, tell_s = timed(lambda trial=trial, number=number: study.tell(trial, 0.5 + 0.4 * (number % 7) / 7))
+        ask_tell.append(ask_s + tell_s)
     return {"ask+tell ms, trials 10-20": 1e3 * statistics.median(ask_tell[10:20]),
             f"ask+tell ms, trials {trials - 10}-{trials}": 1e3 * statistics.median(ask_tell[-10:]),
             "report ms (median)": 1e3 * statistics.median(report)}
@@ -88,9 +81,7 @@ def mlflow_costs(folder: Path, batches: int) -> dict[str, float]:
         latencies = []
         for epoch in range(batches):
             metrics = [Metric(name, 0.1 * epoch, int(time.time() * 1000), epoch) for name in names]
-            started = time.perf_counter()
-            client.log_batch(run_id, metrics=metrics)
-            latencies.append(time.perf_counter() - started)
+            latencies.append(timed(lambda metrics=metrics: client.log_batch(run_id, metrics=metrics))[1])
         return {"log_batch of 20 metrics, ms (median)": 1e3 * statistics.median(latencies),
                 "log_batch per s, one client": 1 / statistics.mean(latencies)}
     finally:

@@ -11,9 +11,9 @@ Two ratios, medians over the repeats:
   reporting, checkpoints) over the whole bare command (Python startup included);
 - search / bare: the whole search command (plus Ray's own startup and shutdown) over the same.
 
-    python bench/overhead.py                       # mnist, 15 epochs: a trial of a few minutes
-    python bench/overhead.py --epochs 3 --repeats 1
-    python bench/overhead.py --smoke-test          # digits, seconds of work: Ray's startup dominates
+    python -m bench.overhead                       # mnist, 15 epochs: a trial of a few minutes
+    python -m bench.overhead --epochs 3 --repeats 1
+    python -m bench.overhead --smoke-test          # digits, seconds of work: Ray's startup dominates
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import optuna
 
+from bench.timing import timed
 from lrra.config import preset
 from lrra.teacher import obtain_teacher
 
@@ -37,11 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 THREADS = 1  # what a 1-CPU Ray Train worker gets
 
 
-def timed(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
+def run_timed(command: list[str], env: dict[str, str]) -> tuple[float, float, str]:
     """(wall seconds, 1-minute load average at the end, stderr tail); raises if the command fails."""
-    start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
-    wall = time.perf_counter() - start
+    done, wall = timed(lambda: subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env))
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return wall, os.getloadavg()[0], done.stderr
@@ -86,10 +84,11 @@ def main() -> None:
         # Both log to MLflow, as they do by default, into a store of their own.
         tracking_uri = f"sqlite:///{work / 'mlflow.db'}"
         for repeat in range(args.repeats):
-            bare_s, bare_load, _ = timed(bare_command(args, teacher, work / f"bare-{repeat}", tracking_uri), env)
+            bare_s, bare_load, _ = run_timed(bare_command(args, teacher, work / f"bare-{repeat}", tracking_uri), env)
             print(f"repeat {repeat + 1}: bare   {bare_s:7.1f} s  (load {bare_load:.1f})", file=sys.stderr, flush=True)
             name = f"overhead-{repeat}"
-            search_s, search_load, _ = timed(search_command(args, teacher, work / "search", name, tracking_uri), env)
+            search = search_command(args, teacher, work / "search", name, tracking_uri)
+            search_s, search_load, _ = run_timed(search, env)
             trial_s = trial_wall_s(work / "search", name)
             print(f"repeat {repeat + 1}: search {search_s:7.1f} s, its trial {trial_s:.1f} s  (load {search_load:.1f})",
                   file=sys.stderr, flush=True)

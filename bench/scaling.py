@@ -5,9 +5,9 @@ on what the teacher knows) and is timed on its last epoch, when the replay memor
 every student step is the full LRRA update. Under Ray Train the speeds are the reported, reduced
 metrics: student steps/s is the mean over ranks, images/s their sum (each rank its own batch B).
 
-    python bench/scaling.py                          # mnist shapes on CPU: bare, 1 and 2 workers
-    python bench/scaling.py --smoke-test             # digits, seconds of work (Ray startup dominates)
-    python bench/scaling.py --preset cifar100 --gpu --workers 1   # ResNet-34 -> ResNet-18, B=512
+    python -m bench.scaling                          # mnist shapes on CPU: bare, 1 and 2 workers
+    python -m bench.scaling --smoke-test             # digits, seconds of work (Ray startup dominates)
+    python -m bench.scaling --preset cifar100 --gpu --workers 1   # ResNet-34 -> ResNet-18, B=512
 
 It also prices the collective that makes N workers take the step of one process on the union of
 their batches (the acquisition gradient's differentiable all-reduce inside every LRRA step): on
@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 
@@ -86,7 +87,7 @@ def time_acquisition_collective(config: dict) -> dict[str, float]:
         for label, collectives in (("with", distributed.RAY_TRAIN_COLLECTIVES), ("without", without)):
             distiller.collectives = collectives
             times[label].append(distiller.train_epoch()["perf/epoch_s"])
-    return {f"epoch_s_{label}": sorted(t)[len(t) // 2] for label, t in times.items()}
+    return {f"epoch_s_{label}": statistics.median(t) for label, t in times.items()}
 
 
 def acquisition_collective_cost(cfg, teacher_state: dict, meta: dict, workers: int, use_gpu: bool,

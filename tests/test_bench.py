@@ -1,0 +1,90 @@
+"""The benchmark suite runs end to end, and its authors'-style baseline computes our update."""
+
+import copy
+import json
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+from lrra.meta import student_update
+from lrra.models import build_classifier
+
+ROOT = Path(__file__).resolve().parent.parent
+ALPHA, WD = 0.7, 5e-4
+
+
+def applied_gradient(student, update) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(the gradient an update applied, read off a plain SGD(lr=1) step; the buffers after it)."""
+    before = [p.detach().clone() for p in student.parameters()]
+    update(student, torch.optim.SGD(student.parameters(), lr=1.0))
+    return ([b - p.detach() for b, p in zip(before, student.parameters(), strict=True)],
+            [b.clone() for b in student.buffers()])
+
+
+def test_authors_baseline_equals_our_second_order_update():
+    higher_baseline = pytest.importorskip("bench.authors_update",
+                                          reason="needs the bench extra: pip install -e .[bench]")
+    torch.manual_seed(0)
+    # A small conv net with BatchNorm, in float64 so that 1e-5 measures the maths, not rounding.
+    student = build_classifier("convnet_half", 5, 1).double().train()
+    g = torch.Generator().manual_seed(1)
+    x_new, x_mem = torch.randn(8, 1, 8, 8, generator=g, dtype=torch.float64), torch.randn(3, 1, 8, 8, generator=g,
+                                                                                          dtype=torch.float64)
+    y_new, y_mem = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g,
+                                                                                      dtype=torch.float64)
+
+    def ours(model, optimizer):
+        student_update(model, optimizer, x_new, y_new, x_mem, y_mem, meta_lr=ALPHA, weight_decay=WD,
+                       retention_order=2)
+
+    def authors(model, optimizer):
+        higher_baseline.AuthorsUpdate(model, optimizer, meta_lr=ALPHA, weight_decay=WD)(x_new, y_new, x_mem, y_mem)
+
+    def replay_only(model, optimizer):
+        student_update(model, optimizer, x_new, y_new, x_mem, y_mem, meta_lr=ALPHA, weight_decay=WD,
+                       retention_order=0)
+
+    want, want_buffers = applied_gradient(copy.deepcopy(student), ours)
+    got, got_buffers = applied_gradient(copy.deepcopy(student), authors)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    # The fast passes moved no BatchNorm statistics in either: only the plain KD forward did.
+    for a, b in zip(got_buffers, want_buffers, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    # Not trivially equal: the retention term reaches the student (a detached baseline would be replay only).
+    replay, _ = applied_gradient(copy.deepcopy(student), replay_only)
+    assert max((a - b).abs().max().item() for a, b in zip(got, replay, strict=True)) > 1e-4
+
+
+def test_quick_suite_writes_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", "--threads", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["torch_threads"] == 1 and report["quick"] is True
+    assert report["versions"]["torch"] == metadata.version("torch")
+    assert report["memory_method"].startswith("peak RSS growth")
+    steps = ["plain_kd", "order0", "order1", "order2", "generator_step", "iteration"]
+    try:
+        import higher  # noqa: F401
+        steps.append("authors_order2")
+    except ImportError:
+        pass
+    for name, teacher, student in (("mnist", "lenet5", "lenet5_half"), ("resnet", "resnet34", "resnet18")):
+        pair = report["pairs"][name]
+        assert (pair["teacher"], pair["student"]) == (teacher, student)
+        assert set(pair["ms"]) == set(steps) and all(ms > 0 for ms in pair["ms"].values())
+        assert pair["ratio_to_plain_kd"]["plain_kd"] == 1.0
+        assert set(pair["ratio_to_plain_kd"]) == {s for s in steps if s not in ("generator_step", "iteration")}
+        assert pair["images_per_s"] == pytest.approx(pair["kd_steps"] * pair["batch"] / pair["ms"]["iteration"] * 1e3)
+        assert set(pair["peak_mib"]) == set(steps)
+        assert all(mib is not None and mib >= 0 for mib in pair["peak_mib"].values())
+        if "authors_order2" in steps:
+            assert pair["order2_over_authors"] == pytest.approx(pair["ms"]["order2"] / pair["ms"]["authors_order2"])
+    # The table names the device and threads too.
+    assert "torch threads 1" in done.stdout and "x plain KD" in done.stdout
