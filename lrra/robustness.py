@@ -8,13 +8,12 @@ search sees the same images), and lrra.data resolves it by name like any other d
 as for MNIST (the teacher's validation holdout of lrra/splits.py included). None is part of the
 default search.
 
-=================  ==========================================================  =======  ===============
-name               what differs from MNIST                                     classes  train / test
-=================  ==========================================================  =======  ===============
-``mnist-inverted`` intensities inverted: dark digits on a white background     10       60,000 / 10,000
-``mnist-rotated``  each image rotated by its own angle, uniform in ±45° (seeded) 10     60,000 / 10,000
-``mnist-subset5``  only the digits 0–4, labels unchanged                       5        30,596 / 5,139
-=================  ==========================================================  =======  ===============
+* ``mnist-inverted``: intensities inverted, dark digits on a white background; 10 classes,
+  60,000 / 10,000 train / test images.
+* ``mnist-rotated``: each image rotated by its own angle, uniform in ±45° (a fixed seed per
+  split); 10 classes, 60,000 / 10,000 images.
+* ``mnist-subset5``: only the digits 0-4, labels unchanged; 5 classes (set ``num_classes=5``),
+  30,596 / 5,139 images.
 
 All are built at MNIST's 28x28x1 and, like MNIST, resized to the run's ``image_size``
 (32x32x1 in the mnist preset). Digits upscaled, the fourth case (1,437 small, blurry training
