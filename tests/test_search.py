@@ -30,9 +30,10 @@ from tune.study import STOP_REASON, TUNE_TRIAL_ID  # noqa: E402
 
 SEARCH = ROOT / "tune" / "search.py"
 SEARCH_TIMEOUT_S = 600  # a guard against hangs, not a speed target: CI machines can be busy
-# The useless trial: a student that barely moves. The preset's own trial (the first) learns, so
-# ASHA stops the useless one at its first rung (after epoch 1, grace period 1).
-USELESS = ["--bound", "student_lr=1e-5:0.3", "--point", "student_lr=1e-5"]
+# The useless trial: a student that barely moves. The preset's own trial (the first) and LRRA with
+# a memory (the second: the digits preset has none, so the search adds no no-memory variant) learn,
+# so ASHA stops the useless one at its first rung (after epoch 1, grace period 1).
+USELESS = ["--point", "memory_capacity=4", "--bound", "student_lr=1e-5:0.3", "--point", "student_lr=1e-5"]
 
 
 def search_command(storage: Path, teacher: Path, *args: str) -> list[str]:
@@ -108,9 +109,9 @@ def test_smoke_search_output_is_plain_progress_lines(smoke):
 def test_asha_stops_the_useless_trial_at_its_first_rung(smoke):
     done, storage, _ = smoke
     rows = {row["optuna_trial_number"]: row for row in results_of(storage, "smoke")}
-    # The preset's point first (it has no memory, so no no-memory variant follows), then --point.
-    preset_trial, useless_trial = rows[0], rows[1]
-    assert preset_trial["memory_capacity"] == 0
+    # The preset's point first (it has no memory, so no no-memory variant follows), then the --points.
+    preset_trial, memory_trial, useless_trial = rows[0], rows[1], rows[2]
+    assert (preset_trial["memory_capacity"], memory_trial["memory_capacity"]) == (0, 4)
     assert preset_trial["stop_reason"] == "completed" and preset_trial["epochs"] == 3
     assert useless_trial["student_lr"] == pytest.approx(1e-5)
     assert useless_trial["stop_reason"] == "early-stopped" and useless_trial["state"] == "PRUNED"
