@@ -1,10 +1,12 @@
 """Real labelled data for training teachers and scoring students.
 
-Three kinds of names are understood:
+Four kinds of names are understood:
 
 * a ``torchvision.datasets`` class name (``MNIST``, ``CIFAR10``, ``SVHN``, ...);
 * ``digits``: scikit-learn's bundled 8x8 digits (no files needed, seconds-fast);
-* ``imagefolder:PATH``: ``PATH/train`` and ``PATH/val`` (or ``PATH/test``) folders of class folders.
+* ``imagefolder:PATH``: ``PATH/train`` and ``PATH/val`` (or ``PATH/test``) folders of class folders;
+* a robustness dataset of lrra.robustness (``mnist-inverted``, ``mnist-rotated``, ``mnist-subset5``):
+  MNIST transformed, built from MNIST's files.
 
 Small datasets are materialised once into a ``TensorDataset`` (resized and normalised in bulk), so
 training loops slice tensors instead of decoding PIL images per item.
@@ -29,6 +31,7 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms
 
 from lrra.dataset_files import DatasetUnavailableError, open_torchvision_dataset
+from lrra.robustness import DATASETS as ROBUSTNESS
 
 __all__ = ["DatasetInfo", "DatasetUnavailableError", "dataset_info", "load_split"]
 
@@ -66,6 +69,9 @@ def dataset_info(name: str, data_dir: str = "data") -> DatasetInfo:
     """
     if name == "digits":
         return DatasetInfo(name, 10, 1, *_digits_stats())
+    if name in ROBUSTNESS:
+        spec = ROBUSTNESS[name]
+        return DatasetInfo(name, spec.num_classes, 1, (spec.mean,), (spec.std,))
     if name.startswith(_IMAGEFOLDER):
         classes = _imagefolder_classes(_imagefolder_root(name, data_dir) / "train")
         return DatasetInfo(name, len(classes), 3, _IMAGENET_MEAN, _IMAGENET_STD)
@@ -80,10 +86,12 @@ def _torchvision_class(name: str) -> type[Dataset]:
     cls = getattr(tvd, name, None)
     if isinstance(cls, type) and issubclass(cls, Dataset):
         return cls
-    names = ["digits", *(k for k, v in vars(tvd).items() if isinstance(v, type) and issubclass(v, Dataset))]
+    torchvision_names = (k for k, v in vars(tvd).items() if isinstance(v, type) and issubclass(v, Dataset))
+    names = ["digits", *ROBUSTNESS, *torchvision_names]
     hint = next((f" (did you mean {k!r}?)" for k in names if k.lower() == name.lower()), "")
     raise ValueError(f"unknown dataset {name!r}{hint}: expected a torchvision.datasets class name "
-                     f"(e.g. {', '.join(_KNOWN)}), 'digits', or 'imagefolder:PATH'")
+                     f"(e.g. {', '.join(_KNOWN)}), 'digits', 'imagefolder:PATH', or a robustness dataset "
+                     f"({', '.join(ROBUSTNESS)})")
 
 
 def _count_classes(dataset: Dataset) -> int:
@@ -114,6 +122,8 @@ def load_split(name: str, data_dir: str, train: bool, image_size: int, channels:
     if name == "digits":
         images, labels = _digits_split(train)
         return _materialise(images, labels, image_size, info)
+    if name in ROBUSTNESS:
+        return _materialise(*_robustness_split(name, data_dir, train), image_size, info)
     if name.startswith(_IMAGEFOLDER):
         return _imagefolder_split(name, data_dir, train, _lazy_transform(image_size, info))
     if name in _KNOWN:
@@ -179,6 +189,16 @@ def _digits_stats() -> tuple[tuple[float], tuple[float]]:
     # mostly-black digits far from zero mean.
     x_train = _digits_splits()[0]
     return (float(x_train.mean()),), (float(x_train.std()),)
+
+
+# --- robustness datasets ---------------------------------------------------------------------
+
+@lru_cache(maxsize=2)
+def _robustness_split(name: str, data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The built uint8 images and labels. Cached: a run loads its training split twice (the
+    teacher's training, then the validation holdout), and rotating 60,000 images takes seconds."""
+    spec = ROBUSTNESS[name]
+    return spec.build(*_uint8_images_and_labels(_open_torchvision(spec.source, data_dir, train)), train)
 
 
 # --- imagefolder ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrra.config import LRRAConfig
+from lrra.config import ConfigError, LRRAConfig
 from lrra.data import dataset_info, load_split
 from lrra.models import build_classifier
 from lrra.splits import teacher_training_split
@@ -100,6 +100,9 @@ def train_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any]
     less the validation holdout of lrra/splits.py (recorded in the metadata as ``validation``)."""
     device = resolve_device(cfg.device)
     info = dataset_info(cfg.dataset, cfg.data_dir)
+    if info.num_classes != cfg.num_classes:  # e.g. mnist-subset5 under the mnist preset's 10 classes
+        raise ConfigError(f"config field 'num_classes' = {cfg.num_classes} is invalid: dataset {cfg.dataset!r} "
+                          f"has {info.num_classes} classes; set --set num_classes={info.num_classes}")
     train_set, validation = teacher_training_split(cfg)
     test_set = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)
 

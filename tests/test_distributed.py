@@ -27,9 +27,9 @@ from lrra.runner import RunDiverged
 from lrra.teacher import load_teacher, save_teacher
 
 META_LR, WEIGHT_DECAY = 0.5, 5e-4
-# Digits, 3 epochs of 2 iterations (1 generator + 2 student steps each); the preset pushes into
-# the memory after every epoch, so epochs 1 and 2 run the second-order LRRA step on a replayed batch.
-DIGITS = dict(epochs=3, iters_per_epoch=2, kd_steps=2)
+# Digits, 3 epochs of 2 iterations (1 generator + 2 student steps each), with a memory that takes
+# a push after every epoch, so epochs 1 and 2 run the second-order LRRA step on a replayed batch.
+DIGITS = dict(epochs=3, iters_per_epoch=2, kd_steps=2, memory_capacity=4)
 
 
 @pytest.fixture(scope="module")

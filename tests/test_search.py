@@ -30,7 +30,6 @@ from tune import search, search_tracking, space  # noqa: E402
 from tune.study import STOP_REASON, TUNE_TRIAL_ID  # noqa: E402
 
 SEARCH = ROOT / "tune" / "search.py"
-
 SEARCH_TIMEOUT_S = 600  # a guard against hangs, not a speed target: CI machines can be busy
 
 
@@ -100,9 +99,9 @@ def test_smoke_search_output_is_plain_progress_lines(smoke):
 def test_asha_stops_the_useless_trial_at_its_first_rung(smoke):
     done, storage = smoke
     rows = {row["optuna_trial_number"]: row for row in results_of(storage, "smoke")}
-    # The preset's point first, its no-memory variant second, then --point.
-    preset_trial, plain_kd_trial, useless_trial = rows[0], rows[1], rows[2]
-    assert plain_kd_trial["memory_capacity"] == 0
+    # The preset's point first (it has no memory), the same with LRRA's retention second, then --point.
+    preset_trial, retention_trial, useless_trial = rows[0], rows[1], rows[2]
+    assert (preset_trial["memory_capacity"], retention_trial["memory_capacity"]) == (0, 8)  # the digits space's most
     assert preset_trial["stop_reason"] == "completed" and preset_trial["epochs"] == 3
     assert useless_trial["student_lr"] == pytest.approx(1e-5)
     assert useless_trial["stop_reason"] == "early-stopped" and useless_trial["state"] == "PRUNED"
@@ -325,7 +324,7 @@ def test_a_trial_asked_after_the_last_snapshot_is_taken_over_by_the_next_tune_tr
 
     again = restored(new_searcher, stale)
     taken_over = again.suggest("c")
-    assert taken_over == lost  # the same planned configuration (the no-memory baseline), same Optuna number
+    assert taken_over == lost  # the same planned configuration (the retention counterpart), same Optuna number
     again.on_trial_complete("c", epoch_result(3, 0.5))
 
     trials = asked_trials(searcher)
@@ -399,7 +398,7 @@ def test_a_bound_that_excludes_the_preset_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     note = [line for line in err.splitlines() if "preset's own configuration" in line]
     assert note == ["note: the bounds exclude the preset's own configuration (kd_steps=5 outside 2 .. 4 (integer), "
-                    "student_lr=0.1 outside 0.2 .. 0.3 (log)): its trial and its no-memory variant are not run"]
+                    "student_lr=0.1 outside 0.2 .. 0.3 (log)): its trial and its retention counterpart are not run"]
     assert plan.points_to_evaluate == []
 
 
