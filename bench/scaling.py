@@ -43,7 +43,10 @@ CPUS_PER_WORKER = 1
 def bench_config(args: argparse.Namespace):
     # Memory pushed after every epoch, so the timed last epoch replays it; no test set, no
     # intermediate checkpoints: only the loop itself is measured.
-    overrides = dict(epochs=args.epochs, iters_per_epoch=args.iters, memory_push_every=1, checkpoint_every=0)
+    # A memory of 10 pushes whatever the preset's default (the presets have none): the point is the
+    # LRRA step across workers, replayed batch included.
+    overrides = dict(epochs=args.epochs, iters_per_epoch=args.iters, memory_capacity=10, memory_push_every=1,
+                     checkpoint_every=0)
     if args.smoke_test:
         overrides.update(batch_size=16, memory_push_size=8, iters_per_epoch=2)
     overrides.update(parse_assignments(args.overrides))
