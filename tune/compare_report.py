@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,8 @@ def log_comparison(client: MlflowClient, run_id: str, rows: list[dict[str, Any]]
         if row is not None:
             client.set_tag(run.info.run_id, TAG_VARIANT, row["variant"])
             client.set_tag(run.info.run_id, TAG_SEED, str(row["seed"]))
-    metrics = [Metric(f"{entry['variant']}/{key}", float(entry[key]), 0, 0)
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{entry['variant']}/{key}", float(entry[key]), now, 0)
                for entry in summary for key in entry
                if key.endswith(("_mean", "_std")) and entry[key] is not None]
     client.log_batch(run_id, metrics=metrics)

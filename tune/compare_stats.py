@@ -80,7 +80,7 @@ def paired_difference(values: dict[int, float | None], reference: dict[int, floa
 def summarise(rows: list[dict[str, Any]], variants: list[str], reference: str) -> list[dict[str, Any]]:
     """One row per variant: n seeds, each metric's mean and spread, and (not for the reference) its
     paired difference to the reference, per compared metric, as ``<metric>_diff``, ``_ci_low``,
-    ``_ci_high``, ``_p``, ``_exceeds``."""
+    ``_ci_high``, ``_p``, ``_exceeds`` (None in the reference's own row)."""
     by_variant = {name: {row["seed"]: row for row in rows if row["variant"] == name} for name in variants}
     summary = []
     for name in variants:
@@ -88,10 +88,9 @@ def summarise(rows: list[dict[str, Any]], variants: list[str], reference: str) -
         entry: dict[str, Any] = {"variant": name, "seeds": len(trials), "reference": reference}
         for metric in METRICS:
             entry[f"{metric}_mean"], entry[f"{metric}_std"] = spread([t[metric] for t in trials.values()])
-        if name != reference:
-            for metric in COMPARED:
-                test = paired_difference({s: t[metric] for s, t in trials.items()},
-                                         {s: t[metric] for s, t in by_variant[reference].items()})
-                entry.update({f"{metric}_{key}": value for key, value in test.items() if key != "n"})
+        for metric in COMPARED:  # the reference gets the same columns, empty: every row has one schema
+            test = paired_difference({s: t[metric] for s, t in trials.items()} if name != reference else {},
+                                     {s: t[metric] for s, t in by_variant[reference].items()})
+            entry.update({f"{metric}_{key}": value for key, value in test.items() if key != "n"})
         summary.append(entry)
     return summary
