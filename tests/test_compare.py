@@ -64,7 +64,7 @@ def test_summary_has_mean_and_spread_per_variant_and_no_test_for_the_reference()
     assert summary[0]["best_val_acc_mean"] == pytest.approx(0.75)
     assert summary[0]["best_val_acc_std"] == pytest.approx(np.std([0.7, 0.8], ddof=1))
     assert summary[0]["best_val_acc_diff"] == pytest.approx(0.2) and summary[0]["test_acc_diff"] == pytest.approx(0.2)
-    assert "best_val_acc_diff" not in summary[1]
+    assert summary[1]["best_val_acc_diff"] is None and set(summary[1]) == set(summary[0])
 
 
 # ----------------------------------------------------------------------------------------
@@ -75,8 +75,11 @@ def test_trial_points_check_every_variant():
     base = preset("digits")
     points = trial_points(base, [Variant("w", {"retention_weight": "0.1"}), Variant("n", {"memory_capacity": 0})],
                           [0, 1])
-    assert points == [{"retention_weight": 0.1, "seed": 0}, {"retention_weight": 0.1, "seed": 1},
-                      {"memory_capacity": 0, "seed": 0}, {"memory_capacity": 0, "seed": 1}]
+    # Every point sets every changed field (the base value where its variant leaves one alone).
+    assert points == [{"retention_weight": 0.1, "memory_capacity": 4, "seed": 0},
+                      {"retention_weight": 0.1, "memory_capacity": 4, "seed": 1},
+                      {"retention_weight": 1.0, "memory_capacity": 0, "seed": 0},
+                      {"retention_weight": 1.0, "memory_capacity": 0, "seed": 1}]
     with pytest.raises(ConfigError, match="variants order-2 and same are the same configuration"):
         trial_points(base, [Variant("order-2", {"retention_order": 2}), Variant("same", {"meta_lr": 0.1})], [0])
     with pytest.raises(ConfigError, match="variant x: 'seed' is set per trial by --seeds"):
@@ -154,3 +157,4 @@ def test_comparison_on_digits_is_complete_and_repeatable(tmp_path, digits_teache
         assert run.data.params["seed"] == str(row["seed"])
         assert run.data.metrics["val/best_student_acc"] == pytest.approx(row["best_val_acc"])
         assert run.data.params["memory_capacity"] == ("0" if row["variant"] == "no-memory" else "4")
+

@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the tune/ modules importa
 import pyarrow.fs
 import ray
 import ray.cloudpickle
+import ray.tune
 from ray.tune import ResultGrid, RunConfig, TuneConfig, Tuner
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -170,11 +171,14 @@ def comparison_plan(args: argparse.Namespace, base: LRRAConfig, points: list[dic
 
 def run_trials(plan: SearchPlan, setup: TrialSetup) -> ResultGrid:
     """Every point once, as many at a time as the cluster's free resources allow."""
+    points = plan.points_to_evaluate
+    # The points are the whole plan; the space only names their keys (each point's values are in it).
+    space = {key: ray.tune.choice(list(dict.fromkeys(point[key] for point in points))) for key in points[0]}
     tuner = Tuner(
-        trainable(setup, plan.driver_cpus),
-        tune_config=TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=plan.points_to_evaluate),
-                               num_samples=plan.num_samples, max_concurrent_trials=plan.max_concurrent_trials,
-                               reuse_actors=False),
+        trainable(setup, plan.driver_cpus), param_space=space,
+        tune_config=TuneConfig(search_alg=BasicVariantGenerator(points_to_evaluate=points,
+                                                                max_concurrent=plan.max_concurrent_trials),
+                               num_samples=plan.num_samples, reuse_actors=False),
         run_config=RunConfig(name=plan.name, storage_path=plan.storage_path, verbose=0,
                              callbacks=[ProgressLines(plan.cfg.epochs, plan.num_samples)]))
     return tuner.fit()

@@ -89,6 +89,8 @@ def top_configurations(search_storage: str, search_name: str, top_k: int) -> tup
 def trial_points(base: LRRAConfig, variants: list[Variant], seeds: list[int]) -> list[dict[str, Any]]:
     """One Tune config per (variant, seed): the variant's fields and the seed, checked and coerced.
 
+    Every point sets the same fields, those any variant changes (a variant that leaves one alone
+    has the base value there): Tune takes preset points only for the keys of its search space.
     Every variant must make a valid config (the error names the variant and the field) and no two
     may be the same configuration: a trial's config is how its result is matched to its variant.
     """
@@ -97,6 +99,7 @@ def trial_points(base: LRRAConfig, variants: list[Variant], seeds: list[int]) ->
     if duplicates:
         raise ConfigError(f"variant name(s) {duplicates} given more than once")
     seen: dict[str, str] = {}
+    fields = list(dict.fromkeys(field for variant in variants for field in variant.changes))
     points = []
     for variant in variants:
         if "seed" in variant.changes:
@@ -109,8 +112,7 @@ def trial_points(base: LRRAConfig, variants: list[Variant], seeds: list[int]) ->
         if key in seen:
             raise ConfigError(f"variants {seen[key]} and {variant.name} are the same configuration")
         seen[key] = variant.name
-        changes = {field: getattr(cfg, field) for field in variant.changes}
-        points += [{**changes, "seed": seed} for seed in seeds]
+        points += [{**{field: getattr(cfg, field) for field in fields}, "seed": seed} for seed in seeds]
     return points
 
 
