@@ -73,6 +73,10 @@ class LRRAConfig:
     """alpha: step size of the fast-weight SGD step in knowledge acquisition (meta-train)."""
     retention_order: int = 2
     """Meta-gradient of the retention loss: 2 second order (paper), 1 first order, 0 replay only."""
+    retention_weight: float = 1.0
+    """lambda: weight of the retention term l(S_theta'(x_m), T(x_m)) vs. the KD term (1: paper; 0: replay only)."""
+    retention_warmup_epochs: int = 0
+    """Epochs before the retention term switches on (replay-only KD on x_n u x_m until then); 0 = from the start."""
     student_clip_norm: float = 0.0
     """Clip the student's (rank-averaged) gradient to this global L2 norm before each step; 0 = off."""
     generator_clip_norm: float = 0.0
@@ -87,6 +91,8 @@ class LRRAConfig:
     """Images per push, sliced from the latest fresh batch (B/8 in the reference)."""
     replay_batches: int = 1
     """Stored pushes replayed together at each student step."""
+    replay_batch_size: int = 0
+    """Images replayed per student step, drawn uniformly from all stored images; 0 = replay_batches whole pushes."""
 
     # --- generator loss weights --------------------------------------------------------
     w_oh: float = 1.0
@@ -162,6 +168,13 @@ class LRRAConfig:
         need(self.retention_order in (0, 1, 2), "retention_order",
              "0 (replay only), 1 (first order) or 2 (second order)")
         need(self.memory_capacity >= 0, "memory_capacity", "must be an integer >= 0 (0 = no memory)")
+        need(self.retention_weight >= 0, "retention_weight", "must be >= 0 (0 = replay only)")
+        need(self.retention_warmup_epochs >= 0, "retention_warmup_epochs",
+             "must be an integer >= 0 (0 = retention from the first epoch)")
+        need(self.replay_batch_size >= 0, "replay_batch_size",
+             "must be an integer >= 0 (0 = replay_batches whole pushes)")
+        need(self.replay_batch_size == 0 or self.replay_batches == 1, "replay_batch_size",
+             f"set either replay_batch_size or replay_batches (now {self.replay_batches}), not both")
         need(self.memory_push_size <= self.batch_size, "memory_push_size",
              f"must be <= batch_size ({self.batch_size}): a push is a slice of one fresh batch")
         need(self.checkpoint_every >= 0, "checkpoint_every", "must be an integer >= 0")

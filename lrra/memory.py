@@ -38,6 +38,14 @@ class ReplayMemory:
         picks = torch.randint(len(self._batches), (count,), generator=generator, device="cpu")
         return torch.cat([self._batches[i] for i in picks.tolist()])
 
+    def sample_images(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``count`` images drawn uniformly (with replacement) from every stored image, whatever its push."""
+        if not self._batches:
+            raise RuntimeError("cannot sample from an empty replay memory")
+        images = torch.cat(list(self._batches))
+        picks = torch.randint(len(images), (count,), generator=generator, device="cpu")
+        return images[picks.to(images.device)]
+
     def state_dict(self) -> dict:
         return {"capacity": self.capacity, "batches": [b.cpu() for b in self._batches]}
 

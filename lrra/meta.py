@@ -3,9 +3,13 @@
 With fresh synthetic images x_n (teacher outputs y_n) and replayed ones x_m (teacher outputs y_m):
 
     theta' = theta - alpha * (grad l(S_theta(x_n), y_n) + wd * theta)     acquisition: one SGD step
-    L      = l(S_theta'(x_m), y_m)                                         retention at theta'
+    L      = lambda * l(S_theta'(x_m), y_m)                                retention at theta'
            + l(S_theta(x_n u x_m), y_n u y_m)                              plain KD on both batches
     theta  <- optimizer step with grad_theta L
+
+lambda is ``retention_weight`` (1 in the paper). lambda = 0, like retention_order 0, drops the
+retention term (and its acquisition step) altogether: replay only. The training loop passes
+order 0 for the first ``retention_warmup_epochs`` epochs.
 
 retention_order chooses how grad_theta of the retention term is taken:
   2: through theta' exactly (second order). It carries -alpha * H_n * grad L_ret, which by a
@@ -49,7 +53,7 @@ def _functional_forward(model: nn.Module, params: dict[str, torch.Tensor], x: to
 def student_objective(student: nn.Module, x_new: torch.Tensor, y_new: torch.Tensor,
                       x_mem: torch.Tensor | None, y_mem: torch.Tensor | None, *,
                       meta_lr: float, weight_decay: float, retention_order: int,
-                      mean_over_ranks: RankMean | None = None,
+                      retention_weight: float = 1.0, mean_over_ranks: RankMean | None = None,
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss whose gradient w.r.t. the student's parameters is the LRRA update direction.
 
@@ -62,7 +66,7 @@ def student_objective(student: nn.Module, x_new: torch.Tensor, y_new: torch.Tens
         return loss, {"kd": loss.detach()}
 
     loss_kd = kd_loss(student(torch.cat([x_new, x_mem])), torch.cat([y_new, y_mem]))
-    if retention_order == 0:
+    if retention_order == 0 or retention_weight == 0:
         return loss_kd, {"kd": loss_kd.detach()}
 
     # Knowledge acquisition (meta-train): one differentiable SGD step on the fresh batch.
@@ -78,13 +82,13 @@ def student_objective(student: nn.Module, x_new: torch.Tensor, y_new: torch.Tens
     # Knowledge retention (meta-test): the memory batch evaluated at the fast weights.
     loss_ret = kd_loss(_functional_forward(student, fast, x_mem), y_mem)
     parts = {"kd": loss_kd.detach(), "acquisition": loss_acq.detach(), "retention": loss_ret.detach()}
-    return loss_ret + loss_kd, parts
+    return retention_weight * loss_ret + loss_kd, parts
 
 
 def student_update(student: nn.Module, optimizer: torch.optim.Optimizer, x_new: torch.Tensor,
                    y_new: torch.Tensor, x_mem: torch.Tensor | None, y_mem: torch.Tensor | None, *,
                    meta_lr: float, weight_decay: float, retention_order: int,
-                   sync_grads: GradSync | None = None,
+                   retention_weight: float = 1.0, sync_grads: GradSync | None = None,
                    mean_over_ranks: RankMean | None = None, clip_norm: float = 0.0) -> dict[str, torch.Tensor]:
     """One optimizer step of the student on the LRRA objective; returns the logged loss parts.
 
@@ -95,7 +99,7 @@ def student_update(student: nn.Module, optimizer: torch.optim.Optimizer, x_new: 
     """
     loss, parts = student_objective(student, x_new, y_new, x_mem, y_mem, meta_lr=meta_lr,
                                     weight_decay=weight_decay, retention_order=retention_order,
-                                    mean_over_ranks=mean_over_ranks)
+                                    retention_weight=retention_weight, mean_over_ranks=mean_over_ranks)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     params = [p for p in student.parameters() if p.requires_grad]

@@ -194,16 +194,26 @@ class Distiller:
             y_new = self.teacher(x_new).float()
             x_mem = y_mem = None
             if len(self.memory):
-                x_mem = self.memory.sample(cfg.replay_batches, self.replay_rng).to(self.device)
+                x_mem = self._replay_batch()
                 y_mem = self.teacher(x_mem).float()
         self._latest_fresh = x_new
+        # Before the warm-up ends the generator's images are poor: replay them, retain nothing (order 0).
+        order = cfg.retention_order if self.epoch >= cfg.retention_warmup_epochs else 0
         with self._autocast():
             return student_update(self.student, self.opt_student, x_new, y_new, x_mem, y_mem,
                                   meta_lr=cfg.meta_lr, weight_decay=cfg.weight_decay,
-                                  retention_order=cfg.retention_order,
+                                  retention_order=order, retention_weight=cfg.retention_weight,
                                   sync_grads=self.collectives.average_gradients,
                                   mean_over_ranks=self.collectives.mean_over_ranks,
                                   clip_norm=cfg.student_clip_norm)
+
+    def _replay_batch(self) -> torch.Tensor:
+        """x_m: ``replay_batch_size`` stored images, or (0, the paper) ``replay_batches`` whole pushes."""
+        if self.cfg.replay_batch_size:
+            images = self.memory.sample_images(self.cfg.replay_batch_size, self.replay_rng)
+        else:
+            images = self.memory.sample(self.cfg.replay_batches, self.replay_rng)
+        return images.to(self.device)
 
     # ------------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:

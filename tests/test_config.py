@@ -2,7 +2,7 @@
 
 import pytest
 
-from lrra.config import PRESETS, ConfigError, LRRAConfig, describe, parse_assignments, preset
+from lrra.config import PRESETS, ConfigError, LRRAConfig, check_resumable, describe, parse_assignments, preset
 
 BAD_VALUES = [
     ("student_lr", -0.1, "must be > 0"),
@@ -25,6 +25,10 @@ BAD_VALUES = [
     ("w_ie", -5.0, ">= 0"),
     ("student_lr", float("nan"), "finite"),
     ("device", "tpu", "'auto'"),
+    ("retention_weight", -0.5, ">= 0"),
+    ("retention_weight", float("inf"), "finite"),
+    ("retention_warmup_epochs", -1, ">= 0"),
+    ("replay_batch_size", -8, ">= 0"),
 ]
 
 
@@ -73,3 +77,16 @@ def test_every_field_has_a_docstring():
     docs = describe()
     assert set(docs) == set(LRRAConfig.__dataclass_fields__)
     assert all(doc.strip() for doc in docs.values())
+
+
+def test_replay_batch_size_and_replay_batches_are_not_set_together():
+    with pytest.raises(ConfigError, match="'replay_batch_size' = 32 .*not both"):
+        preset("mnist", replay_batch_size=32, replay_batches=2)
+    assert preset("mnist", replay_batch_size=32).replay_batch_size == 32
+
+
+@pytest.mark.parametrize(("name", "value"), [("retention_weight", 0.3), ("retention_warmup_epochs", 2),
+                                             ("replay_batch_size", 64)])
+def test_retention_knobs_cannot_change_on_resume(name, value):
+    with pytest.raises(ConfigError, match=f"cannot resume: {name} "):
+        check_resumable(preset("mnist"), preset("mnist", **{name: value}), epochs_done=1)

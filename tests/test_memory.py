@@ -65,3 +65,16 @@ def test_state_with_another_capacity_is_refused():
         memory.load_state_dict(ReplayMemory(2).state_dict())
     with pytest.raises(ValueError, match=">= 0"):
         ReplayMemory(-1)
+
+
+def test_sample_images_draws_single_images_across_pushes():
+    memory = ReplayMemory(4)
+    push_numbered(memory, 4, size=2)
+    rng = torch.Generator().manual_seed(0)
+    sample = memory.sample_images(40, rng)
+    assert sample.shape == (40, 1, 4, 4)
+    assert {int(v) for v in sample[:, 0, 0, 0]} == {0, 1, 2, 3}  # 40 draws from 8 images reach every push
+    rng.manual_seed(0)
+    assert torch.equal(sample, memory.sample_images(40, rng))
+    with pytest.raises(RuntimeError, match="empty"):
+        ReplayMemory(2).sample_images(1)

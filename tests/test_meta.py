@@ -52,7 +52,7 @@ def reference_gradient(model, x_new, y_new, x_mem, y_mem, order):
     return torch.autograd.grad(total, list(theta.values()))
 
 
-def applied_gradient(order, x_mem_present=True):
+def applied_gradient(order, x_mem_present=True, weight=1.0):
     """The gradient student_update applies, read off a plain SGD(lr=1) step."""
     model = TinyMLP()
     before = [p.detach().clone() for p in model.parameters()]
@@ -60,7 +60,7 @@ def applied_gradient(order, x_mem_present=True):
     if not x_mem_present:
         x_mem = y_mem = None
     student_update(model, torch.optim.SGD(model.parameters(), lr=1.0), x_new, y_new, x_mem, y_mem,
-                   meta_lr=ALPHA, weight_decay=WD, retention_order=order)
+                   meta_lr=ALPHA, weight_decay=WD, retention_order=order, retention_weight=weight)
     return [b - p.detach() for b, p in zip(before, model.parameters(), strict=True)]
 
 
@@ -85,6 +85,23 @@ def test_replay_only_is_plain_l1_kd_on_the_concatenated_batch():
     want = torch.autograd.grad(loss, list(model.parameters()))
     for g, w in zip(applied_gradient(0), want, strict=True):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_zero_retention_weight_is_the_replay_only_update(order):
+    replay = applied_gradient(0)
+    # Weight 0 skips the term; a vanishing weight goes through it, and must land on the same update.
+    for weight in (0.0, 1e-9):
+        for g, w in zip(applied_gradient(order, weight=weight), replay, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_retention_weight_scales_only_the_retention_term(order):
+    replay, full = applied_gradient(0), applied_gradient(order)
+    assert max((f - r).abs().max().item() for f, r in zip(full, replay, strict=True)) > 1e-4
+    for g, f, r in zip(applied_gradient(order, weight=0.3), full, replay, strict=True):
+        torch.testing.assert_close(g, r + 0.3 * (f - r), atol=1e-10, rtol=0)
 
 
 def test_empty_memory_is_plain_kd_on_the_fresh_batch():

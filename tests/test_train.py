@@ -230,3 +230,29 @@ def test_gpu_options_run_on_the_cpu(digits_teacher, options):
     assert conv.is_contiguous(memory_format=torch.channels_last) == options.get("channels_last", False)
     if options.get("bf16"):  # autocast really ran: the losses moved off the float32 ones
         assert losses != {k: v for k, v in plain.items() if k.startswith("loss/")}
+
+
+def test_retention_switches_on_exactly_at_the_warmup_epoch(digits_teacher):
+    """Until epoch 2 the run with warm-up is the replay-only run, bit for bit; from epoch 2 it retains."""
+    path, _ = digits_teacher
+    short = dict(epochs=3, iters_per_epoch=4)
+    warm = digits_run(path, retention_order=2, retention_warmup_epochs=2, **short)
+    replay = digits_run(path, retention_order=0, **short)
+    for epoch in range(3):
+        warm_metrics, replay_metrics = warm.train_epoch(), replay.train_epoch()
+        same = all(torch.equal(a, b) for a, b in zip(warm.student.state_dict().values(),
+                                                     replay.student.state_dict().values(), strict=True))
+        assert same == (epoch < 2), epoch
+        assert ("loss/student_retention" in warm_metrics) == (epoch == 2), epoch
+        assert "loss/student_retention" not in replay_metrics
+    assert warm_metrics["memory/size"] == 3  # the memory was replayed from epoch 1 on, retention off
+
+
+def test_replay_batch_size_sets_the_replayed_images_per_step(digits_teacher):
+    path, _ = digits_teacher
+    distiller = digits_run(path, replay_batch_size=24, memory_push_size=16)
+    distiller.memory.push(torch.zeros(16, 1, 8, 8))
+    assert distiller._replay_batch().shape == (24, 1, 8, 8)
+    whole = digits_run(path, replay_batches=3, memory_push_size=16)
+    whole.memory.push(torch.zeros(16, 1, 8, 8))
+    assert whole._replay_batch().shape == (48, 1, 8, 8)

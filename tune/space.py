@@ -66,12 +66,18 @@ Space = dict[str, Knob]
 # slower, 0.3 diverges), meta_lr well under the ResNet reference's 0.9 (it diverges on LeNet, which has no
 # BatchNorm), and small step counts, which set both the generator/student ratio and the cost of
 # an epoch. One-hot weights above ~2 and entropy weights near 1 learned clearly worse.
+# Retention weighted 1:1 against the fresh batch cost accuracy here (README): the weight goes down to
+# 1/100, the warm-up up to half the run (the generator's early images are poor), and the replayed
+# batch from one push of 16 images (0) up to the fresh batch's size.
 MNIST: Space = {
     "meta_lr": log_range(0.02, 0.2),
     "memory_capacity": int_range(0, 10),
     "gen_steps": int_range(1, 2),
     "kd_steps": int_range(3, 8),
     "retention_order": choice(0, 1, 2),
+    "retention_weight": log_range(0.01, 1.0),
+    "retention_warmup_epochs": int_range(0, 8),
+    "replay_batch_size": choice(0, 32, 64, 128),
     "student_lr": log_range(0.02, 0.15),
     "generator_lr": log_range(3e-4, 3e-3),
     "w_oh": log_range(0.3, 2.0),
@@ -87,6 +93,9 @@ REFERENCE: Space = {
     "gen_steps": int_range(1, 3),
     "kd_steps": int_range(5, 15),
     "retention_order": choice(0, 1, 2),
+    "retention_weight": log_range(0.01, 1.0),
+    "retention_warmup_epochs": int_range(0, 100),
+    "replay_batch_size": choice(0, 128, 256, 512),
     "student_lr": log_range(0.03, 0.3),
     "generator_lr": log_range(1e-3, 5e-2),
     "w_oh": log_range(0.3, 3.0),
@@ -98,7 +107,8 @@ REFERENCE: Space = {
 # Seconds-fast tests: the same knobs, ranges around the digits preset (whose generator learns
 # slower than MNIST's: lr 1e-4 beat 3e-4, 1e-3 and 3e-3 there).
 DIGITS: Space = dict(MNIST, memory_capacity=int_range(0, 8), kd_steps=int_range(2, 6),
-                     generator_lr=log_range(1e-4, 3e-3))
+                     generator_lr=log_range(1e-4, 3e-3), retention_warmup_epochs=int_range(0, 2),
+                     replay_batch_size=choice(0, 32, 64))
 
 SPACES: dict[str, Space] = {
     "mnist": MNIST, "digits": DIGITS,
