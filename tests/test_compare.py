@@ -72,7 +72,7 @@ def test_summary_has_mean_and_spread_per_variant_and_no_test_for_the_reference()
 
 
 def test_trial_points_check_every_variant():
-    base = preset("digits")
+    base = preset("digits", memory_capacity=4)
     points = trial_points(base, [Variant("w", {"retention_weight": "0.1"}), Variant("n", {"memory_capacity": 0})],
                           [0, 1])
     # Every point sets every changed field (the base value where its variant leaves one alone).

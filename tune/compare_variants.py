@@ -15,14 +15,16 @@ import pyarrow.parquet as pq
 
 from lrra.config import ConfigError, LRRAConfig, parse_assignments
 from tune.plan import SearchPlan, filesystem, load_plan
+from tune.space import RETENTION_MEMORY
 from tune.study import COMPLETED
 
-# The question of issue 11: does the meta-learned retention help, against replaying the memory
-# without it, and against no memory at all?
+# Does the meta-learned retention help, against replaying the memory without it, and against no
+# memory at all? The memory variants bring their own memory (RETENTION_MEMORY pushes): the
+# presets have none by default.
 BUILT_IN: dict[str, dict[str, Any]] = {
-    "order-2": {"retention_order": 2},       # the paper: exact second-order retention
-    "order-1": {"retention_order": 1},       # first-order retention
-    "replay-only": {"retention_order": 0},   # the memory replayed as plain KD, no retention term
+    "order-2": {"retention_order": 2, "memory_capacity": RETENTION_MEMORY},  # the paper: exact second order
+    "order-1": {"retention_order": 1, "memory_capacity": RETENTION_MEMORY},  # first-order retention
+    "replay-only": {"retention_order": 0, "memory_capacity": RETENTION_MEMORY},  # replayed as plain KD
     "no-memory": {"memory_capacity": 0},     # plain data-free KD
 }
 DEFAULT_REFERENCE = "no-memory"

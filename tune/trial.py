@@ -85,15 +85,21 @@ def worker_resources(cpus: float, gpus: float) -> dict[str, float]:
     return {"CPU": cpus, "GPU": gpus} if gpus > 0 else {"CPU": cpus}
 
 
+# What a trial's own process reserves besides its CPUs: the memory it holds (a Tune function with
+# the teacher and a Ray Train controller; about 0.9 GB resident was seen on the CPU dev box). It
+# also keeps the reservation non-empty with --driver-cpus 0, which Ray Tune requires.
+DRIVER_MEMORY_BYTES = 512 * 1024**2
+
+
 def trainable(setup: TrialSetup, driver_cpus: float):
     """``run_trial`` with its setup attached and the trial process's own resources declared.
 
     Only the trial's process is declared here (by default no CPU: it waits on its Ray Train run,
     whose controller reserves none either, so a 2-core machine runs two single-thread trials
-    rather than one trial beside an idle core); the Ray Train workers reserve theirs when the
-    trainer starts. On a cluster whose
-    head advertises tune/cluster.py's DRIVER_RESOURCE, the trial's process also takes one unit of it,
-    so it runs on the head (its Ray Train controller follows it there).
+    rather than one trial beside an idle core; and DRIVER_MEMORY_BYTES of memory); the Ray Train
+    workers reserve theirs when the trainer starts. On a cluster whose head advertises
+    tune/cluster.py's DRIVER_RESOURCE, the trial's process also takes one unit of it, so it runs
+    on the head (its Ray Train controller follows it there).
     """
-    resources = {"CPU": driver_cpus, **driver_resources(ray.cluster_resources())}
+    resources = {"CPU": driver_cpus, "memory": DRIVER_MEMORY_BYTES, **driver_resources(ray.cluster_resources())}
     return ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), resources)
