@@ -112,8 +112,9 @@ def test_asha_stops_the_useless_trial_at_its_first_rung(smoke):
 @pytest.mark.slow
 def test_the_time_budget_cuts_the_running_trial_and_the_records_say_so(tmp_path, digits_teacher):
     # 100 epochs cannot end within 60 s here: the budget stops the first trial midway.
+    # One trial at a time: two would meet at ASHA's first rung, and one be stopped early instead.
     done = run_search(search_command(tmp_path, digits_teacher[0], "--name", "budget", "--epochs", "100",
-                                     "--time-budget", "60"))
+                                     "--time-budget", "60", "--max-concurrent-trials", "1"))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = results_of(tmp_path, "budget")
     asked = [t for t in study_of(tmp_path, "budget").trials if t.state != TrialState.WAITING]  # WAITING: never run
@@ -419,3 +420,9 @@ def test_a_plan_holds_absolute_paths(tmp_path, monkeypatch):
 ])
 def test_free_cpus_are_shared_out_over_the_trials_that_run_at_once(free_cpus, workers, samples, expected):
     assert search.share_cpus(free_cpus, workers, samples) == expected
+
+
+def test_a_worker_never_gets_more_cpus_than_one_node_has():
+    assert search.share_cpus(2, 1, 1, largest_node=1) == 1.0  # two 1-CPU nodes, one trial
+    assert search.share_cpus(16, 1, 2, largest_node=4) == 4.0  # four 4-CPU nodes, two trials
+    assert search.share_cpus(16, 1, 2, largest_node=16) == 8.0

@@ -235,7 +235,7 @@ def test_gpu_options_run_on_the_cpu(digits_teacher, options):
 def test_retention_switches_on_exactly_at_the_warmup_epoch(digits_teacher):
     """Until epoch 2 the run with warm-up is the replay-only run, bit for bit; from epoch 2 it retains."""
     path, _ = digits_teacher
-    short = dict(epochs=3, iters_per_epoch=4)
+    short = dict(epochs=3, iters_per_epoch=4, memory_capacity=4)  # the preset has no memory
     warm = digits_run(path, retention_order=2, retention_warmup_epochs=2, **short)
     replay = digits_run(path, retention_order=0, **short)
     for epoch in range(3):
@@ -250,9 +250,9 @@ def test_retention_switches_on_exactly_at_the_warmup_epoch(digits_teacher):
 
 def test_replay_batch_size_sets_the_replayed_images_per_step(digits_teacher):
     path, _ = digits_teacher
-    distiller = digits_run(path, replay_batch_size=24, memory_push_size=16)
+    distiller = digits_run(path, replay_batch_size=24, memory_push_size=16, memory_capacity=4)
     distiller.memory.push(torch.zeros(16, 1, 8, 8))
     assert distiller._replay_batch().shape == (24, 1, 8, 8)
-    whole = digits_run(path, replay_batches=3, memory_push_size=16)
+    whole = digits_run(path, replay_batches=3, memory_push_size=16, memory_capacity=4)
     whole.memory.push(torch.zeros(16, 1, 8, 8))
     assert whole._replay_batch().shape == (48, 1, 8, 8)

@@ -265,8 +265,10 @@ def fit_resources(plan: SearchPlan, capacity: cluster.Capacity | None = None) ->
         plan.gpus_per_worker = 1.0 if gpus > 0 else 0.0
     if plan.cpus_per_worker is None:
         free_cpus = None if capacity or plan.gpus_per_worker > 0 else ray.available_resources().get("CPU", 0)
+        largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
         plan.cpus_per_worker = share_cpus(free_cpus, plan.workers_per_trial,
-                                          min(plan.num_samples, plan.concurrent_trials_limit or plan.num_samples))
+                                          min(plan.num_samples, plan.concurrent_trials_limit or plan.num_samples),
+                                          largest_node)
     if capacity is not None:
         cluster.fit_to_capacity(plan, capacity, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
     else:
@@ -282,17 +284,20 @@ def fit_resources(plan: SearchPlan, capacity: cluster.Capacity | None = None) ->
     return plan
 
 
-def share_cpus(free_cpus: float | None, workers_per_trial: int, trials: int) -> float:
+def share_cpus(free_cpus: float | None, workers_per_trial: int, trials: int, largest_node: float = 0) -> float:
     """CPUs per worker that keep every free CPU busy: as many trials at once as there are trials
     and CPUs for one worker each, then the CPUs left over shared out among their workers.
 
     2 CPUs and 8 trials: 2 trials at a time, 1 CPU (one torch thread) each. 16 CPUs and 8 trials:
-    8 trials, 2 each. With GPUs (``free_cpus`` None) a worker's CPU only feeds its GPU: 1.
+    8 trials, 2 each. A worker's CPUs are one node's, so never more than ``largest_node`` offers
+    (when known): two 1-CPU nodes and one trial give 1. With GPUs (``free_cpus`` None) a worker's
+    CPU only feeds its GPU: 1.
     """
     if not free_cpus:
         return 1.0
     at_once = max(1, min(trials, int(free_cpus // workers_per_trial)))
-    return float(max(1, int(free_cpus // (at_once * workers_per_trial))))
+    share = max(1, int(free_cpus // (at_once * workers_per_trial)))
+    return float(min(share, max(1, int(largest_node))) if largest_node else share)
 
 
 def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
