@@ -264,8 +264,10 @@ def fit_resources(plan: SearchPlan, capacity: cluster.Capacity | None = None) ->
         gpus = (capacity.total if capacity else ray.cluster_resources()).get("GPU", 0)
         plan.gpus_per_worker = 1.0 if gpus > 0 else 0.0
     if plan.cpus_per_worker is None:
-        free_cpus = None if capacity or plan.gpus_per_worker > 0 else ray.available_resources().get("CPU", 0)
-        largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=0)
+        sized_here = capacity is None and plan.gpus_per_worker == 0  # else a CPU per worker, Ray not asked
+        free_cpus = ray.available_resources().get("CPU", 0) if sized_here else None
+        largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]),
+                           default=0) if sized_here else 0
         plan.cpus_per_worker = share_cpus(free_cpus, plan.workers_per_trial,
                                           min(plan.num_samples, plan.concurrent_trials_limit or plan.num_samples),
                                           largest_node)
