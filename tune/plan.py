@@ -83,6 +83,11 @@ class SearchPlan:
     def study_name(self) -> str:
         return self.name
 
+    @property
+    def most_at_once(self) -> int:
+        """Never more trials at once than there are, nor than --max-concurrent-trials."""
+        return min(self.num_samples, self.concurrent_trials_limit or self.num_samples)
+
     def trial_resources(self) -> dict[str, float]:
         """Everything one trial reserves: its driver plus its Ray Train workers."""
         return {"CPU": self.driver_cpus + self.workers_per_trial * self.cpus_per_worker,

@@ -268,9 +268,7 @@ def fit_resources(plan: SearchPlan, capacity: cluster.Capacity | None = None) ->
         free_cpus = ray.available_resources().get("CPU", 0) if sized_here else None
         largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]),
                            default=0) if sized_here else 0
-        plan.cpus_per_worker = share_cpus(free_cpus, plan.workers_per_trial,
-                                          min(plan.num_samples, plan.concurrent_trials_limit or plan.num_samples),
-                                          largest_node)
+        plan.cpus_per_worker = share_cpus(free_cpus, plan.workers_per_trial, plan.most_at_once, largest_node)
     if capacity is not None:
         cluster.fit_to_capacity(plan, capacity, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
     else:
@@ -282,7 +280,7 @@ def fit_resources(plan: SearchPlan, capacity: cluster.Capacity | None = None) ->
             have = {k: free.get(k, 0) for k in need}
             raise DistributedSetupError(f"one trial needs {need} (its driver plus {plan.workers_per_trial} worker(s)) "
                                         f"but the cluster has {have} free; lower --workers-per-trial/--driver-cpus")
-    plan.max_concurrent_trials = min(plan.max_concurrent_trials, plan.concurrent_trials_limit or plan.num_samples)
+    plan.max_concurrent_trials = min(plan.max_concurrent_trials, plan.most_at_once)
     return plan
 
 
