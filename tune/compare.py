@@ -52,13 +52,20 @@ from tune.compare_variants import (
     built_in,
     parse_seeds,
     parse_variant,
-    point_key,
     top_configurations,
     trial_points,
 )
 from tune.plan import SearchPlan, filesystem
-from tune.report import ProgressLines, say, write_parquet
-from tune.search import absolute_paths, cluster_tags, fit_resources, quiet_libraries, start_search_ray
+from tune.report import ProgressLines, config_key, say, write_parquet
+from tune.search import (
+    absolute_paths,
+    add_resource_arguments,
+    check_resource_arguments,
+    cluster_tags,
+    fit_resources,
+    quiet_libraries,
+    start_search_ray,
+)
 from tune.search_tracking import end_trial_runs
 from tune.study import COMPLETED, DIVERGED, DIVERGED_KEY, ERROR
 from tune.trial import TrialSetup, trainable
@@ -93,12 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     where = parser.add_argument_group("where it runs and writes")
     where.add_argument("--address", help="Ray cluster to join, HOST:PORT or auto (default: tune/cluster.py's rules)")
-    where.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default: 1)")
-    where.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per worker (default: 1)")
-    where.add_argument("--gpus-per-worker", type=float,
-                       help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
-    where.add_argument("--driver-cpus", type=float, default=1.0,
-                       help="CPUs reserved for each trial's own process (default: 1)")
+    add_resource_arguments(where)
     where.add_argument("--storage-path", default=DEFAULT_STORAGE,
                        help=f"experiments folder or URI (default: {DEFAULT_STORAGE})")
     where.add_argument("--name", help="comparison name (default: <preset>-<date>-<time>-<random>)")
@@ -147,31 +149,25 @@ def choose_reference(requested: str | None, variants: list[Variant]) -> str:
     return DEFAULT_REFERENCE if DEFAULT_REFERENCE in names else names[0]
 
 
-def check_resources(args: argparse.Namespace) -> None:
-    if args.workers_per_trial < 1:
-        raise ConfigError(f"--workers-per-trial {args.workers_per_trial}: must be >= 1")
-    for flag, value in (("--cpus-per-worker", args.cpus_per_worker), ("--driver-cpus", args.driver_cpus),
-                        ("--gpus-per-worker", args.gpus_per_worker)):
-        if value is not None and value < 0:
-            raise ConfigError(f"{flag} {value}: must be >= 0")
-
-
 def comparison_plan(args: argparse.Namespace, base: LRRAConfig, points: list[dict], storage_path: str) -> SearchPlan:
     """A comparison is planned as a search without a searcher: every point runs once, to its last epoch."""
     return SearchPlan(
         name=args.name or default_run_name(base), storage_path=storage_path, config=base.to_dict(), space={},
         points_to_evaluate=points, num_samples=len(points), time_budget_s=None, grace_period=base.epochs,
         reduction_factor=1.0, workers_per_trial=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker, driver_cpus=args.driver_cpus, study_storage="")
+        gpus_per_worker=args.gpus_per_worker, driver_cpus=args.driver_cpus, study_storage="",
+        concurrent_trials_limit=args.max_concurrent_trials)
 
 
 # ----------------------------------------------------------------------------------------
 # Ray side.
 
 
-def run_trials(plan: SearchPlan, setup: TrialSetup) -> ResultGrid:
-    """Every point once, as many at a time as the cluster's free resources allow."""
+def run_trials(plan: SearchPlan, setup: TrialSetup, labels: list[tuple[str, int]]) -> ResultGrid:
+    """Every point once, as many at a time as the cluster's free resources allow; progress lines
+    name each trial by its variant and seed (``labels``, in the order of the points)."""
     points = plan.points_to_evaluate
+    names = {config_key(point): f"{name}/seed {seed}" for point, (name, seed) in zip(points, labels, strict=True)}
     # The points are the whole plan; the space only names their keys (each point's values are in it).
     space = {key: ray.tune.choice(list(dict.fromkeys(point[key] for point in points))) for key in points[0]}
     tuner = Tuner(
@@ -180,17 +176,17 @@ def run_trials(plan: SearchPlan, setup: TrialSetup) -> ResultGrid:
                                                                 max_concurrent=plan.max_concurrent_trials),
                                num_samples=plan.num_samples, reuse_actors=False),
         run_config=RunConfig(name=plan.name, storage_path=plan.storage_path, verbose=0,
-                             callbacks=[ProgressLines(plan.cfg.epochs, plan.num_samples)]))
+                             callbacks=[ProgressLines(plan.cfg.epochs, plan.num_samples, trial_names=names)]))
     return tuner.fit()
 
 
 def trial_rows(grid: ResultGrid, points: list[dict], labels: list[tuple[str, int]]) -> list[dict[str, Any]]:
     """One row per trial: its variant and seed (``labels``, in the order of ``points``), its accuracy
     curve and tune/compare_stats.py's numbers."""
-    label_of = {point_key(point): label for point, label in zip(points, labels, strict=True)}
+    label_of = {config_key(point): label for point, label in zip(points, labels, strict=True)}
     rows = []
     for result in grid:
-        name, seed = label_of[point_key(result.config)]
+        name, seed = label_of[config_key(result.config)]
         history = result.metrics_dataframe
         last = result.metrics or {}
         accs: list[float] = []
@@ -228,7 +224,7 @@ def write_outputs(plan: SearchPlan, rows: list[dict], summary: list[dict], table
 
 def run_comparison(plan: SearchPlan, setup: TrialSetup, labels: list[tuple[str, int]], reference: str,
                    client, parent_run_id: str) -> int:
-    grid = run_trials(plan, setup)
+    grid = run_trials(plan, setup, labels)
     rows = trial_rows(grid, plan.points_to_evaluate, labels)
     variants = list(dict.fromkeys(name for name, _ in labels))
     summary = summarise(rows, variants, reference)
@@ -259,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         target = cluster.prepare(args, argv, build_parser, say)
         if args.address:
             check_address(args.address)
-        check_resources(args)
+        check_resource_arguments(args)
         seeds = parse_seeds(args.seeds)
         base, variants, search_name = choose_variants(args)
         reference = choose_reference(args.reference, variants)

@@ -116,7 +116,3 @@ def trial_points(base: LRRAConfig, variants: list[Variant], seeds: list[int]) ->
         seen[key] = variant.name
         points += [{**{field: getattr(cfg, field) for field in fields}, "seed": seed} for seed in seeds]
     return points
-
-
-def point_key(point: dict[str, Any]) -> str:
-    return json.dumps(point, sort_keys=True, default=str)

@@ -3,6 +3,7 @@ a final table."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,11 @@ def format_knobs(config: dict[str, Any]) -> str:
                     for k, v in config.items() if k != OPTUNA_NUMBER)
 
 
+def config_key(config: dict[str, Any]) -> str:
+    """A trial config as a string that identifies it (a dict is not hashable)."""
+    return json.dumps(config, sort_keys=True, default=str)
+
+
 class ProgressLines(TuneProgressReporter):
     """Shows each trial's start, epochs and end (driver side) and exports the search's live metrics.
 
@@ -45,12 +51,19 @@ class ProgressLines(TuneProgressReporter):
     tune/live_view.py board: a refreshing table on a terminal, plain lines (no colours) otherwise.
     """
 
-    def __init__(self, epochs: int, num_samples: int, search: str = "") -> None:
+    def __init__(self, epochs: int, num_samples: int, search: str = "",
+                 trial_names: dict[str, str] | None = None) -> None:
+        """``trial_names``: a name per trial config (keyed by ``config_key``) for trials that have no
+        Optuna number, such as a comparison's variant/seed trials."""
         super().__init__(verbosity=AirVerbosity.SILENT)
         self.epochs = epochs
         self.num_samples = num_samples
         self.search = search
+        self.trial_names = trial_names or {}
         self.board: TrialBoard | None = None
+
+    def _name(self, trial) -> Any:
+        return trial.config.get(OPTUNA_NUMBER, self.trial_names.get(config_key(trial.config), "?"))
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks with the experiment state; a live display does not pickle.
@@ -76,26 +89,26 @@ class ProgressLines(TuneProgressReporter):
             search_metrics(self.search).export(board.states(), board.best_accuracy())
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._board().started(trial.trial_id, trial.config.get(OPTUNA_NUMBER, "?"),
+        self._board().started(trial.trial_id, self._name(trial),
                               f"started ({len(trials)}/{self.num_samples}): {format_knobs(trial.config)}")
         self._export()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if ALREADY_FINISHED in result or DIVERGED_KEY in result or METRIC not in result:
             return  # not a new epoch: on_trial_complete says what it is
-        self._board().epoch(trial.trial_id, trial.config.get(OPTUNA_NUMBER, "?"), result[EPOCHS_DONE],
+        self._board().epoch(trial.trial_id, self._name(trial), result[EPOCHS_DONE],
                             result[METRIC], result["val/best_student_acc"],
                             result.get("perf/student_steps_per_s"), result.get(RANK0_NODE, ""))
         self._export()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result
-        self._board().ended(trial.trial_id, trial.config.get(OPTUNA_NUMBER, "?"), end_state(result, self.epochs),
+        self._board().ended(trial.trial_id, self._name(trial), end_state(result, self.epochs),
                             ending(result, self.epochs), result.get("val/best_student_acc"))
         self._export()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._board().ended(trial.trial_id, trial.config.get(OPTUNA_NUMBER, "?"), FAILED,
+        self._board().ended(trial.trial_id, self._name(trial), FAILED,
                             f"failed: {trial.error_file or 'see the Ray logs'}")
         self._export()
 

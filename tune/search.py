@@ -108,17 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     where = parser.add_argument_group("where it runs and writes")
     where.add_argument("--address", help="Ray cluster to join, HOST:PORT or auto (default: start a local Ray)")
-    where.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default: 1)")
-    where.add_argument("--cpus-per-worker", type=float,
-                       help="CPUs (and torch threads) per worker (default: on CPUs, the free CPUs shared out over "
-                            "the trials that run at once, at least 1; with GPUs, 1)")
-    where.add_argument("--gpus-per-worker", type=float,
-                       help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
-    where.add_argument("--max-concurrent-trials", type=int, metavar="N",
-                       help="run at most N trials at once (default: as many as the cluster's CPUs/GPUs fit)")
-    where.add_argument("--driver-cpus", type=float, default=0.0,
-                       help="CPUs reserved for each trial's own process, which only waits on its Ray Train run "
-                            "(default: 0, so every CPU goes to the workers that train)")
+    add_resource_arguments(where)
     where.add_argument("--storage-path", default=DEFAULT_STORAGE,
                        help=f"experiments folder or URI, e.g. s3://bucket/runs (default: {DEFAULT_STORAGE})")
     where.add_argument("--name", help="experiment name (default: <preset>-<date>-<time>)")
@@ -132,6 +122,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted search (default NAME: the latest one under --storage-path) "
                             "with its saved settings; finished trials are kept, unfinished ones continue")
     return parser
+
+
+def add_resource_arguments(group: argparse._ArgumentGroup) -> None:
+    """The flags that size a trial and how many run at once: shared by the search and tune/compare.py."""
+    group.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default: 1)")
+    group.add_argument("--cpus-per-worker", type=float,
+                       help="CPUs (and torch threads) per worker (default: on CPUs, the free CPUs shared out over "
+                            "the trials that run at once, at least 1; with GPUs, 1)")
+    group.add_argument("--gpus-per-worker", type=float,
+                       help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
+    group.add_argument("--max-concurrent-trials", type=int, metavar="N",
+                       help="run at most N trials at once (default: as many as the cluster's CPUs/GPUs fit)")
+    group.add_argument("--driver-cpus", type=float, default=0.0,
+                       help="CPUs reserved for each trial's own process, which only waits on its Ray Train run "
+                            "(default: 0, so every CPU goes to the workers that train)")
+
+
+def check_resource_arguments(args: argparse.Namespace) -> None:
+    for flag, value in (("--workers-per-trial", args.workers_per_trial),
+                        ("--max-concurrent-trials", args.max_concurrent_trials)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: must be >= 1")
+    for flag, value in (("--cpus-per-worker", args.cpus_per_worker), ("--driver-cpus", args.driver_cpus),
+                        ("--gpus-per-worker", args.gpus_per_worker)):
+        if value is not None and value < 0:
+            raise ConfigError(f"{flag} {value}: must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------
@@ -154,14 +170,10 @@ def parse_duration(text: str | None) -> float | None:
 
 def check_positive(args: argparse.Namespace) -> None:
     for flag, value in (("--num-samples", args.num_samples), ("--epochs", args.epochs),
-                        ("--grace-period", args.grace_period), ("--workers-per-trial", args.workers_per_trial),
-                        ("--max-concurrent-trials", args.max_concurrent_trials)):
+                        ("--grace-period", args.grace_period)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value}: must be >= 1")
-    for flag, value in (("--cpus-per-worker", args.cpus_per_worker), ("--driver-cpus", args.driver_cpus),
-                        ("--gpus-per-worker", args.gpus_per_worker)):
-        if value is not None and value < 0:
-            raise ConfigError(f"{flag} {value}: must be >= 0")
+    check_resource_arguments(args)
     if args.reduction_factor <= 1:
         raise ConfigError(f"--reduction-factor {args.reduction_factor}: must be > 1")
 
