@@ -21,7 +21,7 @@ from lrra.teacher import save_teacher, train_teacher
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/ and tune/ are folders of modules, not installed packages
 
-from tests.services import mlflow_server, search_command  # noqa: E402
+from tests.services import USELESS_TRIAL, mlflow_server, search_command  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -58,11 +58,6 @@ def tracking_server(tmp_path_factory):
     """URI of one real `mlflow server` shared by the session's tests."""
     with mlflow_server(tmp_path_factory.mktemp("server")) as uri:
         yield uri
-
-
-# The useless trial: a student that barely moves. The preset's own trial (the first) learns, so
-# ASHA stops the useless one at its first rung (after epoch 1, grace period 1).
-USELESS_TRIAL = ["--bound", "student_lr=1e-5:0.3", "--point", "student_lr=1e-5"]
 
 
 @pytest.fixture(scope="session")

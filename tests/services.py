@@ -47,6 +47,11 @@ def wait_for_health(uri: str, server: subprocess.Popen, timeout_s: float) -> Non
     raise TimeoutError(f"mlflow server at {uri} did not answer /health within {timeout_s} s")
 
 
+# The useless trial: a student that barely moves. The preset's own trial (the first) learns, so
+# ASHA stops the useless one at its first rung (after epoch 1, grace period 1).
+USELESS_TRIAL = ["--bound", "student_lr=1e-5:0.3", "--point", "student_lr=1e-5"]
+
+
 def search_command(storage: Path, teacher: Path, *args: str) -> list[str]:
     """`tune/search.py --smoke-test` on the digits teacher, writing under ``storage``."""
     return [sys.executable, str(ROOT / "tune" / "search.py"), "--smoke-test", "--teacher", str(teacher),
