@@ -59,7 +59,7 @@ def planted_search(tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("search")
     tracking_uri = f"sqlite:///{storage / 'mlflow.db'}"
-    # memory_capacity fixed, so there is no retention counterpart: the preset's trial, then the useless one,
+    # memory_capacity fixed, so there is no memory counterpart: the preset's trial, then the useless one,
     # one at a time so that the useless trial meets the learning one's result at ASHA's first rung.
     command = search_command(storage, teacher_path, "--name", "planted", "--set", f"dataset={dataset}",
                              "--set", "channels=3", "--set", "memory_capacity=0", "--epochs", str(EPOCHS),

@@ -325,7 +325,7 @@ def test_a_trial_asked_after_the_last_snapshot_is_taken_over_by_the_next_tune_tr
 
     again = restored(new_searcher, stale)
     taken_over = again.suggest("c")
-    assert taken_over == lost  # the same planned configuration (the retention counterpart), same Optuna number
+    assert taken_over == lost  # the same planned configuration (the memory counterpart), same Optuna number
     again.on_trial_complete("c", epoch_result(3, 0.5))
 
     trials = asked_trials(searcher)
@@ -392,6 +392,22 @@ def test_bounds_and_set_reshape_the_space():
     assert space.space_from_json(space.space_to_json(knobs)) == knobs
 
 
+def test_the_second_trial_flips_the_memory_and_replays_it_as_plain_kd():
+    from lrra.config import preset
+
+    cfg = preset("mnist")  # no memory, retention order 2
+    preset_trial, counterpart = space.baseline_points(space.build_space("mnist", {}, set(), cfg), cfg)
+    assert (preset_trial["memory_capacity"], preset_trial["retention_order"]) == (0, 2)
+    assert counterpart == {**preset_trial, "memory_capacity": space.RETENTION_MEMORY, "retention_order": 0}
+    # Order 0 excluded by a bound: the counterpart keeps the preset's order.
+    knobs = space.build_space("mnist", {"retention_order": "1,2"}, set(), cfg)
+    assert space.baseline_points(knobs, cfg)[1]["retention_order"] == 2
+    # A preset with a memory is tried without one, at its own order.
+    with_memory = preset("mnist", memory_capacity=10)
+    _, without = space.baseline_points(space.build_space("mnist", {}, set(), with_memory), with_memory)
+    assert (without["memory_capacity"], without["retention_order"]) == (0, 2)
+
+
 def test_a_bound_that_excludes_the_preset_says_so(tmp_path, capsys):
     args = search.build_parser().parse_args(["--preset", "digits", "--bound", "student_lr=0.2:0.3",
                                              "--bound", "kd_steps=2:4"])
@@ -399,7 +415,7 @@ def test_a_bound_that_excludes_the_preset_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     note = [line for line in err.splitlines() if "preset's own configuration" in line]
     assert note == ["note: the bounds exclude the preset's own configuration (kd_steps=5 outside 2 .. 4 (integer), "
-                    "student_lr=0.1 outside 0.2 .. 0.3 (log)): its trial and its retention counterpart are not run"]
+                    "student_lr=0.1 outside 0.2 .. 0.3 (log)): its trial and its memory counterpart are not run"]
     assert plan.points_to_evaluate == []
 
 

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--space-file",
                       help='JSON object of bounds, e.g. {"meta_lr": "0.01:0.5", "retention_order": [0, 2]}')
     what.add_argument("--point", action="append", default=[], metavar="KNOB=VALUE,...",
-                      help="a configuration to try early, after the preset's own and its retention counterpart; "
+                      help="a configuration to try early, after the preset's own and its memory counterpart; "
                            "other knobs keep the preset's values (repeatable)")
 
     budget = parser.add_argument_group("how much to search")
@@ -204,7 +204,7 @@ def new_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
     num_samples = args.num_samples or smoke.get("num_samples", budget.num_samples)
     if len(points) > num_samples:
         say(f"note: --num-samples {num_samples} runs only the first {num_samples} of the {len(points)} points "
-            "to evaluate first (the preset's, its retention counterpart, then --point)")
+            "to evaluate first (the preset's, its memory counterpart, then --point)")
         points = points[:num_samples]
 
     default_time_budget = smoke.get("time_budget_s", budget.time_budget_s)
@@ -226,7 +226,7 @@ def note_excluded_preset(space, cfg: LRRAConfig) -> None:
     if excluded:
         knobs = ", ".join(f"{name}={value} outside {space[name].describe()}" for name, value in excluded.items())
         say(f"note: the bounds exclude the preset's own configuration ({knobs}): "
-            "its trial and its retention counterpart are not run")
+            "its trial and its memory counterpart are not run")
 
 
 def absolute_paths(cfg: LRRAConfig) -> LRRAConfig:
