@@ -163,11 +163,20 @@ def comparison_plan(args: argparse.Namespace, base: LRRAConfig, points: list[dic
 # Ray side.
 
 
-def run_trials(plan: SearchPlan, setup: TrialSetup, labels: list[tuple[str, int]]) -> ResultGrid:
+Label = tuple[str, int]
+"""A trial's (variant, seed)."""
+
+
+def labels_by_config(points: list[dict], labels: list[Label]) -> dict[str, Label]:
+    """Each point's (variant, seed), keyed by its configuration: how a Tune result finds its label."""
+    return {config_key(point): label for point, label in zip(points, labels, strict=True)}
+
+
+def run_trials(plan: SearchPlan, setup: TrialSetup, label_of: dict[str, Label]) -> ResultGrid:
     """Every point once, as many at a time as the cluster's free resources allow; progress lines
-    name each trial by its variant and seed (``labels``, in the order of the points)."""
+    name each trial by its variant and seed."""
     points = plan.points_to_evaluate
-    names = {config_key(point): f"{name}/seed {seed}" for point, (name, seed) in zip(points, labels, strict=True)}
+    names = {key: f"{name}/seed {seed}" for key, (name, seed) in label_of.items()}
     # The points are the whole plan; the space only names their keys (each point's values are in it).
     space = {key: ray.tune.choice(list(dict.fromkeys(point[key] for point in points))) for key in points[0]}
     tuner = Tuner(
@@ -180,10 +189,9 @@ def run_trials(plan: SearchPlan, setup: TrialSetup, labels: list[tuple[str, int]
     return tuner.fit()
 
 
-def trial_rows(grid: ResultGrid, points: list[dict], labels: list[tuple[str, int]]) -> list[dict[str, Any]]:
-    """One row per trial: its variant and seed (``labels``, in the order of ``points``), its accuracy
-    curve and tune/compare_stats.py's numbers."""
-    label_of = {config_key(point): label for point, label in zip(points, labels, strict=True)}
+def trial_rows(grid: ResultGrid, label_of: dict[str, Label], labels: list[Label]) -> list[dict[str, Any]]:
+    """One row per trial, in the order of ``labels``: its variant and seed, its accuracy curve and
+    tune/compare_stats.py's numbers."""
     rows = []
     for result in grid:
         name, seed = label_of[config_key(result.config)]
@@ -222,10 +230,11 @@ def write_outputs(plan: SearchPlan, rows: list[dict], summary: list[dict], table
     return files
 
 
-def run_comparison(plan: SearchPlan, setup: TrialSetup, labels: list[tuple[str, int]], reference: str,
+def run_comparison(plan: SearchPlan, setup: TrialSetup, labels: list[Label], reference: str,
                    client, parent_run_id: str) -> int:
-    grid = run_trials(plan, setup, labels)
-    rows = trial_rows(grid, plan.points_to_evaluate, labels)
+    label_of = labels_by_config(plan.points_to_evaluate, labels)
+    grid = run_trials(plan, setup, label_of)
+    rows = trial_rows(grid, label_of, labels)
     variants = list(dict.fromkeys(name for name, _ in labels))
     summary = summarise(rows, variants, reference)
     end_trial_runs(client, parent_run_id, {row["tune_trial_id"]: (RUN_STATUS[row["status"]], row["status"])
