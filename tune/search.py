@@ -2,9 +2,9 @@
 
 Each trial is one Ray Train run of the LRRA trainer (tune/trial.py). Optuna's seeded
 multivariate TPE proposes the next configuration and keeps every trial in a persistent study
-(tune/study.py); ASHA stops weak trials after a few epochs of student accuracy. The preset's own
-configuration is always the first trial, and the same without replay memory (plain KD, LRRA's
-retention off) the second. With no flags: a local Ray, the cached (or a freshly
+(tune/study.py); ASHA stops weak trials after a few epochs of validation accuracy. The preset's own
+configuration is always the first trial, which ASHA never stops (tune/scheduler.py), and its
+memory counterpart the second. With no flags: a local Ray, the cached (or a freshly
 trained) MNIST teacher, and a search sized for ~12 minutes on two CPU cores.
 
 Everything a search writes lives in STORAGE_PATH/NAME: search.json (its settings, for --resume),
@@ -32,7 +32,6 @@ import ray
 import ray.cloudpickle
 from ray.tune import ExperimentAnalysis, RunConfig, TuneConfig, Tuner
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import ASHAScheduler
 
 from lrra import tracking
 from lrra.cli import USER_ERRORS
@@ -44,6 +43,7 @@ from lrra.teacher import load_teacher, obtain_teacher
 from tune import cluster
 from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, filesystem, load_plan, save_plan
 from tune.report import ProgressLines, print_summary, say, write_parquet
+from tune.scheduler import PRESET_TRIAL_NUMBER, PresetSparingASHA
 from tune.search_tracking import SearchTracker, tracked_search
 from tune.space import (
     baseline_points,
@@ -52,6 +52,7 @@ from tune.space import (
     excluded_by_bounds,
     parse_bounds,
     parse_point,
+    preset_point,
     read_space_file,
 )
 from tune.study import (
@@ -321,9 +322,11 @@ def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
     # run has finished and released its workers, instead of being cut while its run writes the best
     # student. reuse_actors=False: a stopped trial's process ends, and its Ray Train run with it,
     # rather than training on in the background while the next trial waits for its workers' CPUs.
-    scheduler = ASHAScheduler(time_attr=EPOCHS_DONE, metric=METRIC, mode="max", max_t=cfg.epochs,
-                              grace_period=plan.grace_period, reduction_factor=plan.reduction_factor,
-                              stop_last_trials=False)
+    # ASHA never stops the preset's own trial, when the search runs it (tune/scheduler.py).
+    spared = PRESET_TRIAL_NUMBER if preset_point(plan.space, cfg) is not None else None
+    scheduler = PresetSparingASHA(spared=spared, time_attr=EPOCHS_DONE, metric=METRIC, mode="max", max_t=cfg.epochs,
+                                  grace_period=plan.grace_period, reduction_factor=plan.reduction_factor,
+                                  stop_last_trials=False)
     return Tuner(
         trainable(setup, plan.driver_cpus),
         tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
