@@ -189,9 +189,10 @@ def run_trials(plan: SearchPlan, setup: TrialSetup, label_of: dict[str, Label]) 
     return tuner.fit()
 
 
-def trial_rows(grid: ResultGrid, label_of: dict[str, Label], labels: list[Label]) -> list[dict[str, Any]]:
-    """One row per trial, in the order of ``labels``: its variant and seed, its accuracy curve and
-    tune/compare_stats.py's numbers."""
+def trial_rows(grid: ResultGrid, label_of: dict[str, Label]) -> list[dict[str, Any]]:
+    """One row per trial, in the order of the points (``label_of``'s): its variant and seed, its
+    accuracy curve and tune/compare_stats.py's numbers."""
+    order = list(label_of.values())
     rows = []
     for result in grid:
         name, seed = label_of[config_key(result.config)]
@@ -207,7 +208,7 @@ def trial_rows(grid: ResultGrid, label_of: dict[str, Label], labels: list[Label]
                      "epochs": len(accs), "val_accs": accs, **trial_metrics(accs),
                      "test_acc": last.get(TEST_METRIC) if status == COMPLETED else None,
                      "wall_s": last.get("time_total_s")})
-    return sorted(rows, key=lambda row: labels.index((row["variant"], row["seed"])))
+    return sorted(rows, key=lambda row: order.index((row["variant"], row["seed"])))
 
 
 RUN_STATUS = {COMPLETED: tracking.FINISHED, DIVERGED: tracking.FAILED, ERROR: tracking.FAILED}
@@ -234,7 +235,7 @@ def run_comparison(plan: SearchPlan, setup: TrialSetup, labels: list[Label], ref
                    client, parent_run_id: str) -> int:
     label_of = labels_by_config(plan.points_to_evaluate, labels)
     grid = run_trials(plan, setup, label_of)
-    rows = trial_rows(grid, label_of, labels)
+    rows = trial_rows(grid, label_of)
     variants = list(dict.fromkeys(name for name, _ in labels))
     summary = summarise(rows, variants, reference)
     end_trial_runs(client, parent_run_id, {row["tune_trial_id"]: (RUN_STATUS[row["status"]], row["status"])
