@@ -66,9 +66,9 @@ def finished_smoke_search(tmp_path_factory, digits_teacher):
     finished search leaves behind (study, results, output, MLflow runs, champion).
 
     Three trials, two at a time: the preset's configuration (no memory), its memory counterpart
-    (a memory of 8 replayed at order 0), then the useless point. Two at a time whatever the machine's cores, so the
-    useless trial always starts after a learning trial has reported its first epoch, and ASHA has
-    a rung to compare it with.
+    (a memory of 8 replayed at order 0), then the useless point. Two at a time whatever the
+    machine's cores, so the useless trial always starts after a learning trial has reported its
+    first epoch, and ASHA has a rung to compare it with.
     """
     storage = tmp_path_factory.mktemp("search")
     tracking_uri = f"sqlite:///{storage / 'mlflow.db'}"  # its own store: `mlflow ui` serves it as printed
