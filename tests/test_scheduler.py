@@ -1,4 +1,4 @@
-"""tune/scheduler.py: ASHA records the preset's trial at every rung but never stops it."""
+"""tune/scheduler.py: ASHA records the baseline trials at every rung but never stops them."""
 
 import sys
 from pathlib import Path
@@ -9,38 +9,48 @@ from ray.tune.schedulers import TrialScheduler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tune.scheduler import PRESET_TRIAL_NUMBER, PresetSparingASHA  # noqa: E402
+from tune.scheduler import BaselineSparingASHA, baseline_numbers  # noqa: E402
 from tune.study import OPTUNA_NUMBER  # noqa: E402
 
+PRESET, COUNTERPART, SAMPLED = 0, 1, 2  # Optuna numbers: the two baselines come first
 
-def asha(spared: int | None) -> PresetSparingASHA:
+
+def asha(spared) -> BaselineSparingASHA:
     # One rung after epoch 1; with reduction factor 3 only the top third of a rung goes on.
-    return PresetSparingASHA(spared=spared, time_attr="epochs_done", metric="val", mode="max", max_t=9,
-                             grace_period=1, reduction_factor=3, stop_last_trials=False)
+    return BaselineSparingASHA(spared=spared, time_attr="epochs_done", metric="val", mode="max", max_t=9,
+                               grace_period=1, reduction_factor=3, stop_last_trials=False)
 
 
 def trial(number: int) -> Trial:
     return Trial("run_trial", config={OPTUNA_NUMBER: number, "student_lr": 0.05}, stub=True)
 
 
-def first_rung(scheduler: PresetSparingASHA, order: list[tuple[Trial, float]]) -> list[str]:
+def first_rung(scheduler: BaselineSparingASHA, order: list[tuple[Trial, float]]) -> list[str]:
     """Each trial's decision after epoch 1, in the order the results arrive."""
     for t, _ in order:
         scheduler.on_trial_add(None, t)
     return [scheduler.on_trial_result(None, t, {"epochs_done": 1, "val": value}) for t, value in order]
 
 
-@pytest.mark.parametrize("spared, preset_decision", [(PRESET_TRIAL_NUMBER, TrialScheduler.CONTINUE),
-                                                     (None, TrialScheduler.STOP)])
-def test_the_preset_trial_behind_at_a_rung_goes_on_only_when_spared(spared, preset_decision):
+@pytest.mark.parametrize("behind", [PRESET, COUNTERPART])
+@pytest.mark.parametrize("spared, decision", [(baseline_numbers(2), TrialScheduler.CONTINUE),
+                                              (baseline_numbers(0), TrialScheduler.STOP)])
+def test_a_baseline_behind_at_a_rung_goes_on_only_when_spared(behind, spared, decision):
     scheduler = asha(spared)
-    other, preset = trial(1), trial(PRESET_TRIAL_NUMBER)
-    assert first_rung(scheduler, [(other, 0.9), (preset, 0.5)]) == [TrialScheduler.CONTINUE, preset_decision]
+    leader, baseline = trial(SAMPLED), trial(behind)
+    assert first_rung(scheduler, [(leader, 0.9), (baseline, 0.5)]) == [TrialScheduler.CONTINUE, decision]
 
 
-def test_other_trials_are_still_measured_against_the_spared_preset():
+def test_only_the_baselines_are_spared():
+    # Only the preset is a baseline (its space leaves no room for the counterpart): trial 1 is sampled.
+    scheduler = asha(baseline_numbers(1))
+    leader, sampled = trial(SAMPLED), trial(COUNTERPART)
+    assert first_rung(scheduler, [(leader, 0.9), (sampled, 0.5)]) == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
+
+
+def test_other_trials_are_still_measured_against_the_spared_baselines():
     # The preset leads the rung; a weaker trial after it is stopped, as by plain ASHA.
-    scheduler = asha(PRESET_TRIAL_NUMBER)
-    preset, weak = trial(PRESET_TRIAL_NUMBER), trial(2)
+    scheduler = asha(baseline_numbers(2))
+    preset, weak = trial(PRESET), trial(SAMPLED)
     assert first_rung(scheduler, [(preset, 0.9), (weak, 0.5)]) == [TrialScheduler.CONTINUE, TrialScheduler.STOP]
     assert "num_stopped=1" in scheduler.debug_string()

@@ -43,7 +43,7 @@ from lrra.teacher import load_teacher, obtain_teacher
 from tune import cluster
 from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, filesystem, load_plan, save_plan
 from tune.report import ProgressLines, print_summary, say, write_parquet
-from tune.scheduler import PRESET_TRIAL_NUMBER, PresetSparingASHA
+from tune.scheduler import BaselineSparingASHA, baseline_numbers
 from tune.search_tracking import SearchTracker, tracked_search
 from tune.space import (
     baseline_points,
@@ -52,7 +52,6 @@ from tune.space import (
     excluded_by_bounds,
     parse_bounds,
     parse_point,
-    preset_point,
     read_space_file,
 )
 from tune.study import (
@@ -322,11 +321,11 @@ def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
     # run has finished and released its workers, instead of being cut while its run writes the best
     # student. reuse_actors=False: a stopped trial's process ends, and its Ray Train run with it,
     # rather than training on in the background while the next trial waits for its workers' CPUs.
-    # ASHA never stops the preset's own trial, when the search runs it (tune/scheduler.py).
-    spared = PRESET_TRIAL_NUMBER if preset_point(plan.space, cfg) is not None else None
-    scheduler = PresetSparingASHA(spared=spared, time_attr=EPOCHS_DONE, metric=METRIC, mode="max", max_t=cfg.epochs,
-                                  grace_period=plan.grace_period, reduction_factor=plan.reduction_factor,
-                                  stop_last_trials=False)
+    # ASHA never stops the baseline trials (the preset and its memory counterpart; tune/scheduler.py).
+    spared = baseline_numbers(len(baseline_points(plan.space, cfg)))
+    scheduler = BaselineSparingASHA(spared=spared, time_attr=EPOCHS_DONE, metric=METRIC, mode="max", max_t=cfg.epochs,
+                                    grace_period=plan.grace_period, reduction_factor=plan.reduction_factor,
+                                    stop_last_trials=False)
     return Tuner(
         trainable(setup, plan.driver_cpus),
         tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
