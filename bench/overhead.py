@@ -11,7 +11,7 @@ Two ratios, medians over the repeats:
   reporting, checkpoints) over the whole bare command (Python startup included);
 - search / bare: the whole search command (plus Ray's own startup and shutdown) over the same.
 
-    python -m bench.overhead                       # mnist, 15 epochs: a trial of a few minutes
+    python -m bench.overhead                       # mnist, 30 epochs: a trial of ~7 minutes
     python -m bench.overhead --epochs 3 --repeats 1
     python -m bench.overhead --smoke-test          # digits, seconds of work: Ray's startup dominates
 """
