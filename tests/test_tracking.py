@@ -477,7 +477,7 @@ def test_smoke_search_logs_parent_children_plots_and_a_champion(finished_smoke_s
         "plots/optimization_history.png", "plots/parallel_coordinate.png", "plots/param_importances.png"]
     assert [f.path for f in client.list_artifacts(parent.info.run_id, "results")] == ["results/trials.parquet"]
 
-    # The preset's trial and its memory counterpart ran to the end; ASHA stopped the useless one
+    # The preset's trial and its memory counterpart ran to the end (ASHA spares both); ASHA stopped the useless one
     # after its first epoch. Every trial's run ends FINISHED, tagged with why it ended.
     by_trial = {r.data.tags[tracking.TAG_OPTUNA_TRIAL]: r for r in children}
     assert sorted(by_trial) == ["0", "1", "2"] and {r.info.status for r in children} == {"FINISHED"}
