@@ -50,6 +50,12 @@ def _functional_forward(model: nn.Module, params: dict[str, torch.Tensor], x: to
     return functional_call(model, (params, buffers), (x,))
 
 
+def _rows_are_independent(model: nn.Module) -> bool:
+    """True when each output row depends on its input row alone, as without BatchNorm (which
+    normalises with the statistics of the whole batch it is given)."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def student_objective(student: nn.Module, x_new: torch.Tensor, y_new: torch.Tensor,
                       x_mem: torch.Tensor | None, y_mem: torch.Tensor | None, *,
                       meta_lr: float, weight_decay: float, retention_order: int,
@@ -65,14 +71,22 @@ def student_objective(student: nn.Module, x_new: torch.Tensor, y_new: torch.Tens
         loss = kd_loss(student(x_new), y_new)
         return loss, {"kd": loss.detach()}
 
-    loss_kd = kd_loss(student(torch.cat([x_new, x_mem])), torch.cat([y_new, y_mem]))
+    logits = student(torch.cat([x_new, x_mem]))
+    loss_kd = kd_loss(logits, torch.cat([y_new, y_mem]))
     if retention_order == 0 or retention_weight == 0:
         return loss_kd, {"kd": loss_kd.detach()}
 
-    # Knowledge acquisition (meta-train): one differentiable SGD step on the fresh batch.
+    # Knowledge acquisition (meta-train): one differentiable SGD step on the fresh batch. Without
+    # BatchNorm, S_theta(x_new) is the plain KD forward's first rows: the same numbers and graph,
+    # one forward fewer. With it, the fresh batch is normalised by its own statistics (on cloned
+    # buffers), so it needs a forward of its own.
     params = dict(student.named_parameters())
-    loss_acq = kd_loss(_functional_forward(student, params, x_new), y_new)
-    grads = torch.autograd.grad(loss_acq, list(params.values()), create_graph=retention_order == 2)
+    shared = _rows_are_independent(student)
+    logits_new = logits[: len(x_new)] if shared else _functional_forward(student, params, x_new)
+    loss_acq = kd_loss(logits_new, y_new)
+    # A shared forward's graph is still needed by loss_kd's backward, whatever the order.
+    grads = torch.autograd.grad(loss_acq, list(params.values()), create_graph=retention_order == 2,
+                                retain_graph=shared or retention_order == 2)
     if mean_over_ranks is not None:
         # Every rank must step to the same theta': the one of the union of all ranks' fresh batches.
         grads = mean_over_ranks(list(grads))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrra.losses import kd_loss
 from lrra.meta import student_objective, student_update
 from lrra.models import build_classifier
 
@@ -138,6 +139,25 @@ def test_fast_weight_passes_leave_batchnorm_statistics_alone(order):
                       retention_order=order)
     for (name, got), want in zip(student.named_buffers(), expected.buffers(), strict=True):
         torch.testing.assert_close(got, want, atol=0, rtol=0, msg=f"buffer {name} moved")
+
+
+@pytest.mark.parametrize("arch", ["lenet5_half", "convnet_half"])
+def test_the_acquisition_loss_is_the_fresh_batch_on_its_own(arch):
+    # LeNet has no BatchNorm, so its fresh-batch outputs are read off the plain KD forward; ConvNet's
+    # BatchNorm must normalise the fresh batch by its own statistics, not the concatenated batch's.
+    torch.manual_seed(0)
+    student = build_classifier(arch, 10, 1).train()
+    size = 32 if arch.startswith("lenet") else 8
+    # A memory batch far from the fresh one, so that the two batch statistics differ clearly.
+    x_new, x_mem = torch.randn(16, 1, size, size), 3 + 5 * torch.randn(8, 1, size, size)
+    y_new, y_mem = torch.randn(16, 10), torch.randn(8, 10)
+    alone = kd_loss(copy.deepcopy(student)(x_new), y_new).detach()
+    _, parts = student_objective(student, x_new, y_new, x_mem, y_mem, meta_lr=ALPHA, weight_decay=WD,
+                                 retention_order=2)
+    torch.testing.assert_close(parts["acquisition"], alone)
+    if arch == "convnet_half":  # the check can tell the two apart
+        rows_of_concat = copy.deepcopy(student)(torch.cat([x_new, x_mem]))[:16]
+        assert abs(alone - kd_loss(rows_of_concat, y_new).detach()) > 0.01
 
 
 def test_clip_norm_rescales_the_applied_gradient_to_that_norm():
