@@ -62,10 +62,11 @@ def choice(*values: int) -> Knob:
 
 Space = dict[str, Knob]
 
-# MNIST on two CPU cores, 15 short epochs: a student lr around the preset's 0.05 (0.2 learned
-# slower, 0.3 diverges), meta_lr well under the ResNet reference's 0.9 (it diverges on LeNet, which has no
-# BatchNorm), and small step counts, which set both the generator/student ratio and the cost of
-# an epoch. One-hot weights above ~2 and entropy weights near 1 learned clearly worse.
+# MNIST on two CPU cores, short epochs (the ranges were set when the preset ran 15 of them): a
+# student lr around the preset's 0.05 (0.2 learned slower, 0.3 diverges), meta_lr well under the
+# ResNet reference's 0.9 (it diverges on LeNet, which has no BatchNorm), and small step counts,
+# which set both the generator/student ratio and the cost of an epoch. One-hot weights above ~2
+# and entropy weights near 1 learned clearly worse.
 # Retention weighted 1:1 against the fresh batch cost accuracy here (README): the weight goes down to
 # 1/100, the warm-up up to half the run (the generator's early images are poor), and the replayed
 # batch from one push of 16 images (0) up to the fresh batch's size.
