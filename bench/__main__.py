@@ -8,7 +8,7 @@ ratios to plain KD on the same batch; device, threads and library versions in ta
 
     python -m bench                                # both pairs on this machine's default device
     python -m bench --threads 2 --batch resnet=64 --out bench.json
-    python -m bench --device cuda --bf16 --channels-last
+    python -m bench --device cuda --bf16           # then --no-channels-last: both memory formats
     python -m bench --quick --out /tmp/bench.json  # seconds: tiny batches, one round (a test runs it)
 """
 
@@ -26,6 +26,7 @@ import torch
 
 from bench.peak_memory import method as memory_method
 from bench.suite import AUTHORS, PAIRS, UPDATES, Settings, authors_available, measure_pair
+from lrra.config import LRRAConfig
 
 # --quick: one call of each step without warm-up, tiny batches, 2 student steps per iteration,
 # ResNets on 4x4 images (LeNet needs 32x32; BatchNorm needs a memory batch of 2 on ResNet's 1x1
@@ -73,8 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each step first")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast, as --set bf16=true")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="channels-last tensors, as --set channels_last=true")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=LRRAConfig.channels_last,
+                        help="channels-last tensors (a run's default); --no-channels-last as --set channels_last=false")
     parser.add_argument("--quick", action="store_true", help="seconds: tiny batches, 2 student steps, one round")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     settings = Settings(device, args.rounds, args.reps, args.warmup, args.bf16, args.channels_last)
     env = environment(device)
-    print(f"device {env['device_name']} ({env['device']}), torch threads {env['torch_threads']}, "
+    layout = f"{'channels-last' if args.channels_last else 'NCHW'}{', bf16 autocast' if args.bf16 else ''}"
+    print(f"device {env['device_name']} ({env['device']}), torch threads {env['torch_threads']}, {layout}, "
           f"{', '.join(f'{k} {v}' for k, v in env['versions'].items())}; peak memory: {env['memory_method']}")
     if not authors_available():
         print("authors' baseline skipped: `higher` is not installed (pip install -e .[bench])", file=sys.stderr)

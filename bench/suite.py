@@ -46,8 +46,8 @@ class Settings:
     rounds: int
     reps: int
     warmup: int
-    bf16: bool = False
-    channels_last: bool = False
+    bf16: bool = LRRAConfig.bf16
+    channels_last: bool = LRRAConfig.channels_last  # a run's defaults
 
 
 def pair_config(pair: str, settings: Settings, **fields) -> LRRAConfig:

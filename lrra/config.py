@@ -123,8 +123,10 @@ class LRRAConfig:
     """Epochs between checkpoints (0: only at the end)."""
     bf16: bool = False
     """Run forward passes under bfloat16 autocast (GPU option)."""
-    channels_last: bool = False
-    """Use the channels-last memory format for images and conv weights (GPU option)."""
+    channels_last: bool = True
+    """Keep images, activations and conv weights in the channels-last memory format. On by default:
+    on the CPU, PyTorch's convolutions and nearest-neighbour upsampling (the generator's) run much
+    faster in it (an MNIST-preset iteration in 0.53-0.68x the time); on GPUs it is unmeasured here."""
     fault_at_epoch: int = -1
     """Test-only fault switch: rank 0 raises once at the start of this epoch (-1: never)."""
     nan_at_epoch: int = -1
