@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per run; the last one is timed (default: 2)")
     parser.add_argument("--iters", type=int, default=3, help="iterations per epoch (default: 3)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="config override, e.g. --set bf16=true --set channels_last=true")
+                        help="config override, e.g. --set bf16=true --set channels_last=false")
     parser.add_argument("--smoke-test", action="store_true", help="tiny batches and epochs, for CI")
     args = parser.parse_args()
     if args.gpu and not torch.cuda.is_available():
