@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +23,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/ and tune/ are folders of modules, not installed packages
 
 from tests.services import USELESS_TRIAL, mlflow_server, search_command  # noqa: E402
+
+# Test files that read the session's one smoke search (finished_smoke_search): one test process
+# runs them all, so that the search runs once.
+SMOKE_SEARCH_READERS = {"test_search.py", "test_tracking.py", "test_viewing_tools.py"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Groups for pytest-xdist's --dist loadgroup, the ones with most slow tests first.
+
+    A file is a group (its module-scoped fixtures, such as a network-namespace cluster, are built
+    once), but for the readers of the smoke search, which share one. With --no-loadscope-reorder
+    the groups are handed out in the order they first appear here, so the groups of integration
+    tests start early and the quick unit-test files fill in at the end, instead of a long group
+    starting last and leaving the other process idle.
+    """
+    def group(item) -> str:
+        name = item.path.name
+        return "smoke-search" if name in SMOKE_SEARCH_READERS else name
+
+    slow_tests = Counter(group(item) for item in items if item.get_closest_marker("slow"))
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(group(item)))
+    items.sort(key=lambda item: -slow_tests[group(item)])  # stable: file order among equals
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, str(DASHBOARDS))
 import build_dashboard  # noqa: E402
 
 from lrra.live_metrics import EXPORTED  # noqa: E402
+from tests.services import free_port  # noqa: E402
 
 METRIC_NAME = re.compile(r"\bray_[a-z_]+\b")
 
@@ -94,18 +94,16 @@ def test_promtool_accepts_prometheus_yml():
 # A real Prometheus scraping a real search.
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_prometheus(folder: Path) -> tuple[subprocess.Popen, str]:
-    """dashboards/prometheus.yml as it is, but scraping every second and re-reading Ray's
-    service-discovery file every two (the test is short)."""
+def start_prometheus(folder: Path, ray_temp_dir: Path) -> tuple[subprocess.Popen, str]:
+    """dashboards/prometheus.yml as it is, but scraping every second, re-reading Ray's
+    service-discovery file every two (the test is short), and reading it from ``ray_temp_dir``
+    instead of /tmp/ray: every local Ray on the machine points /tmp/ray's link at its own session,
+    so a Ray started beside this test (another test process) would take the file over."""
     config = yaml.safe_load((DASHBOARDS / "prometheus.yml").read_text())
     config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
-    config["scrape_configs"][0]["file_sd_configs"][0]["refresh_interval"] = "2s"
+    discovery = config["scrape_configs"][0]["file_sd_configs"][0]
+    discovery["refresh_interval"] = "2s"
+    discovery["files"] = [str(ray_temp_dir / Path(discovery["files"][0]).name)]
     (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     process = subprocess.Popen(
@@ -133,14 +131,16 @@ def dashboard_expr(expr: str, search: str) -> str:
 
 @pytest.mark.slow
 def test_every_dashboard_query_returns_series_of_a_running_search(tmp_path, digits_teacher):
-    prometheus, url = start_prometheus(tmp_path)
+    system_temp = Path("/tmp") / f"lrra-prom-{os.getpid()}"  # short: Ray's socket paths have a length limit
+    prometheus, url = start_prometheus(tmp_path, system_temp / "ray")
     name = "dashboardlive"
     command = [sys.executable, str(ROOT / "tune" / "search.py"), "--smoke-test", "--teacher", str(digits_teacher[0]),
                "--storage-path", str(tmp_path / "runs"), "--data-dir", str(tmp_path / "data"), "--name", name,
                "--num-samples", "1", "--epochs", "8", "--workers-per-trial", "2", "--cpus-per-worker", "0.5",
                "--driver-cpus", "0.5", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     # Ray's metrics agent takes application metrics from the workers every metrics_report_interval_ms.
-    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}
+    # RAY_TMPDIR: the search's local Ray keeps its session (and discovery file) under system_temp/ray.
+    env = {**os.environ, "RAY_metrics_report_interval_ms": "1000", "RAY_TMPDIR": str(system_temp)}
     pending = {q.expr: q for q in build_dashboard.queries() if q.scope != build_dashboard.GPU}
     seen: dict[str, list[dict]] = {}
     search = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
@@ -162,6 +162,7 @@ def test_every_dashboard_query_returns_series_of_a_running_search(tmp_path, digi
             if process.poll() is None:
                 process.kill()
                 process.wait()
+        shutil.rmtree(system_temp, ignore_errors=True)
     assert search.returncode == 0, output[-3000:]
     assert not pending, f"no series while the search ran for: {sorted(pending)}; targets {targets}\n{output[-2000:]}"
     for expr, series in seen.items():
