@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,42 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/ and tune/ are folders of modules, not installed packages
 
 from tests.services import USELESS_TRIAL, mlflow_server, search_command  # noqa: E402
-
-# Test files that read the session's one smoke search (finished_smoke_search): one test process
-# runs them all, so that the search runs once.
-SMOKE_SEARCH_READERS = {"test_search.py", "test_tracking.py", "test_viewing_tools.py"}
-
-
-def test_group(nodeid: str) -> str:
-    """The unit of work a test process takes whole: the test's file (so that its module-scoped
-    fixtures, such as a network-namespace cluster, are built once), or one group for the readers
-    of the smoke search."""
-    filename = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
-    return "smoke-search" if filename in SMOKE_SEARCH_READERS else filename
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """--dist loadscope, but with test_group() as the scope. (xdist's own loadgroup mode renames
-    node ids in a way pytest 9.2 no longer reads, so its groups are silently ignored.)"""
-    if config.getvalue("dist") != "loadscope":
-        return None
-    from xdist.scheduler import LoadScopeScheduling
-
-    class GroupScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return test_group(nodeid)
-
-    return GroupScheduling(config, log)
-
-
-def pytest_collection_modifyitems(config, items):
-    """The groups with most slow tests first. With --no-loadscope-reorder the test processes take
-    groups in the order they first appear here, so the integration tests start early and the quick
-    unit-test files fill in at the end, instead of a long group starting last while the other
-    process idles."""
-    slow_tests = Counter(test_group(item.nodeid) for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow_tests[test_group(item.nodeid)])  # stable: file order among equals
 
 
 @pytest.fixture(scope="session")
