@@ -98,7 +98,7 @@ def start_prometheus(folder: Path, ray_temp_dir: Path) -> tuple[subprocess.Popen
     """dashboards/prometheus.yml as it is, but scraping every second, re-reading Ray's
     service-discovery file every two (the test is short), and reading it from ``ray_temp_dir``
     instead of /tmp/ray: every local Ray on the machine points /tmp/ray's link at its own session,
-    so a Ray started beside this test (another test process) would take the file over."""
+    so any other Ray started on the machine meanwhile (a user's search) would take the file over."""
     config = yaml.safe_load((DASHBOARDS / "prometheus.yml").read_text())
     config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
     discovery = config["scrape_configs"][0]["file_sd_configs"][0]
