@@ -30,6 +30,7 @@ from lrra.live_metrics import EXPORTED  # noqa: E402
 from tests.services import free_port  # noqa: E402
 
 METRIC_NAME = re.compile(r"\bray_[a-z_]+\b")
+SPEED_METRIC = "lrra_student_steps_per_second"  # exported by every worker, each under its own rank
 
 
 def ray_own_metric_names() -> set[str]:
@@ -132,7 +133,7 @@ def dashboard_expr(expr: str, search: str) -> str:
 def complete(expr: str, series: list[dict]) -> bool:
     """Every worker exports its own speed, so that query waits for both ranks' series (one worker's
     metrics may reach Prometheus a scrape before the other's); any series does for the rest."""
-    if "lrra_student_steps_per_second" in expr:
+    if SPEED_METRIC in expr:
         return {one["metric"]["rank"] for one in series} >= {"0", "1"}
     return bool(series)
 
@@ -183,7 +184,7 @@ def test_every_dashboard_query_returns_series_of_a_running_search(tmp_path, digi
                 assert labels["search"] == name and labels["trial"] and labels["rank"] in ("0", "1"), (expr, labels)
             elif scope == build_dashboard.SEARCH_LEVEL:
                 assert labels["search"] == name, (expr, labels)
-    ranks = {s["metric"]["rank"] for s in seen[next(e for e in seen if "lrra_student_steps_per_second" in e)]}
+    ranks = {s["metric"]["rank"] for s in seen[next(e for e in seen if SPEED_METRIC in e)]}
     assert ranks == {"0", "1"}, "every worker exports its own speed"
 
 
