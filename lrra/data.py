@@ -6,7 +6,9 @@ Four kinds of names are understood:
 * ``digits``: scikit-learn's bundled 8x8 digits (no files needed, seconds-fast);
 * ``imagefolder:PATH``: ``PATH/train`` and ``PATH/val`` (or ``PATH/test``) folders of class folders;
 * a robustness dataset of lrra.robustness (``mnist-inverted``, ``mnist-rotated``, ``mnist-subset5``):
-  MNIST transformed, built from MNIST's files.
+  MNIST transformed, built from MNIST's files;
+* a glyph dataset of lrra.glyphs (``letters``, ``greek``): characters rendered from bundled fonts,
+  images that are not digits, built offline.
 
 Small datasets are materialised once into a ``TensorDataset`` (resized and normalised in bulk), so
 training loops slice tensors instead of decoding PIL images per item.
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from lrra import glyphs
 from lrra.dataset_files import DatasetUnavailableError, open_torchvision_dataset
 from lrra.robustness import DATASETS as ROBUSTNESS
 
@@ -77,6 +80,9 @@ def dataset_info(name: str, data_dir: str = "data") -> DatasetInfo:
     if name in ROBUSTNESS:
         spec = ROBUSTNESS[name]
         return DatasetInfo(name, spec.num_classes, 1, (spec.mean,), (spec.std,))
+    if name in glyphs.DATASETS:
+        spec = glyphs.DATASETS[name]
+        return DatasetInfo(name, spec.num_classes, 1, (spec.mean,), (spec.std,))
     if name.startswith(_IMAGEFOLDER):
         classes = _imagefolder_classes(_imagefolder_root(name, data_dir) / "train")
         return DatasetInfo(name, len(classes), 3, _IMAGENET_MEAN, _IMAGENET_STD)
@@ -94,11 +100,11 @@ def _torchvision_class(name: str) -> type[Dataset]:
     if isinstance(cls, type) and issubclass(cls, Dataset):
         return cls
     torchvision_names = (k for k, v in vars(tvd).items() if isinstance(v, type) and issubclass(v, Dataset))
-    names = ["digits", *ROBUSTNESS, *torchvision_names]
+    names = ["digits", *ROBUSTNESS, *glyphs.DATASETS, *torchvision_names]
     hint = next((f" (did you mean {k!r}?)" for k in names if k.lower() == name.lower()), "")
     raise ValueError(f"unknown dataset {name!r}{hint}: expected a torchvision.datasets class name "
-                     f"(e.g. {', '.join(_KNOWN)}), 'digits', 'imagefolder:PATH', or a robustness dataset "
-                     f"({', '.join(ROBUSTNESS)})")
+                     f"(e.g. {', '.join(_KNOWN)}), 'digits', 'imagefolder:PATH', a robustness dataset "
+                     f"({', '.join(ROBUSTNESS)}) or a glyph dataset ({', '.join(glyphs.DATASETS)})")
 
 
 def _count_classes(dataset: Dataset) -> int:
@@ -131,6 +137,8 @@ def load_split(name: str, data_dir: str, train: bool, image_size: int, channels:
         return _materialise(images, labels, image_size, info)
     if name in ROBUSTNESS:
         return _materialise(*_robustness_split(name, data_dir, train), image_size, info)
+    if name in glyphs.DATASETS:
+        return _materialise(*glyphs.build_split(name, train), image_size, info)
     if name.startswith(_IMAGEFOLDER):
         return _imagefolder_split(name, data_dir, train, _lazy_transform(image_size, info))
     if name in _KNOWN:
