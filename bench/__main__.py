@@ -31,7 +31,7 @@ from lrra.config import LRRAConfig
 # --quick: one call of each step without warm-up, tiny batches, 2 student steps per iteration,
 # ResNets on 4x4 images (LeNet needs 32x32; BatchNorm needs a memory batch of 2 on ResNet's 1x1
 # maps, so B=16): the whole suite in seconds, for a test. Its figures mean nothing.
-QUICK_FIELDS = {"mnist": dict(batch_size=16, kd_steps=2), "resnet": dict(batch_size=16, kd_steps=2, image_size=4)}
+QUICK_FIELDS = {"mnist": dict(batch_size=16, kd_steps=2), "resnet": dict(batch_size=16, kd_steps=2, image_size=8)}
 
 
 def version(package: str) -> str | None:

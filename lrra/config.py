@@ -34,15 +34,23 @@ class LRRAConfig:
     num_classes: int = 10
     """Number of classes of the teacher and the student."""
     image_size: int = 32
-    """Side of the square images the teacher takes and the generator makes (a multiple of 4)."""
+    """Side of the square images the teacher takes and the generator makes (at least 8)."""
     channels: int = 1
     """Image channels (1 for grey, 3 for colour)."""
     teacher_arch: str = "lenet5"
-    """Teacher network name in lrra.models.ARCHITECTURES."""
+    """Teacher network: a name in lrra.models.ARCHITECTURES, torchvision:NAME or timm:NAME (for a state_dict)."""
     student_arch: str = "lenet5_half"
-    """Student network name in lrra.models.ARCHITECTURES."""
+    """Student network: a name in lrra.models.ARCHITECTURES, torchvision:NAME or timm:NAME."""
     teacher_path: str = ""
-    """Teacher state_dict file; empty means train (and cache) one under data_dir."""
+    """Teacher file (see teacher_format); empty means train (and cache) one under data_dir."""
+    teacher_format: str = "auto"
+    """How to read teacher_path: auto (from the file), lrra, export (torch.export), torchscript, state_dict,
+    or pickle (a whole pickled nn.Module: runs code from the file, so only for files you trust)."""
+    input_mean: str = ""
+    """The teacher's input normalisation, per channel, e.g. 0.485,0.456,0.406; empty: the teacher file's,
+    else the dataset's."""
+    input_std: str = ""
+    """Per-channel standard deviation of that normalisation (as input_mean)."""
 
     # --- distillation budget -----------------------------------------------------------
     epochs: int = 20
@@ -81,6 +89,12 @@ class LRRAConfig:
     """Clip the student's (rank-averaged) gradient to this global L2 norm before each step; 0 = off."""
     generator_clip_norm: float = 0.0
     """Clip the generator's (rank-averaged) gradient to this global L2 norm before each step; 0 = off."""
+    student_ema: float = 0.0
+    """Decay of an exponential moving average of the student's weights, updated after every student
+    step; the average is the student that is evaluated and kept. 0 = off (the student itself)."""
+    synthetic_shift: int = 0
+    """Shift each synthetic image of the student phase by up to this many pixels (replicate padding)
+    before the teacher labels it: more views of what the generator makes. 0 = off."""
 
     # --- replay memory -----------------------------------------------------------------
     memory_capacity: int = 10
@@ -138,6 +152,7 @@ class LRRAConfig:
     # ------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Check every field; raise one ConfigError naming the first bad field."""
+        from lrra.external_models import PREFIXES, ExternalArchitectureError, check_external_name
         from lrra.models import ARCHITECTURES  # late import: models imports nothing from here
 
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -155,11 +170,29 @@ class LRRAConfig:
                      "replay_batches", "teacher_epochs", "teacher_batch_size", "eval_batch_size"):
             need(getattr(self, name) >= 1, name, "must be an integer >= 1")
         need(self.num_classes >= 2, "num_classes", "must be >= 2")
-        need(self.image_size >= 4 and self.image_size % 4 == 0, "image_size",
-             "must be a positive multiple of 4 (the generator upsamples twice)")
+        need(self.image_size >= 8, "image_size", "must be an integer >= 8 (pixels)")
         need(self.channels in (1, 3), "channels", "must be 1 or 3")
         for name in ("teacher_arch", "student_arch"):
-            need(getattr(self, name) in ARCHITECTURES, name, f"one of {sorted(ARCHITECTURES)}")
+            arch = getattr(self, name)
+            if arch.startswith(PREFIXES):
+                try:
+                    check_external_name(arch)
+                except ExternalArchitectureError as err:
+                    need(False, name, str(err))
+            else:
+                need(arch in ARCHITECTURES, name, f"one of {sorted(ARCHITECTURES)}, torchvision:NAME or timm:NAME")
+        need(self.teacher_format in TEACHER_FORMATS, "teacher_format", f"one of {list(TEACHER_FORMATS)}")
+        for name in ("input_mean", "input_std"):
+            try:
+                values = per_channel(getattr(self, name))
+            except ValueError:
+                values = None
+            need(values is not None, name, "comma-separated numbers, one per channel, e.g. 0.5 or 0.485,0.456,0.406")
+            need(values == () or len(values) == self.channels, name,
+                 f"one number per channel: channels={self.channels}, got {len(values)}")
+        need(all(v > 0 for v in per_channel(self.input_std)), "input_std", "every value must be > 0")
+        need(bool(self.input_mean) == bool(self.input_std), "input_std" if self.input_mean else "input_mean",
+             "input_mean and input_std are set together (or both left empty)")
         need(self.gen_steps >= 0, "gen_steps", "must be an integer >= 0")
         for name in ("student_lr", "generator_lr", "teacher_lr"):
             need(getattr(self, name) > 0, name, "must be > 0")
@@ -167,6 +200,9 @@ class LRRAConfig:
                      "student_clip_norm", "generator_clip_norm"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.student_momentum < 1, "student_momentum", "must be in [0, 1)")
+        need(0 <= self.student_ema < 1, "student_ema", "must be in [0, 1) (0 = no moving average)")
+        need(0 <= self.synthetic_shift < self.image_size // 2, "synthetic_shift",
+             f"must be an integer in [0, {self.image_size // 2}) pixels (0 = off)")
         need(self.retention_order in (0, 1, 2), "retention_order",
              "0 (replay only), 1 (first order) or 2 (second order)")
         need(self.memory_capacity >= 0, "memory_capacity", "must be an integer >= 0 (0 = no memory)")
@@ -221,6 +257,17 @@ class LRRAConfig:
         """Rebuild from to_dict() output (a checkpoint, MLflow params, a Tune config)."""
         check_field_names(values)
         return cls(**{k: coerce(k, v) for k, v in values.items()})
+
+
+TEACHER_FORMATS = ("auto", "lrra", "export", "torchscript", "state_dict", "pickle")
+
+
+def per_channel(text: str) -> tuple[float, ...]:
+    """'0.485, 0.456,0.406' -> (0.485, 0.456, 0.406); '' -> (). ValueError for anything else."""
+    values = tuple(float(part) for part in text.split(",")) if text.strip() else ()
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(text)
+    return values
 
 
 FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(LRRAConfig)}

@@ -122,16 +122,21 @@ def _sample_channels(dataset: Dataset) -> int:
 
 # --- load_split -------------------------------------------------------------------------------
 
-def load_split(name: str, data_dir: str, train: bool, image_size: int, channels: int) -> Dataset:
+def load_split(name: str, data_dir: str, train: bool, image_size: int, channels: int,
+               mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> Dataset:
     """The train or test split of ``name`` as (float32 [channels, image_size, image_size], label) items.
 
-    Images are normalised with ``dataset_info(name).mean/std``. Raises ValueError when ``channels``
-    differs from the dataset's (checked before any file is read or downloaded).
+    Images are normalised with ``mean``/``std`` (default: ``dataset_info(name)``'s). A grey dataset
+    asked for in 3 channels is repeated to 3 (a colour teacher's contract). Raises ValueError for
+    other channel mismatches (checked before any file is read or downloaded).
     """
     info = dataset_info(name, data_dir)
-    if channels != info.channels:
+    if channels != info.channels and not (info.channels == 1 and channels == 3):
         raise ValueError(f"dataset {name!r} has {info.channels} channel(s) but channels={channels} was "
                          f"requested; set channels={info.channels} or pick a {channels}-channel dataset")
+    repeat = channels // info.channels  # 3 for a grey dataset given to a colour teacher, else 1
+    info = DatasetInfo(name, info.num_classes, channels, tuple(mean or info.mean * repeat),
+                       tuple(std or info.std * repeat))
     if name == "digits":
         images, labels = _digits_split(train)
         return _materialise(images, labels, image_size, info)
@@ -151,9 +156,19 @@ def _lazy_transform(image_size: int, info: DatasetInfo) -> transforms.Compose:
 
     return transforms.Compose([
         transforms.Resize((image_size, image_size)),
+        transforms.Lambda(_to_rgb if info.channels == 3 else _identity),
         transforms.ToTensor(),
         transforms.Normalize(info.mean, info.std),
     ])
+
+
+def _identity(image):
+    return image
+
+
+def _to_rgb(image):
+    """A PIL image in RGB: grey images repeated to 3 channels, colour ones unchanged."""
+    return image.convert("RGB")
 
 
 def _materialise(images: torch.Tensor, labels: torch.Tensor, image_size: int, info: DatasetInfo,
@@ -162,9 +177,10 @@ def _materialise(images: torch.Tensor, labels: torch.Tensor, image_size: int, in
     scale = 255.0 if images.dtype == torch.uint8 else 1.0
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)
-    out = torch.empty(len(images), images.shape[1], image_size, image_size)
+    out = torch.empty(len(images), info.channels, image_size, image_size)
     for start in range(0, len(images), chunk):
         batch = images[start:start + chunk].float() / scale
+        batch = batch.expand(-1, info.channels, -1, -1)  # grey repeated to a colour teacher's 3 channels
         if batch.shape[-2:] != (image_size, image_size):
             batch = F.interpolate(batch, size=(image_size, image_size), mode="bilinear",
                                   antialias=True, align_corners=False)

@@ -46,7 +46,6 @@ from torch import nn
 
 from lrra.config import LRRAConfig
 from lrra.live_metrics import DISTILL_SEARCH, WorkerMetrics
-from lrra.models import build_classifier
 from lrra.preflight import (
     DistributedSetupError,
     check_address,
@@ -67,7 +66,8 @@ from lrra.runner import (
     student_metadata,
 )
 from lrra.splits import evaluation_splits
-from lrra.teacher import obtain_teacher, save_teacher
+from lrra.teacher import prepare_teacher, save_teacher
+from lrra.teacher_files import teacher_from_payload, teacher_payload
 from lrra.train import Collectives, Distiller, NonFiniteLossError
 
 STATE_FILE = "state.pt"
@@ -166,18 +166,14 @@ def reduce_rank_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 # The per-worker function.
 
 
-def train_loop_config(cfg: LRRAConfig, teacher_state: dict[str, torch.Tensor],
+def train_loop_config(cfg: LRRAConfig, teacher_payload: Any,
                       teacher_meta: dict[str, Any], tracking: RunTarget | None = None) -> dict[str, Any]:
     """What every worker receives. The teacher travels by value (Ray's object store), not as a
-    path: on a multi-node cluster a driver-side file does not exist on the workers. ``tracking``
-    says where rank 0 logs to MLflow (None: nowhere)."""
-    return {"cfg": cfg.to_dict(), "teacher_state": teacher_state, "teacher_meta": teacher_meta, "tracking": tracking}
-
-
-def teacher_from_state(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> nn.Module:
-    teacher = build_classifier(meta["arch"], meta["num_classes"], meta["channels"])
-    teacher.load_state_dict(state)
-    return teacher.eval()
+    path: on a multi-node cluster a driver-side file does not exist on the workers. Its payload
+    (lrra.teacher_files.teacher_payload) is a state_dict, or a compiled teacher's file bytes.
+    ``tracking`` says where rank 0 logs to MLflow (None: nowhere)."""
+    return {"cfg": cfg.to_dict(), "teacher_payload": teacher_payload, "teacher_meta": teacher_meta,
+            "tracking": tracking}
 
 
 RAY_TRAIN_COLLECTIVES = Collectives(average_gradients=average_gradients, mean_over_ranks=mean_over_ranks,
@@ -200,7 +196,8 @@ def worker_distiller(config: dict[str, Any]) -> Distiller:
     cfg = LRRAConfig.from_dict(config["cfg"])
     rank = ray.train.get_context().get_world_rank()
     evaluation = evaluation_splits(cfg, config["teacher_meta"]) if rank == 0 else None
-    return Distiller(cfg, teacher_from_state(config["teacher_state"], config["teacher_meta"]), evaluation,
+    teacher = teacher_from_payload(config["teacher_payload"], config["teacher_meta"], cfg)
+    return Distiller(cfg, teacher, evaluation,
                      device=ray.train.torch.get_device(), rank=rank, collectives=RAY_TRAIN_COLLECTIVES)
 
 
@@ -386,7 +383,7 @@ def write_teacher_file(model: nn.Module, meta: dict[str, Any], path: str) -> Non
 # Driver side: validation, trainer, run.
 
 
-def build_trainer(cfg: LRRAConfig, teacher_state: dict[str, torch.Tensor], teacher_meta: dict[str, Any], *,
+def build_trainer(cfg: LRRAConfig, teacher_payload: Any, teacher_meta: dict[str, Any], *,
                   workers: int, use_gpu: bool = False, resources_per_worker: dict[str, float] | None = None,
                   storage_path: str, name: str, max_failures: int = 0,
                   callbacks: list | None = None, tracking: RunTarget | None = None,
@@ -403,7 +400,7 @@ def build_trainer(cfg: LRRAConfig, teacher_state: dict[str, torch.Tensor], teach
     check_fault_switch(cfg)
     if not os.path.isabs(cfg.data_dir):
         raise ValueError(f"build_trainer needs an absolute data_dir, got {cfg.data_dir!r}: resolve it on the driver")
-    config = train_loop_config(cfg, teacher_state, teacher_meta, tracking)
+    config = train_loop_config(cfg, teacher_payload, teacher_meta, tracking)
     config["run_path"] = f"{storage_path.rstrip('/')}/{name}"
     config["metric_tags"] = {"search": search, "trial": name}
     return TorchTrainer(
@@ -438,24 +435,25 @@ def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, sto
     if address:
         check_address(address)
     name = name or default_run_name(cfg)
+    teacher, teacher_meta, teacher_path, evaluation = prepare_teacher(cfg, log=log)
+    log(evaluation.describe())
     started_ray = not ray.is_initialized()
     if started_ray:
         start_ray(address)
     try:
         check_cluster_fits(workers, worker_resources(use_gpu))
-        teacher, teacher_meta, _ = obtain_teacher(cfg, log=log)
-        log(evaluation_splits(cfg, teacher_meta).describe())  # fails early if the data is unavailable
         with tracked_target(tracking_uri, cfg) as target:
-            trainer = build_trainer(cfg, teacher.state_dict(), teacher_meta, workers=workers, use_gpu=use_gpu,
+            trainer = build_trainer(cfg, teacher_payload(teacher, teacher_meta, teacher_path), teacher_meta,
+                                    workers=workers, use_gpu=use_gpu,
                                     storage_path=storage, name=name, max_failures=max_failures,
                                     callbacks=callbacks, tracking=target)
             log(f"distilling {cfg.teacher_arch} -> {cfg.student_arch} on {cfg.dataset} with {workers} Ray Train "
-                f"worker(s) (teacher acc {teacher_meta['test_accuracy']:.4f}); storage {storage}/{name}")
+                f"worker(s); storage {storage}/{name}")
             start = time.perf_counter()
             result = trainer.fit()
             summary = {
                 "preset": cfg.preset,
-                "teacher_acc": teacher_meta["test_accuracy"],
+                "teacher_acc": teacher_meta["val_accuracy"],
                 **result.return_value,
                 "workers": workers,
                 "wall_s": round(time.perf_counter() - start, 2),

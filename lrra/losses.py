@@ -42,8 +42,10 @@ def generator_loss_terms(teacher_logits: torch.Tensor, teacher_features: torch.T
         "one_hot": F.cross_entropy(t, t.argmax(dim=1)),
         # Negative entropy of the batch-mean prediction: minimising it balances the classes.
         "info_entropy": (p_bar * p_bar.clamp_min(1e-12).log()).sum(),
-        # Large penultimate activations, as real images excite the teacher (DAFL).
-        "activation": -teacher_features.float().abs().mean(),
+        # Large penultimate activations, as real images excite the teacher (DAFL); 0 for a teacher
+        # whose features cannot be read (a TorchScript archive).
+        "activation": (-teacher_features.float().abs().mean() if teacher_features is not None
+                       else t.new_zeros(())),
         # The generator *maximises* the teacher-student disagreement: minimise its negative.
         "adversarial": -js_divergence(student_logits, teacher_logits),
     }

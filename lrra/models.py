@@ -6,11 +6,14 @@ its penultimate features (the generator's activation loss reads the teacher's).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lrra.external_models import PREFIXES, build_external
 
 # ----------------------------------------------------------------------------------------
 # CIFAR-style ResNets: 3x3 stem, stride 1, no max-pool (as in the DFKD literature).
@@ -55,10 +58,16 @@ class ResNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# LeNet-5 and its half-width student (DAFL's MNIST pair); 32x32 input.
+# LeNet-5 and its half-width student (DAFL's MNIST pair). Made for 32x32; any side from
+# LENET_MIN_SIDE up works, the third convolution seeing its 5x5 input through an adaptive pooling
+# (the identity at 32x32, so teachers trained at 32x32 are unchanged).
+
+LENET_MIN_SIDE = 16  # each 5x5 convolution and 2x2 pooling needs the side the one before leaves
 
 
 class LeNet5(nn.Module):
+    THIRD_CONV = 6  # index in ``features`` of the convolution that expects a 5x5 input
+
     def __init__(self, num_classes: int, channels: int, width: float = 1.0) -> None:
         super().__init__()
         c1, c2, c3, f1 = (round(n * width) for n in (6, 16, 120, 84))
@@ -71,9 +80,14 @@ class LeNet5(nn.Module):
         self.fc = nn.Linear(f1, num_classes)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
-        if x.shape[-1] != 32 or x.shape[-2] != 32:
-            raise ValueError(f"LeNet-5 takes 32x32 images, got {tuple(x.shape[-2:])}")
-        features = self.features(x)
+        if min(x.shape[-2:]) < LENET_MIN_SIDE:
+            raise ValueError(f"LeNet-5 takes images of at least {LENET_MIN_SIDE}x{LENET_MIN_SIDE}, "
+                             f"got {tuple(x.shape[-2:])}")
+        for index, layer in enumerate(self.features):
+            if index == self.THIRD_CONV:
+                x = F.adaptive_avg_pool2d(x, 5)
+            x = layer(x)
+        features = x
         logits = self.fc(features)
         return (logits, features) if return_features else logits
 
@@ -101,30 +115,43 @@ class ConvNet(nn.Module):
 # ----------------------------------------------------------------------------------------
 # The DCGAN-style generator of DAFL/DFAD/LRRA. The final affine-free BatchNorm keeps the
 # images near zero mean and unit variance, i.e. in the teacher's normalised input space.
+# It starts from a map of side image_size / 2^k and doubles it k times, k = max(2, ceil(log2(side / 8))):
+# the reference generator (8x8 -> 32x32) at 32 px, and a size that grows with the logarithm of the
+# side rather than its square (7x7 -> 224x224 in five steps). A side that is not init * 2^k is cropped.
 
 
 class Generator(nn.Module):
     def __init__(self, latent_dim: int, image_size: int, channels: int, width: int = 128) -> None:
         super().__init__()
-        if image_size % 4:
-            raise ValueError(f"generator image_size must be a multiple of 4, got {image_size}")
-        self.init_size = image_size // 4
+        if image_size < 8:
+            raise ValueError(f"generator image_size must be at least 8, got {image_size}")
+        upsamplings = max(2, math.ceil(math.log2(image_size / 8)))
+        self.init_size = math.ceil(image_size / 2**upsamplings)
+        self.image_size = image_size
         self.width = width
         self.project = nn.Sequential(nn.Linear(latent_dim, width * self.init_size**2))
-        self.body = nn.Sequential(
-            nn.BatchNorm2d(width),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(width, width // 2, 3, 1, 1, bias=False), nn.BatchNorm2d(width // 2),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(width // 2, channels, 3, 1, 1), nn.Tanh(),
-            nn.BatchNorm2d(channels, affine=False),
-        )
+        first = [nn.BatchNorm2d(width), nn.Upsample(scale_factor=2),
+                 nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True)]
+        # Stages beyond the reference's two go between its first and its last, so that at 32 px and
+        # below the parameter names are the reference's (and older checkpoints still load).
+        middle = [layer for _ in range(upsamplings - 2)
+                  for layer in (nn.Upsample(scale_factor=2), nn.Conv2d(width, width, 3, 1, 1, bias=False),
+                                nn.BatchNorm2d(width), nn.LeakyReLU(0.2, inplace=True))]
+        last = [nn.Upsample(scale_factor=2),
+                nn.Conv2d(width, width // 2, 3, 1, 1, bias=False), nn.BatchNorm2d(width // 2),
+                nn.LeakyReLU(0.2, inplace=True),
+                nn.Conv2d(width // 2, channels, 3, 1, 1), nn.Tanh(),
+                nn.BatchNorm2d(channels, affine=False)]
+        self.body = nn.Sequential(*first, *middle, *last)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.project(z).view(z.shape[0], self.width, self.init_size, self.init_size)
-        return self.body(x)
+        x = self.body(x)
+        extra = x.shape[-1] - self.image_size
+        if extra:  # centre crop to the asked side
+            start = extra // 2
+            x = x[..., start:start + self.image_size, start:start + self.image_size]
+        return x
 
 
 # ----------------------------------------------------------------------------------------
@@ -140,8 +167,12 @@ ARCHITECTURES: dict[str, Callable[[int, int], nn.Module]] = {
 
 
 def build_classifier(arch: str, num_classes: int, channels: int) -> nn.Module:
+    """A built-in network by name, or ``torchvision:NAME`` / ``timm:NAME`` (lrra.external_models)."""
+    if arch.startswith(PREFIXES):
+        return build_external(arch, num_classes, channels)
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; allowed: {sorted(ARCHITECTURES)}")
+        raise ValueError(f"unknown architecture {arch!r}; allowed: {sorted(ARCHITECTURES)}, "
+                         "torchvision:NAME or timm:NAME")
     return ARCHITECTURES[arch](num_classes, channels)
 
 

@@ -15,9 +15,8 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from lrra.config import LRRAConfig
-from lrra.splits import evaluation_splits
-from lrra.teacher import obtain_teacher, save_teacher
+from lrra.config import LRRAConfig, check_resumable
+from lrra.teacher import prepare_teacher, save_teacher
 from lrra.train import TEST_METRIC, Distiller, NonFiniteLossError, load_checkpoint, save_checkpoint
 
 Log = Callable[[str], None]
@@ -75,7 +74,7 @@ def diverged_message(error: NonFiniteLossError, distiller: Distiller, kept: str)
 def student_metadata(distiller: Distiller, teacher_meta: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """The best student's teacher-format metadata: the teacher's (dataset, normalisation, validation
     rule), its own architecture, and its accuracies: validation (what chose it) and test."""
-    return dict(teacher_meta, arch=distiller.cfg.student_arch, val_accuracy=distiller.best_accuracy,
+    return dict(teacher_meta, format="lrra", arch=distiller.cfg.student_arch, val_accuracy=distiller.best_accuracy,
                 test_accuracy=distiller.score_on_test(), best_epoch=distiller.best_epoch, **extra)
 
 
@@ -92,17 +91,19 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
     Everything that can fail on bad input (teacher, dataset, checkpoint) is checked before the
     output folder is created.
     """
-    teacher, teacher_meta, teacher_path = obtain_teacher(cfg, log=log)
-    evaluation = evaluation_splits(cfg, teacher_meta)
+    checkpoint = load_checkpoint(resume) if resume is not None else None
+    if checkpoint is not None:  # a checkpoint of another run fails before the teacher is even read
+        check_resumable(LRRAConfig.from_dict(checkpoint["config"]), cfg, checkpoint["epoch"])
+    teacher, teacher_meta, teacher_path, evaluation = prepare_teacher(cfg, log=log)
     distiller = Distiller(cfg, teacher, evaluation)
-    if resume is not None:
-        distiller.load_state_dict(load_checkpoint(resume))
+    if checkpoint is not None:
+        distiller.load_state_dict(checkpoint)
         log(f"resumed from {resume} at epoch {distiller.epoch}")
 
     out = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"distilling {cfg.teacher_arch} -> {cfg.student_arch} on {cfg.dataset} "
-        f"(teacher test acc {teacher_meta['test_accuracy']:.4f}); writing to {out}\n  {evaluation.describe()}")
+    log(f"distilling {cfg.teacher_arch} -> {cfg.student_arch} on {cfg.dataset}; writing to {out}\n"
+        f"  {evaluation.describe()}")
 
     def on_epoch(metrics: dict[str, float], d: Distiller) -> None:
         log(format_progress(metrics, cfg.epochs))
@@ -125,7 +126,7 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
 
     def result(model_uri: str | None) -> dict[str, Any]:
         tracked = {"mlflow_run_id": run.run_id, "model_uri": model_uri} if run else {}
-        return {"preset": cfg.preset, "teacher_acc": teacher_meta["test_accuracy"], **distiller.summary(),
+        return {"preset": cfg.preset, "teacher_acc": teacher_meta["val_accuracy"], **distiller.summary(),
                 "wall_s": round(time.perf_counter() - start, 2), "out_dir": str(out), **tracked}
 
     start = time.perf_counter()

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from lrra.config import LRRAConfig
 from lrra.data import load_split
+from lrra.teacher_files import input_contract
 
 SPLIT_SEED = 0
 HOLDOUT_FRACTION = 0.1
@@ -65,7 +66,7 @@ def subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
 
 def teacher_training_split(cfg: LRRAConfig) -> tuple[Dataset, dict[str, Any]]:
     """The training split without its validation holdout, and the ``validation`` metadata to save."""
-    train = load_split(cfg.dataset, cfg.data_dir, True, cfg.image_size, cfg.channels)
+    train = load_split(cfg.dataset, cfg.data_dir, True, cfg.image_size, cfg.channels, *input_contract(cfg))
     order = _permutation(len(train))
     held_out = holdout_size(len(train))
     record = {"rule": TRAIN_HOLDOUT, "train_size": len(train), "holdout": held_out, "seed": SPLIT_SEED}
@@ -73,11 +74,13 @@ def teacher_training_split(cfg: LRRAConfig) -> tuple[Dataset, dict[str, Any]]:
 
 
 def evaluation_splits(cfg: LRRAConfig, teacher_meta: dict[str, Any]) -> EvaluationSplits:
-    """Validation and test splits for a run distilling the teacher described by ``teacher_meta``."""
-    test = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)
+    """Validation and test splits for a run distilling the teacher described by ``teacher_meta``,
+    brought to its input contract (size, channels, normalisation)."""
+    contract = input_contract(cfg, teacher_meta)
+    test = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels, *contract)
     record = teacher_meta.get("validation") or {}
     if record.get("rule") == TRAIN_HOLDOUT:
-        train = load_split(cfg.dataset, cfg.data_dir, True, cfg.image_size, cfg.channels)
+        train = load_split(cfg.dataset, cfg.data_dir, True, cfg.image_size, cfg.channels, *contract)
         if len(train) != record["train_size"] or record["seed"] != SPLIT_SEED:
             raise ValueError(f"the teacher held out {record['holdout']} of {record['train_size']} training "
                              f"images (seed {record['seed']}), but {cfg.dataset!r} now has {len(train)}: "

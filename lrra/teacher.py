@@ -22,12 +22,19 @@ from torch import nn
 from lrra.config import ConfigError, LRRAConfig
 from lrra.data import dataset_info, load_split
 from lrra.models import build_classifier
-from lrra.splits import teacher_training_split
+from lrra.splits import EvaluationSplits, evaluation_splits, teacher_training_split
+from lrra.teacher_files import (
+    TeacherError,
+    check_contract,
+    check_teacher_meta,
+    detect_format,
+    input_contract,
+    read_teacher,
+)
 from lrra.train import accuracy, resolve_device
 
-
-class TeacherError(ValueError):
-    """A teacher file is missing, unreadable, or does not fit the run's config."""
+__all__ = ["TeacherError", "check_teacher_meta", "load_teacher", "obtain_teacher", "prepare_teacher",
+           "save_teacher", "train_teacher"]
 
 
 def default_teacher_path(cfg: LRRAConfig) -> Path:
@@ -103,8 +110,9 @@ def train_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any]
     if info.num_classes != cfg.num_classes:  # e.g. mnist-subset5 under the mnist preset's 10 classes
         raise ConfigError(f"config field 'num_classes' = {cfg.num_classes} is invalid: dataset {cfg.dataset!r} "
                           f"has {info.num_classes} classes; set --set num_classes={info.num_classes}")
+    mean, std = input_contract(cfg)
     train_set, validation = teacher_training_split(cfg)
-    test_set = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels)
+    test_set = load_split(cfg.dataset, cfg.data_dir, False, cfg.image_size, cfg.channels, mean, std)
 
     torch.manual_seed(cfg.seed)
     model = build_classifier(cfg.teacher_arch, cfg.num_classes, cfg.channels).to(device)
@@ -134,7 +142,7 @@ def train_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any]
     meta = {
         "arch": cfg.teacher_arch, "dataset": cfg.dataset, "num_classes": cfg.num_classes,
         "channels": cfg.channels, "image_size": cfg.image_size,
-        "mean": list(info.mean), "std": list(info.std),
+        "mean": list(mean), "std": list(std),
         "test_accuracy": acc, "epochs": cfg.teacher_epochs, "train_seconds": time.perf_counter() - start,
         "validation": validation,
     }
@@ -150,35 +158,15 @@ def save_teacher(model: nn.Module, meta: dict[str, Any], path: str | os.PathLike
     return path
 
 
-def check_teacher_meta(meta: dict[str, Any], cfg: LRRAConfig, path: str | os.PathLike) -> None:
-    """Raise TeacherError when the teacher's metadata contradicts the run's config."""
-    for key, field in (("num_classes", "num_classes"), ("channels", "channels"),
-                       ("image_size", "image_size"), ("arch", "teacher_arch"), ("dataset", "dataset")):
-        if meta.get(key) != getattr(cfg, field):
-            raise TeacherError(
-                f"teacher {path} has {key}={meta.get(key)!r} but the config has {field}={getattr(cfg, field)!r} "
-                f"(preset {cfg.preset!r}); use a matching teacher or --set {field}=...")
-
-
 def load_teacher(path: str | os.PathLike, cfg: LRRAConfig) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a teacher file written by save_teacher and check it against ``cfg``."""
+    """Read a teacher file of any format (lrra.teacher_files) and check it takes the run's input contract."""
     path = Path(path)
     if not path.is_file():
         raise TeacherError(f"teacher file {path} does not exist (train one with `python -m lrra teacher`)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise TeacherError(f"teacher file {path} is not a readable PyTorch weights file: {err}") from None
-    if not isinstance(blob, dict) or "state_dict" not in blob or "meta" not in blob:
-        raise TeacherError(f"teacher file {path} is not an LRRA teacher (expected keys 'state_dict' and 'meta')")
-    meta = blob["meta"]
-    check_teacher_meta(meta, cfg, path)
-    model = build_classifier(meta["arch"], meta["num_classes"], meta["channels"])
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except RuntimeError as err:
-        raise TeacherError(f"teacher file {path}: weights do not fit architecture {meta['arch']!r}: {err}") from None
-    return model.eval(), meta
+    fmt = detect_format(path) if cfg.teacher_format == "auto" else cfg.teacher_format
+    model, meta = read_teacher(path.read_bytes(), fmt, cfg, str(path))
+    check_contract(model, meta, cfg, str(path))
+    return model, meta
 
 
 def obtain_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any], Path]:
@@ -195,4 +183,59 @@ def obtain_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any
         f"(cached at {path})")
     model, meta = train_teacher(cfg, log=log)
     save_teacher(model, meta, path)
-    return model, meta, path
+    return model, {"format": "lrra", **meta}, path
+
+
+def near_chance(num_classes: int) -> float:
+    """The accuracy under which a teacher is taken for a broken one: chance plus a tenth of the rest."""
+    chance = 1 / num_classes
+    return chance + 0.1 * (1 - chance)
+
+
+def check_teacher(model: nn.Module, meta: dict[str, Any], evaluation: EvaluationSplits,
+                  cfg: LRRAConfig, name: str) -> dict[str, Any]:
+    """The teacher scored on the validation split under its contract (``val_accuracy``; also
+    ``test_accuracy`` when its file does not record one). Near chance: TeacherError, before any distillation."""
+    device = resolve_device(cfg.device)
+    model = model.to(device)
+    val = accuracy(model, evaluation.validation, device, cfg.eval_batch_size)
+    if val < near_chance(cfg.num_classes):
+        raise TeacherError(
+            f"teacher {name} scores {val:.4f} on the validation split of {cfg.dataset!r}, near chance "
+            f"({1 / cfg.num_classes:.4f}): it does not see these images as it was trained to. Usual causes: the "
+            f"normalisation (input_mean/input_std, now mean {list(input_contract(cfg, meta)[0])}), the channel "
+            f"order (RGB vs BGR) or count (channels={cfg.channels}), the image size (image_size={cfg.image_size}), "
+            "or the order of the labels (class i of the teacher must be class i of the dataset)")
+    checked = dict(meta, val_accuracy=val)
+    if checked.get("test_accuracy") is None:
+        checked["test_accuracy"] = accuracy(model, evaluation.test, device, cfg.eval_batch_size)
+    model.cpu()
+    return checked
+
+
+@torch.no_grad()
+def check_student_takes_contract(cfg: LRRAConfig) -> None:
+    """ConfigError unless the student network accepts the teacher's images (LeNet-5 needs 16 px)."""
+    student = build_classifier(cfg.student_arch, cfg.num_classes, cfg.channels).eval()
+    try:
+        student(torch.zeros(2, cfg.channels, cfg.image_size, cfg.image_size))
+    except Exception as err:  # noqa: BLE001 - whatever the network raises, it cannot take these images
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(f"config field 'student_arch' = {cfg.student_arch!r} is invalid: it cannot take "
+                          f"{cfg.image_size}x{cfg.image_size} images with {cfg.channels} channel(s) ({first}); "
+                          "pick a student for this image size, e.g. convnet_half") from None
+
+
+def prepare_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any], Path, EvaluationSplits]:
+    """Everything a run needs of its teacher before distilling: the model (loaded, or trained and
+    cached), its metadata with its validation score, its file, and the run's evaluation splits."""
+    check_student_takes_contract(cfg)
+    model, meta, path = obtain_teacher(cfg, log=log)
+    evaluation = evaluation_splits(cfg, meta)
+    meta = check_teacher(model, meta, evaluation, cfg, str(path))
+    if not getattr(model, "has_features", True) and cfg.w_a > 0:
+        log(f"the {meta['format']} teacher's penultimate features cannot be read: the generator's activation "
+            "term (w_a) is off for this run")
+    log(f"teacher {path} ({meta['format']}, {meta['arch']}): validation accuracy {meta['val_accuracy']:.4f}, "
+        f"test {meta['test_accuracy']:.4f}")
+    return model, meta, path, evaluation

@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset, TensorDataset
 
 from lrra.config import ConfigError, LRRAConfig, check_resumable
@@ -133,6 +135,10 @@ class Distiller:
         self.opt_generator = torch.optim.Adam(self.generator.parameters(), lr=cfg.generator_lr,
                                               betas=(0.5, 0.999))
         self.memory = ReplayMemory(cfg.memory_capacity)
+        # The moving average smooths the student over the generator's drift from batch to batch:
+        # what it learnt a few hundred steps ago still weighs in the student that is evaluated.
+        self.student_average = (AveragedModel(self.student, multi_avg_fn=get_ema_multi_avg_fn(cfg.student_ema),
+                                              use_buffers=True) if cfg.student_ema > 0 else None)
 
         # Per-rank random streams: latents on the device, memory draws on the CPU.
         self.latent_rng = torch.Generator(self.device).manual_seed(cfg.seed + rank)
@@ -191,6 +197,9 @@ class Distiller:
         cfg = self.cfg
         with torch.no_grad(), self._autocast():
             x_new = self._synthesise(cfg.batch_size)
+            if cfg.synthetic_shift:
+                x_new = random_shift(x_new, cfg.synthetic_shift, self.latent_rng).contiguous(
+                    memory_format=self.memory_format)
             y_new = self.teacher(x_new).float()
             x_mem = y_mem = None
             if len(self.memory):
@@ -200,12 +209,20 @@ class Distiller:
         # Before the warm-up ends the generator's images are poor: replay them, retain nothing (order 0).
         order = cfg.retention_order if self.epoch >= cfg.retention_warmup_epochs else 0
         with self._autocast():
-            return student_update(self.student, self.opt_student, x_new, y_new, x_mem, y_mem,
-                                  meta_lr=cfg.meta_lr, weight_decay=cfg.weight_decay,
-                                  retention_order=order, retention_weight=cfg.retention_weight,
-                                  sync_grads=self.collectives.average_gradients,
-                                  mean_over_ranks=self.collectives.mean_over_ranks,
-                                  clip_norm=cfg.student_clip_norm)
+            parts = student_update(self.student, self.opt_student, x_new, y_new, x_mem, y_mem,
+                                   meta_lr=cfg.meta_lr, weight_decay=cfg.weight_decay,
+                                   retention_order=order, retention_weight=cfg.retention_weight,
+                                   sync_grads=self.collectives.average_gradients,
+                                   mean_over_ranks=self.collectives.mean_over_ranks,
+                                   clip_norm=cfg.student_clip_norm)
+        if self.student_average is not None:
+            self.student_average.update_parameters(self.student)
+        return parts
+
+    @property
+    def evaluated_student(self) -> nn.Module:
+        """The student that is scored and kept: the moving average when there is one."""
+        return self.student_average.module if self.student_average is not None else self.student
 
     def _replay_batch(self) -> torch.Tensor:
         """x_m: ``replay_batch_size`` stored images, or (0, the paper) ``replay_batches`` whole pushes."""
@@ -271,6 +288,8 @@ class Distiller:
         if self.collectives.average_buffers is not None:
             self.collectives.average_buffers(self.student)
             self.collectives.average_buffers(self.generator)
+            if self.student_average is not None:
+                self.collectives.average_buffers(self.student_average.module)
         if self.evaluation is not None:
             metrics.update(self._validate())
         self.epoch += 1
@@ -280,11 +299,12 @@ class Distiller:
         return metrics
 
     def _validate(self) -> dict[str, float]:
-        acc = accuracy(self.student, self.evaluation.validation, self.device, self.cfg.eval_batch_size)
+        student = self.evaluated_student
+        acc = accuracy(student, self.evaluation.validation, self.device, self.cfg.eval_batch_size)
         self.accuracies.append(acc)
         if acc > self.best_accuracy:
             self.best_accuracy, self.best_epoch = acc, self.epoch
-            self.best_student = {k: v.detach().cpu().clone() for k, v in self.student.state_dict().items()}
+            self.best_student = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
         return {"val/student_acc": acc, "val/best_student_acc": self.best_accuracy,
                 "val/mean_student_acc": float(np.mean(self.accuracies)), "val/best_epoch": self.best_epoch}
 
@@ -311,6 +331,7 @@ class Distiller:
             "config": self.cfg.to_dict(),
             "epoch": self.epoch,
             "student": self.student.state_dict(),
+            "student_average": self.student_average.state_dict() if self.student_average is not None else None,
             "generator": self.generator.state_dict(),
             "opt_student": self.opt_student.state_dict(),
             "opt_generator": self.opt_generator.state_dict(),
@@ -343,6 +364,8 @@ class Distiller:
         check_resumable(LRRAConfig.from_dict(state["config"]), self.cfg, state["epoch"])
         self.epoch = state["epoch"]
         self.student.load_state_dict(state["student"])
+        if self.student_average is not None:
+            self.student_average.load_state_dict(state["student_average"])
         self.generator.load_state_dict(state["generator"])
         self.opt_student.load_state_dict(state["opt_student"])
         self.opt_generator.load_state_dict(state["opt_generator"])
@@ -376,10 +399,21 @@ class Distiller:
 
     def best_student_model(self) -> nn.Module:
         """A copy of the student with the best validation accuracy so far (the current one if none)."""
-        model = copy.deepcopy(self.student).cpu()
+        model = copy.deepcopy(self.evaluated_student).cpu()
         if self.best_student is not None:
             model.load_state_dict(self.best_student)
         return model.eval()
+
+
+def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator) -> torch.Tensor:
+    """Each image moved by its own offset in [-pixels, pixels] on both axes; edges are repeated."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (pixels,) * 4, mode="replicate")
+    dy, dx = (torch.randint(0, 2 * pixels + 1, (2, n, 1), device=images.device, generator=generator))
+    rows = (dy + torch.arange(h, device=images.device)).unsqueeze(2)   # [n, h, 1]
+    cols = (dx + torch.arange(w, device=images.device)).unsqueeze(1)   # [n, 1, w]
+    shifted = padded[torch.arange(n, device=images.device).view(n, 1, 1), :, rows, cols]  # [n, h, w, c]
+    return shifted.permute(0, 3, 1, 2)
 
 
 def save_checkpoint(state: dict[str, Any], path) -> None:

@@ -18,7 +18,14 @@ BAD_VALUES = [
     ("retention_order", 3, "0 (replay only)"),
     ("teacher_arch", "vgg99", "one of"),
     ("student_arch", "nope", "one of"),
-    ("image_size", 30, "multiple of 4"),
+    ("image_size", 6, ">= 8"),
+    ("teacher_arch", "torchvision:resnet99", "torchvision has no model 'resnet99'"),
+    ("student_arch", "torchvision:", "names no model"),
+    ("teacher_format", "onnx", "one of"),
+    ("input_mean", "0.5,0.5", "one number per channel: channels=1, got 2"),
+    ("input_mean", "0.5,x", "comma-separated numbers"),
+    ("student_ema", 1.0, "[0, 1)"),
+    ("synthetic_shift", 16, "[0, 16)"),
     ("channels", 2, "1 or 3"),
     ("num_classes", 1, ">= 2"),
     ("student_momentum", 1.0, "[0, 1)"),
@@ -90,3 +97,23 @@ def test_replay_batch_size_and_replay_batches_are_not_set_together():
 def test_retention_knobs_cannot_change_on_resume(name, value):
     with pytest.raises(ConfigError, match=f"cannot resume: {name} "):
         check_resumable(preset("mnist"), preset("mnist", **{name: value}), epochs_done=1)
+
+
+def test_timm_architectures_say_how_to_install_timm_when_it_is_missing(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a))
+    with pytest.raises(ConfigError) as err:
+        preset("mnist", teacher_arch="timm:resnet18")
+    assert "'teacher_arch'" in str(err.value) and "pip install 'lrra[timm]'" in str(err.value)
+
+
+def test_the_normalisation_is_one_number_per_channel_and_a_positive_std():
+    cfg = preset("mnist", channels=3, input_mean="0.485, 0.456,0.406", input_std="0.229,0.224,0.225",
+                 dataset="CIFAR10")
+    assert cfg.input_mean == "0.485, 0.456,0.406"
+    with pytest.raises(ConfigError, match="'input_std'.*must be > 0"):
+        preset("mnist", input_mean="0.5", input_std="0")
+    with pytest.raises(ConfigError, match="'input_std' = ''.*set together"):
+        preset("mnist", input_mean="0.5")

@@ -66,9 +66,20 @@ def test_unknown_name_is_a_value_error_naming_it():
 
 
 def test_channel_mismatch_is_a_value_error_before_any_download(tmp_path):
-    with pytest.raises(ValueError, match="'MNIST' has 1 channel.*channels=3"):
-        load_split("MNIST", str(tmp_path), train=False, image_size=32, channels=3)
+    with pytest.raises(ValueError, match="'CIFAR10' has 3 channel.*channels=1"):
+        load_split("CIFAR10", str(tmp_path), train=False, image_size=32, channels=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_grey_dataset_is_repeated_to_three_channels_and_normalised_as_asked():
+    grey = load_split("digits", "unused", train=False, image_size=8, channels=1).tensors[0]
+    colour = load_split("digits", "unused", train=False, image_size=8, channels=3,
+                        mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.25)).tensors[0]
+    assert colour.shape == (len(grey), 3, 8, 8)
+    info = dataset_info("digits")
+    pixels = grey * info.std[0] + info.mean[0]
+    for channel, (mean, std) in enumerate(((0.1, 0.5), (0.2, 0.5), (0.3, 0.25))):
+        assert torch.allclose(colour[:, channel], (pixels[:, 0] - mean) / std, atol=1e-5)
 
 
 # --- imagefolder ------------------------------------------------------------------------------

@@ -38,8 +38,8 @@ from lrra.cli import USER_ERRORS
 from lrra.config import PRESETS, ConfigError, LRRAConfig, parse_assignments, preset
 from lrra.preflight import check_address, check_storage
 from lrra.runner import default_run_name
-from lrra.splits import evaluation_splits
-from lrra.teacher import load_teacher, obtain_teacher
+from lrra.teacher import prepare_teacher
+from lrra.teacher_files import teacher_payload
 from lrra.tracking import RunTarget
 from lrra.train import TEST_METRIC, VALIDATION_METRIC
 from tune import cluster
@@ -274,10 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = comparison_plan(args, base, points, check_storage(args.storage_path))
         tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
         tracking.check_tracking_uri(tracking_uri)
-        if base.teacher_path:
-            load_teacher(base.teacher_path, base)  # a teacher that does not fit fails now
-        teacher, teacher_meta, teacher_path = obtain_teacher(base, log=say)
-        splits = evaluation_splits(base, teacher_meta)  # fails early if the data is unavailable
+        teacher, teacher_meta, teacher_path, splits = prepare_teacher(base, log=say)
         plan.config["teacher_path"] = str(Path(teacher_path).absolute())
         if started_ray:
             start_search_ray(target)
@@ -303,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         parent_run_id = open_comparison_run(client, plan.name, params)
         for key, value in cluster_tags().items():
             client.set_tag(parent_run_id, key, value)
-        setup = TrialSetup(config=plan.config, teacher_state=teacher.state_dict(), teacher_meta=teacher_meta,
+        setup = TrialSetup(config=plan.config, teacher_payload=teacher_payload(teacher, teacher_meta, teacher_path),
+                           teacher_meta=teacher_meta,
                            workers=plan.workers_per_trial, cpus_per_worker=plan.cpus_per_worker,
                            gpus_per_worker=plan.gpus_per_worker, train_path=plan.train_path,
                            tracking=RunTarget(tracking_uri, parent_run_id=parent_run_id),

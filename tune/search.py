@@ -38,8 +38,8 @@ from lrra.cli import USER_ERRORS
 from lrra.config import PRESETS, ConfigError, LRRAConfig, parse_assignments, preset
 from lrra.preflight import DistributedSetupError, check_address, check_cluster_fits, check_storage, start_ray
 from lrra.runner import default_run_name
-from lrra.splits import evaluation_splits
-from lrra.teacher import load_teacher, obtain_teacher
+from lrra.teacher import prepare_teacher
+from lrra.teacher_files import teacher_payload
 from tune import cluster
 from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, filesystem, load_plan, save_plan
 from tune.report import ProgressLines, print_summary, say, write_parquet
@@ -453,11 +453,10 @@ def main(argv: list[str] | None = None) -> int:
         tracking_uri = plan.tracking_uri
         tracking.check_tracking_uri(tracking_uri)
         cfg = plan.cfg
-        if cfg.teacher_path:
-            load_teacher(cfg.teacher_path, cfg)  # a teacher that does not fit fails now, before anything is written
+        # Before anything is written: a teacher that does not fit or scores near chance fails now. Trains
+        # and caches a teacher if none is given; fails early without the data.
+        teacher, teacher_meta, teacher_path, splits = prepare_teacher(cfg, log=say)
         storage = open_storage(plan.study_storage)
-        teacher, teacher_meta, teacher_path = obtain_teacher(cfg, log=say)  # trains and caches one if needed
-        splits = evaluation_splits(cfg, teacher_meta)  # fails early if the data is unavailable
         plan.config["teacher_path"] = str(Path(teacher_path).absolute())  # a resume uses this very teacher
         start_search_ray(target)
     except USER_ERRORS as err:
@@ -472,11 +471,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{plan.max_concurrent_trials} at a time, {plan.workers_per_trial} worker(s) each "
             f"({plan.cpus_per_worker:g} CPU(s), {plan.gpus_per_worker:g} GPU(s) per worker); "
             f"time budget {f'{plan.time_budget_s / 60:g} min' if plan.time_budget_s else 'none'}; "
-            f"teacher {teacher_path} (test acc {teacher_meta['test_accuracy']:.4f})\n{splits.describe()}; "
+            f"teacher {teacher_path} (validation acc {teacher_meta['val_accuracy']:.4f})\n{splits.describe()}; "
             f"every choice reads validation\nknobs:\n{describe_space(plan.space)}")
         with tracked_search(tracking_uri, plan.experiment_path, search_params(plan, teacher_meta),
                             resume=resume, run_name=plan.name, tags=cluster_tags()) as tracker:
-            setup = TrialSetup(config=plan.config, teacher_state=teacher.state_dict(), teacher_meta=teacher_meta,
+            setup = TrialSetup(config=plan.config, teacher_payload=teacher_payload(teacher, teacher_meta, teacher_path),
+                               teacher_meta=teacher_meta,
                                workers=plan.workers_per_trial, cpus_per_worker=plan.cpus_per_worker,
                                gpus_per_worker=plan.gpus_per_worker, train_path=plan.train_path,
                                tracking=tracker.trial_target, max_failures=cluster.trial_max_failures(target),

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray.tune
-import torch
 
 from lrra.config import LRRAConfig
 from lrra.distributed import build_trainer
@@ -33,7 +32,7 @@ class TrialSetup:
     """What every trial shares; Tune ships it once through the object store (tune.with_parameters)."""
 
     config: dict[str, Any]                 # the base LRRAConfig; the trial's knobs override it
-    teacher_state: dict[str, torch.Tensor]
+    teacher_payload: Any                   # lrra.teacher_files.teacher_payload: a state_dict or a file's bytes
     teacher_meta: dict[str, Any]
     workers: int
     cpus_per_worker: float
@@ -61,7 +60,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     cfg = LRRAConfig.from_dict({**setup.config, **knobs})
     tracking = setup.tracking.for_trial(trial_id, config.get(OPTUNA_NUMBER)) if setup.tracking else None
     trainer = build_trainer(
-        cfg, setup.teacher_state, setup.teacher_meta, workers=setup.workers,
+        cfg, setup.teacher_payload, setup.teacher_meta, workers=setup.workers,
         use_gpu=setup.gpus_per_worker > 0,
         resources_per_worker=worker_resources(setup.cpus_per_worker, setup.gpus_per_worker),
         storage_path=setup.train_path, name=trial_id, max_failures=setup.max_failures, callbacks=[EpochReport()],
