@@ -1,4 +1,4 @@
-"""Command line: ``python -m lrra {teacher,distill,eval} --preset NAME [...]``."""
+"""Command line: ``python -m lrra {teacher,distill,eval,export} [...]``."""
 
 from __future__ import annotations
 
@@ -61,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                           help="MLflow model URI, e.g. models:/lrra-mnist-student@champion")
     _tracking_uri(evaluate)
     evaluate.set_defaults(epochs=None)  # config_from_args reads it
+
+    export = sub.add_parser("export", help="write a student as a torch.export archive, ONNX or TorchScript")
+    export.add_argument("student", help="a run folder, a student file (best_student.pt) or an MLflow model URI "
+                                        "(models:/lrra-mnist-student@champion)")
+    export.add_argument("--format", default="export", choices=["export", "onnx", "torchscript"],
+                        help="export: torch.export archive (.pt2, default); onnx (needs lrra[export]); torchscript")
+    export.add_argument("--out", help="output file (default: student.pt2/.onnx/.ts beside the student, or here)")
+    _tracking_uri(export)
     return parser
 
 
@@ -126,9 +134,35 @@ def run_distill(cfg, args: argparse.Namespace, resume: str | None):
                            tracking_uri=checked_tracking_uri(args), log=stderr_log)
 
 
+def run_export(args: argparse.Namespace) -> dict:
+    """Load the student, write it, load the file back and compare logits (lrra/export.py)."""
+    from lrra.export import FORMATS, TOLERANCE, check_round_trip, export_student, load_student
+
+    if "://" in args.student or args.student.startswith(("models:/", "runs:/")):
+        from lrra import tracking
+
+        tracking.connect(checked_tracking_uri(args) or tracking.resolve_tracking_uri())
+        folder = Path(".")
+    else:
+        folder = Path(args.student) if Path(args.student).is_dir() else Path(args.student).parent
+    model, meta = load_student(args.student)
+    out = Path(args.out) if args.out else folder / f"student{FORMATS[args.format]}"
+    export_student(model, meta, args.format, out)
+    difference = check_round_trip(model, meta, args.format, out)
+    stderr_log(f"wrote {out} ({args.format}); loaded back, its logits are within {difference:.1e} of the "
+               f"student's (tolerance {TOLERANCE:g}); input: [N, {meta['channels']}, {meta['image_size']}, "
+               f"{meta['image_size']}] normalised with mean {meta.get('mean')} and std {meta.get('std')}")
+    return {"student": args.student, "format": args.format, "out": str(out), "max_logit_difference": difference,
+            "arch": meta["arch"], "image_size": meta["image_size"], "channels": meta["channels"],
+            "mean": meta.get("mean"), "std": meta.get("std")}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "export":
+            print(json.dumps(run_export(args)))
+            return 0
         cfg = config_from_args(args)
         resume = getattr(args, "resume", None)
         if resume is not None and not Path(resume).is_file():
