@@ -1,4 +1,4 @@
-"""Command line: ``python -m lrra {teacher,distill,eval,export} [...]``."""
+"""Command line: ``python -m lrra {teacher,check,distill,eval,export} [...]``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from lrra.config import PRESETS, ConfigError, parse_assignments, preset
 from lrra.data import DatasetUnavailableError
 from lrra.runner import RunDiverged, distill_local, stderr_log
-from lrra.teacher import TeacherError, default_teacher_path, save_teacher, train_teacher
+from lrra.teacher import TeacherError, default_teacher_path, prepare_teacher, save_teacher, train_teacher
 
 RAY_STORAGE = "runs/ray"
 
@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(teacher)
     teacher.add_argument("--epochs", type=int, help="teacher epochs (default: the preset's)")
     teacher.add_argument("--out", help="output file (default: data/teachers/<dataset>-<arch>-...pt)")
+
+    check = sub.add_parser("check", help="read a teacher and score it on the validation split, nothing else")
+    _common(check)
+    check.add_argument("--teacher", help="teacher file (see teacher_format); default: the cached one")
+    check.set_defaults(epochs=None)
 
     distill = sub.add_parser("distill", help="data-free distillation of the teacher into the student")
     _common(distill)
@@ -173,6 +178,12 @@ def main(argv: list[str] | None = None) -> int:
             result = {"teacher": str(path), **meta}
         elif args.command == "eval":
             result = run_eval(cfg, args)
+        elif args.command == "check":
+            _, meta, path, evaluation = prepare_teacher(cfg, log=stderr_log)
+            result = {"teacher": str(path), "teacher_acc": meta["val_accuracy"], "test_accuracy": meta["test_accuracy"],
+                      "format": meta["format"], "arch": meta["arch"], "image_size": meta["image_size"],
+                      "channels": meta["channels"], "mean": meta["mean"], "std": meta["std"],
+                      "validation": evaluation.describe()}
         else:
             result = run_distill(cfg, args, resume)
     except USER_ERRORS as err:

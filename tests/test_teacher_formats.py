@@ -132,6 +132,18 @@ def test_a_users_teacher_distils_and_reports_the_accuracy_computed_here(fmt, tea
         assert "activation term" not in captured.err
 
 
+def test_check_scores_the_teacher_alone_and_writes_nothing(teachers, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path, expected = teachers["torchscript"]
+    command = ["check", "--preset", "digits", "--teacher", str(path), "--set", f"image_size={SIDE}",
+               "--set", "channels=3", "--set", f"input_mean={','.join(map(str, MEAN))}",
+               "--set", f"input_std={','.join(map(str, STD))}"]
+    assert main(command) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["teacher_acc"] == pytest.approx(expected, abs=1e-9) and result["format"] == "torchscript"
+    assert result["mean"] == list(MEAN) and list(tmp_path.iterdir()) == []
+
+
 def test_the_exported_teacher_gives_its_penultimate_features_from_the_graph(teachers):
     from lrra.external_models import load_exported
 
