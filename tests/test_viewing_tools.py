@@ -4,6 +4,7 @@ child runs over HTTP."""
 
 import contextlib
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -18,6 +19,7 @@ sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed 
 
 from tests.services import free_port  # noqa: E402
 from tune.search_tracking import SEARCH_EXPERIMENT  # noqa: E402
+from tune.study import METRIC_NAME  # noqa: E402
 
 BIN = Path(sys.executable).parent  # the environment's console scripts: optuna-dashboard, mlflow
 
@@ -68,6 +70,11 @@ def test_optuna_dashboard_serves_the_study_of_a_finished_search(finished_smoke_s
         assert search.name in studies
         detail = get_json(f"{url}/api/studies/{studies[search.name]['study_id']}")
         assert len(detail["trials"]) == 3
+        # what its page names the value by, and where the study's runs and teacher are
+        assert detail["objective_names"] == [METRIC_NAME]
+        attributes = {a["key"]: a["value"] for a in detail["user_attrs"]}
+        assert attributes["mlflow_experiment"] == SEARCH_EXPERIMENT and attributes["mlflow_tracking_uri"]
+        assert {"search_folder", "teacher", "dataset"} <= set(attributes)
         with urllib.request.urlopen(f"{url}/dashboard/", timeout=10) as page:
             assert page.status == 200 and b"<html" in page.read().lower()
 
@@ -84,6 +91,8 @@ def test_mlflow_ui_serves_the_parent_and_child_runs_of_a_finished_search(finishe
     with serving([*command, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], f"{url}/health",
                  tmp_path / "mlflow.log"):
         experiment = get_json(f"{url}/api/2.0/mlflow/experiments/get-by-name?experiment_name={SEARCH_EXPERIMENT}")
+        kind = {t["key"]: t["value"] for t in experiment["experiment"].get("tags", [])}["mlflow.experimentKind"]
+        assert kind == "custom_model_development"  # MLflow 3 opens it on the runs, not the GenAI overview
         runs = get_json(f"{url}/api/2.0/mlflow/runs/search",
                         {"experiment_ids": [experiment["experiment"]["experiment_id"]], "max_results": 100})["runs"]
         tags = [{t["key"]: t["value"] for t in run["data"].get("tags", [])} for run in runs]
@@ -92,5 +101,14 @@ def test_mlflow_ui_serves_the_parent_and_child_runs_of_a_finished_search(finishe
         parent_id = parents[0]["info"]["run_id"]
         children = [tag for tag in tags if tag.get("mlflow.parentRunId") == parent_id]
         assert len(children) == 3
+        # one name per trial, as Optuna numbers it and as Tune names its folder
+        assert all(re.fullmatch(r"trial-\d{2} · \w+", child["mlflow.runName"]) for child in children)
+        assert {child["mlflow.runName"].split(" · ")[1] for child in children} == {
+            child["lrra.trial_id"] for child in children}
+        # the parent run is the search's summary: the champion and how the trials ended
+        metrics = {m["key"]: m["value"] for m in parents[0]["data"]["metrics"]}
+        assert metrics["search/best_val_acc"] > 0 and sum(
+            value for key, value in metrics.items() if key.startswith("search/trials_")) == 3
+        assert "**Champion: trial-" in tags[runs.index(parents[0])]["mlflow.note.content"]
         with urllib.request.urlopen(url, timeout=10) as page:
             assert page.status == 200 and b"mlflow" in page.read().lower()

@@ -156,7 +156,7 @@ def best_student_file(row: dict[str, Any]) -> str:
     return str(files[-1]) if files else f"{row['train_run']} (checkpoints)"
 
 
-def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float) -> None:
+def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float, runs_view: str = "") -> None:
     count = {reason: sum(r["stop_reason"] == reason for r in rows)
              for reason in (COMPLETED, EARLY_STOPPED, TIME_BUDGET, DIVERGED, ERROR)}
     best = best_row(rows)
@@ -182,7 +182,7 @@ def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float) -
         f"  Optuna study           {plan.study_name!r} in {plan.study_storage}",
         "",
         "look at it with (Prometheus records only while it runs, so start it before the next search):",
-        *viewing_commands(plan),
+        *viewing_commands(plan, runs_view),
     ]
     print("\n".join(lines), flush=True)
 
@@ -190,11 +190,16 @@ def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float) -
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
 
 
-def viewing_commands(plan: SearchPlan) -> list[str]:
-    """The exact commands that open this search in Optuna's dashboard, MLflow's UI and Grafana."""
+def viewing_commands(plan: SearchPlan, runs_view: str = "") -> list[str]:
+    """The exact commands that open this search in Optuna's dashboard, MLflow's UI and Grafana;
+    ``runs_view``: the MLflow UI's path to the search's runs (#/experiments/ID/runs)."""
     tracking = plan.tracking_uri
-    mlflow = (f"open {tracking} (the tracking server)" if tracking.startswith(("http://", "https://"))
-              else f"mlflow ui --backend-store-uri {tracking}")
+    if tracking.startswith(("http://", "https://")):
+        mlflow = f"open {tracking.rstrip('/')}/{runs_view} (the tracking server)"
+    else:
+        mlflow = f"mlflow ui --backend-store-uri {tracking}"
+        if runs_view:
+            mlflow += f"\n                         then http://127.0.0.1:5000/{runs_view}"
     provisioning = DASHBOARDS / "grafana" / "provisioning"
     return [
         f"  Optuna dashboard       optuna-dashboard {plan.study_storage}",

@@ -44,7 +44,7 @@ from tune import cluster
 from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, filesystem, load_plan, save_plan
 from tune.report import ProgressLines, print_summary, say, write_parquet
 from tune.scheduler import BaselineSparingASHA, baseline_numbers
-from tune.search_tracking import SearchTracker, tracked_search
+from tune.search_tracking import SEARCH_EXPERIMENT, SearchTracker, tracked_search
 from tune.space import (
     baseline_points,
     build_space,
@@ -316,7 +316,10 @@ def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
     cfg = plan.cfg
     searcher = StudySearch(plan.space, storage=storage, study_name=plan.study_name, seed=cfg.seed,
                            epochs=cfg.epochs, points_to_evaluate=plan.points_to_evaluate,
-                           n_startup_trials=max(1, min(10, plan.num_samples // 2)))
+                           n_startup_trials=max(1, min(10, plan.num_samples // 2)),
+                           attributes={"mlflow_experiment": SEARCH_EXPERIMENT, "mlflow_tracking_uri": plan.tracking_uri,
+                                       "search_folder": plan.experiment_path, "teacher": cfg.teacher_path,
+                                       "dataset": cfg.dataset, "preset": cfg.preset})
     # stop_last_trials=False: a trial that reaches its last epoch ends by itself, after its Ray Train
     # run has finished and released its workers, instead of being cut while its run writes the best
     # student. reuse_actors=False: a stopped trial's process ends, and its Ray Train run with it,
@@ -359,7 +362,8 @@ def trial_outcomes(rows: list[dict]) -> dict[str, tuple[str, str]]:
 def search_params(plan: SearchPlan, teacher_meta: dict) -> dict:
     """The parent run's params: what the search fixed when it started (the same on --resume)."""
     cfg = plan.cfg
-    return {"preset": cfg.preset, "epochs": cfg.epochs, "teacher.path": cfg.teacher_path,
+    return {"preset": cfg.preset, "dataset": cfg.dataset, "teacher_arch": cfg.teacher_arch,
+            "student_arch": cfg.student_arch, "epochs": cfg.epochs, "teacher.path": cfg.teacher_path,
             "teacher.test_accuracy": teacher_meta["test_accuracy"], "num_samples": plan.num_samples,
             "time_budget_s": plan.time_budget_s, "grace_period": plan.grace_period,
             "reduction_factor": plan.reduction_factor, "workers_per_trial": plan.workers_per_trial,
@@ -415,7 +419,7 @@ def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, track
     settle_unfinished(study, resumable, set(known), TIME_BUDGET)
     rows = trial_rows(study, list(plan.space), plan.train_path)
     write_parquet(rows, plan.results_path)
-    print_summary(rows, plan, wall_s)
+    print_summary(rows, plan, wall_s, runs_view=tracker.runs_view())
     champion = tracker.finish(study, pd.DataFrame(rows), trial_outcomes(rows), plan.cfg,
                               interrupted=bool(resumable))
     if champion is not None:

@@ -43,6 +43,7 @@ from lrra.tracking import (
 SEARCH_EXPERIMENT = "lrra-search"
 TAG_SEARCH = "lrra.search"                       # the search's experiment path: finds its parent run on --resume
 TAG_STOP_REASON = "lrra.stop_reason"             # why a search trial ended
+TAG_BEST_TRIAL = "lrra.best_trial"               # the parent run's: the champion's child run name
 SELECTION_METRIC = "val/best_student_acc"        # picks the search's best student
 TEST_METRIC = "test/best_student_acc"            # reported with it, never compared
 SEARCH_MAX_RESULTS = 10_000                      # child runs read back at once (one per trial)
@@ -73,9 +74,15 @@ class SearchTracker:
         end_trial_runs(self.client, self.run_id, outcomes)
         log_search_plots(self.client, self.run_id, study)
         log_results_table(self.client, self.run_id, frame)
+        log_search_summary(self.client, self.run_id, list(frame["stop_reason"]) if len(frame) else [])
         if interrupted:
             return None
         return register_best_student(self.client, self.run_id, registered_model_name(cfg))
+
+    def runs_view(self) -> str:
+        """Where the MLflow UI shows this search's runs (a path under the UI's address)."""
+        experiment_id = self.client.get_run(self.run_id).info.experiment_id
+        return f"#/experiments/{experiment_id}/runs"
 
     def end(self, error: BaseException | None = None) -> None:
         """End the parent run, and any child run still RUNNING (KILLED): nothing stays RUNNING."""
@@ -103,7 +110,51 @@ def open_search_run(client: MlflowClient, search_id: str, params: dict[str, Any]
     tags = {TAG_KIND: "search", TAG_SEARCH: search_id}
     run_id = (open_run if resume else new_run)(client, experiment_id, tags, run_name or search_id)
     log_params(client, run_id, params)
+    client.set_tag(run_id, NOTE, search_description(params))
     return run_id
+
+
+NOTE = "mlflow.note.content"  # the run's description in the MLflow UI (Markdown)
+
+
+def search_description(params: dict[str, Any]) -> str:
+    """What was searched, on which teacher and data: the parent run's description."""
+    knobs = [name.removeprefix("space.") for name in params if name.startswith("space.")]
+    return (f"LRRA search of {len(knobs)} knob(s) ({', '.join(knobs)}) over {params.get('num_samples')} trial(s) "
+            f"of {params.get('epochs')} epochs: preset {params.get('preset')}, dataset {params.get('dataset')}, "
+            f"{params.get('teacher_arch')} teacher ({params.get('teacher.path') or 'trained here'}) to a "
+            f"{params.get('student_arch')} student. Each trial is a child run named trial-NN · TUNE_ID (NN: the "
+            "Optuna trial number). Trials are compared on validation accuracy; test accuracy only reports.")
+
+
+# The parent run's metrics: the search's result at a glance (the runs table shows them as columns).
+SUMMARY_REASONS = {"completed": "search/trials_completed", "early-stopped": "search/trials_early_stopped",
+                   "time budget": "search/trials_cut_by_budget", "diverged": "search/trials_diverged",
+                   "error": "search/trials_failed"}
+
+
+def log_search_summary(client: MlflowClient, run_id: str, stop_reasons: list[str]) -> dict[str, float]:
+    """Trial counts by how they ended, and the champion's validation and test accuracy, on the parent
+    run; its description gains which trial won and by how much. Returns the metrics logged."""
+    metrics = {key: float(stop_reasons.count(reason)) for reason, key in SUMMARY_REASONS.items()}
+    logged = [(run.data.metrics[SELECTION_METRIC], run.info.run_name, run.data.metrics.get(TEST_METRIC))
+              for run in child_runs(client, run_id) if SELECTION_METRIC in run.data.metrics]
+    lines = []
+    if logged:
+        ranked = sorted(logged, key=lambda entry: entry[0], reverse=True)
+        best_val, best_name, best_test = ranked[0]
+        metrics["search/best_val_acc"] = best_val
+        if best_test is not None:
+            metrics["search/best_test_acc"] = best_test
+        margin = f", {100 * (best_val - ranked[1][0]):.2f} points over {ranked[1][1]}" if len(ranked) > 1 else ""
+        test = f", test {best_test:.4f}" if best_test is not None else ""
+        lines.append(f"\n\n**Champion: {best_name}**, validation {best_val:.4f}{test}{margin}.")
+        client.set_tag(run_id, TAG_BEST_TRIAL, best_name)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    note = client.get_run(run_id).data.tags.get(NOTE, "").split("\n\n**Champion")[0]
+    client.set_tag(run_id, NOTE, note + "".join(lines))
+    return metrics
 
 
 def child_runs(client: MlflowClient, parent_run_id: str) -> list:

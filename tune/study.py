@@ -36,6 +36,7 @@ from lrra.config import ConfigError
 from tune.space import Space
 
 METRIC = "val/student_acc"              # validation accuracy: ASHA, TPE and every choice read it
+METRIC_NAME = "val/student_acc (last epoch)"  # Optuna's name for the value: the champion reads the best epoch
 TEST_METRIC = "test/best_student_acc"  # a completed trial's chosen student on the test split: reported only
 TEST_ACC = "test_acc"                  # user attribute holding it
 EPOCHS_DONE = "epochs_done"            # reported by tune/trial.py; ASHA's time attribute
@@ -86,7 +87,9 @@ class StudySearch(OptunaSearch):
     """
 
     def __init__(self, space: Space, *, storage: RDBStorage, study_name: str, seed: int, epochs: int,
-                 points_to_evaluate: list[dict], n_startup_trials: int) -> None:
+                 points_to_evaluate: list[dict], n_startup_trials: int,
+                 attributes: dict[str, Any] | None = None) -> None:
+        """``attributes``: the study's user attributes (where its MLflow runs, folder and teacher are)."""
         # TPE models the space only after n_startup_trials random ones; a short search gets a
         # shorter random phase so that half of it is guided.
         sampler = TPESampler(seed=seed, multivariate=True, n_startup_trials=n_startup_trials)
@@ -98,6 +101,10 @@ class StudySearch(OptunaSearch):
         super().__init__(space={name: knob.distribution() for name, knob in space.items()}, metric=METRIC,
                          mode="max", points_to_evaluate=points_to_evaluate, sampler=sampler,
                          study_name=study_name, storage=storage)
+        # The value Optuna stores is METRIC at the trial's last epoch; the dashboard names its axis so.
+        self._ot_study.set_metric_names([METRIC_NAME])
+        for key, value in (attributes or {}).items():
+            self._ot_study.set_user_attr(key, value)
 
     def suggest(self, trial_id: str) -> dict | None:
         orphan = self._orphan()

@@ -55,6 +55,14 @@ def register_champion(client: MlflowClient, name: str, model_uri: str, val_accur
         tags[VERSION_TEST_TAG] = repr(float(test_accuracy))
     # mlflow.register_model (on the URI connect() set) also links the version to its logged model.
     model_version = mlflow.register_model(model_uri, name, tags=tags)
+    test = f", test accuracy {test_accuracy:.4f}" if test_accuracy is not None else ""
+    client.update_model_version(name, model_version.version, description=(
+        f"Student distilled by LRRA: validation accuracy {val_accuracy:.4f}{test} (validation chose it; "
+        f"test only reports). Logged model {model_uri}."))
+    client.update_registered_model(name, description=(
+        f"Students distilled by LRRA (data-free). The alias '{CHAMPION_ALIAS}' names the version with the "
+        f"highest validation accuracy; load it with mlflow.pytorch.load_model('models:/{name}@{CHAMPION_ALIAS}') "
+        "or export it with python -m lrra export."))
     champion = settle_champion(client, name)
     return {"name": name, "version": int(model_version.version), "champion": champion == int(model_version.version),
             "previous_champion_accuracy": previous}

@@ -85,6 +85,12 @@ def open_run(client: MlflowClient, experiment_id: str, tags: dict[str, str], run
     return run_id
 
 
+def trial_run_name(trial_id: str, optuna_trial_number: int | None) -> str:
+    """``trial-05 · 107ed640``: Optuna's trial number (what its dashboard shows), then Tune's trial id
+    (what names the trial's folder), so one name finds the trial in every tool."""
+    return f"trial-{optuna_trial_number:02d} · {trial_id}" if optuna_trial_number is not None else trial_id
+
+
 def open_trial_run(client: MlflowClient, parent_run_id: str, trial_id: str, *,
                    optuna_trial_number: int | None = None) -> str:
     """A trial's child run under ``parent_run_id`` (named after the trial), continued when it resumes."""
@@ -98,7 +104,7 @@ def open_trial_run(client: MlflowClient, parent_run_id: str, trial_id: str, *,
         earlier = find_run(client, experiment_id, same_optuna_trial)
         if earlier is not None:
             client.set_tag(earlier, TAG_TRIAL_ID, trial_id)
-    run_id = open_run(client, experiment_id, tags, run_name=trial_id)
+    run_id = open_run(client, experiment_id, tags, run_name=trial_run_name(trial_id, optuna_trial_number))
     if optuna_trial_number is not None:
         client.set_tag(run_id, TAG_OPTUNA_TRIAL, str(optuna_trial_number))
     return run_id

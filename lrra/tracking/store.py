@@ -93,9 +93,19 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return str(database.parent / "mlartifacts" / experiment) if database is not None else None
 
 
+# MLflow 3 opens an experiment in the view its kind names; without the tag it guesses the GenAI
+# overview (traces, latency, tokens). These experiments hold training runs.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT = "custom_model_development"
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
-    """The id of experiment ``name``, created (artifacts as artifact_location says) if missing."""
+    """The id of experiment ``name``, created (artifacts as artifact_location says) if missing, and
+    tagged as one of training runs (an older experiment of this project gets the tag too)."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+    if experiment is None:
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
+                                        tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT})
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_EXPERIMENT:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT)
+    return experiment.experiment_id
