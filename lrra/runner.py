@@ -71,11 +71,20 @@ def diverged_message(error: NonFiniteLossError, distiller: Distiller, kept: str)
             f"{distiller.best_accuracy:.4f}" + (f", test {test:.4f}" if test is not None else "") + f"): {kept}")
 
 
+# What a student shares with its teacher: the data and the input contract (and the validation rule,
+# so that `eval` rebuilds the same test split). The teacher's training record (epochs, seconds) is not the student's.
+CONTRACT_KEYS = ("dataset", "num_classes", "channels", "image_size", "mean", "std", "validation")
+
+
 def student_metadata(distiller: Distiller, teacher_meta: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """The best student's teacher-format metadata: the teacher's (dataset, normalisation, validation
-    rule), its own architecture, and its accuracies: validation (what chose it) and test."""
-    return dict(teacher_meta, format="lrra", arch=distiller.cfg.student_arch, val_accuracy=distiller.best_accuracy,
-                test_accuracy=distiller.score_on_test(), best_epoch=distiller.best_epoch, **extra)
+    """The best student's own metadata, in the teacher file format: the teacher's data and input
+    contract, its architecture, the epochs run and the one chosen, its validation accuracy (what
+    chose it) and test accuracy, and which teacher it learnt from."""
+    return {**{key: teacher_meta[key] for key in CONTRACT_KEYS if key in teacher_meta},
+            "format": "lrra", "arch": distiller.cfg.student_arch, "epochs": distiller.epoch,
+            "best_epoch": distiller.best_epoch, "val_accuracy": distiller.best_accuracy,
+            "test_accuracy": distiller.score_on_test(), "teacher_arch": teacher_meta.get("arch"),
+            "teacher_val_accuracy": teacher_meta.get("val_accuracy"), **extra}
 
 
 def default_run_dir(cfg: LRRAConfig) -> Path:

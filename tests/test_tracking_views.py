@@ -91,3 +91,23 @@ def test_the_study_names_its_value_and_says_where_its_runs_are(tmp_path):
     study = optuna.load_study(study_name="s", storage=storage)
     assert study.metric_names == [METRIC_NAME]
     assert study.user_attrs == {"mlflow_experiment": "lrra-search", "teacher": "/t.pt"}
+
+
+def test_a_students_metadata_is_its_own_not_its_teachers(digits_teacher, tmp_path, capsys):
+    import json
+
+    import torch
+
+    from lrra.cli import main
+
+    path, teacher_meta = digits_teacher
+    out = tmp_path / "run"
+    assert main(["distill", "--preset", "digits", "--teacher", str(path), "--epochs", "2", "--set", "iters_per_epoch=2",
+                 "--out", str(out), "--tracking-uri", "none"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    meta = torch.load(out / "best_student.pt", weights_only=True)["meta"]
+    assert meta["epochs"] == 2 != teacher_meta["epochs"] and "train_seconds" not in meta
+    assert meta["arch"] == "convnet_half" and meta["teacher_arch"] == "convnet"
+    assert meta["val_accuracy"] == result["best_val_acc"] and meta["test_accuracy"] == result["test_acc"]
+    assert (meta["mean"], meta["std"], meta["validation"]) == (teacher_meta["mean"], teacher_meta["std"],
+                                                               teacher_meta["validation"])
