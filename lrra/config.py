@@ -117,6 +117,8 @@ class LRRAConfig:
     """Weight of the activation loss (-mean |teacher features|)."""
     w_adv: float = 1.0
     """Weight of the adversarial teacher-student disagreement the generator maximises."""
+    w_bn: float = 0.0
+    """Weight of DeepInversion's BatchNorm-statistics prior (teachers with BatchNorm only); 0 = off."""
 
     # --- teacher training (when no teacher_path is given) ------------------------------
     teacher_epochs: int = 10
@@ -196,7 +198,7 @@ class LRRAConfig:
         need(self.gen_steps >= 0, "gen_steps", "must be an integer >= 0")
         for name in ("student_lr", "generator_lr", "teacher_lr"):
             need(getattr(self, name) > 0, name, "must be > 0")
-        for name in ("student_momentum", "weight_decay", "meta_lr", "w_oh", "w_ie", "w_a", "w_adv",
+        for name in ("student_momentum", "weight_decay", "meta_lr", "w_oh", "w_ie", "w_a", "w_adv", "w_bn",
                      "student_clip_norm", "generator_clip_norm"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         need(self.student_momentum < 1, "student_momentum", "must be in [0, 1)")

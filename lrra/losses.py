@@ -52,7 +52,9 @@ def generator_loss_terms(teacher_logits: torch.Tensor, teacher_features: torch.T
 
 
 def generator_loss(terms: dict[str, torch.Tensor], w_oh: float, w_ie: float, w_a: float,
-                   w_adv: float) -> torch.Tensor:
-    """L_G = w_oh*one_hot + w_ie*info_entropy + w_a*activation + w_adv*adversarial."""
-    return (w_oh * terms["one_hot"] + w_ie * terms["info_entropy"] + w_a * terms["activation"]
+                   w_adv: float, w_bn: float = 0.0) -> torch.Tensor:
+    """L_G = w_oh*one_hot + w_ie*info_entropy + w_a*activation + w_adv*adversarial (+ w_bn*bn_statistics,
+    DeepInversion's prior, when the teacher has BatchNorm: lrra/batchnorm_prior.py)."""
+    loss = (w_oh * terms["one_hot"] + w_ie * terms["info_entropy"] + w_a * terms["activation"]
             + w_adv * terms["adversarial"])
+    return loss + w_bn * terms["bn_statistics"] if "bn_statistics" in terms else loss

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrra.batchnorm_prior import BatchNormPrior
 from lrra.config import ConfigError, LRRAConfig
 from lrra.data import dataset_info, load_split
 from lrra.models import build_classifier
@@ -233,6 +234,9 @@ def prepare_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, An
     model, meta, path = obtain_teacher(cfg, log=log)
     evaluation = evaluation_splits(cfg, meta)
     meta = check_teacher(model, meta, evaluation, cfg, str(path))
+    if cfg.w_bn > 0 and not BatchNormPrior(model).available:
+        log(f"the {meta['format']} teacher shows no BatchNorm layers: the BatchNorm-statistics prior (w_bn) "
+            "is off for this run")
     if not getattr(model, "has_features", True) and cfg.w_a > 0:
         log(f"the {meta['format']} teacher's penultimate features cannot be read: the generator's activation "
             "term (w_a) is off for this run")

@@ -25,6 +25,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset, TensorDataset
 
+from lrra.batchnorm_prior import BatchNormPrior
 from lrra.config import ConfigError, LRRAConfig, check_resumable
 from lrra.losses import generator_loss, generator_loss_terms
 from lrra.memory import ReplayMemory
@@ -120,6 +121,7 @@ class Distiller:
 
         self.teacher = teacher.to(self.device, memory_format=self.memory_format).eval()
         self.teacher.requires_grad_(False)
+        self.batchnorm_prior = BatchNormPrior(self.teacher) if cfg.w_bn > 0 else None
 
         # Same seed on every rank: all workers start from identical weights.
         torch.manual_seed(cfg.seed)
@@ -177,10 +179,13 @@ class Distiller:
         cfg = self.cfg
         with self._autocast():
             images = self._synthesise(cfg.batch_size)
-            teacher_logits, teacher_features = self.teacher(images, return_features=True)
+            with self.batchnorm_prior.recording() if self.batchnorm_prior else nullcontext() as prior:
+                teacher_logits, teacher_features = self.teacher(images, return_features=True)
             student_logits = self.student(images)
             terms = generator_loss_terms(teacher_logits, teacher_features, student_logits)
-            loss = generator_loss(terms, cfg.w_oh, cfg.w_ie, cfg.w_a, cfg.w_adv)
+            if prior:
+                terms["bn_statistics"] = torch.stack(prior).sum()
+            loss = generator_loss(terms, cfg.w_oh, cfg.w_ie, cfg.w_a, cfg.w_adv, cfg.w_bn)
         params = list(self.generator.parameters())
         # autograd.grad rather than backward: the student's gradients from this phase are discarded.
         for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):

@@ -1,0 +1,51 @@
+"""DeepInversion's BatchNorm-statistics prior for the generator (Yin et al., CVPR 2020).
+
+A teacher with BatchNorm layers remembers the mean and variance of its training images' features
+at every such layer (its running statistics). Synthetic images whose features have the same
+statistics look, to the teacher, like its training data; the prior is the distance
+
+    L_bn = sum over BatchNorm layers l of ||mu_l(x) - running_mean_l||_2 + ||sigma2_l(x) - running_var_l||_2
+
+between the batch statistics of the layer's input and the stored ones. Forward hooks on the
+teacher's BatchNorm modules read the inputs; only ``nn.Module`` teachers have modules to hook (a
+compiled teacher, or one without BatchNorm, has no prior).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class BatchNormPrior:
+    def __init__(self, teacher: nn.Module) -> None:
+        self.layers = [m for m in teacher.modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        self._terms: list[torch.Tensor] | None = None  # None: not recording
+        for layer in self.layers:
+            layer.register_forward_hook(self._record)
+
+    @property
+    def available(self) -> bool:
+        return bool(self.layers)
+
+    def _record(self, layer: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if self._terms is None:
+            return  # the student phase's teacher passes need no prior
+        x = inputs[0].float()
+        dims = [d for d in range(x.dim()) if d != 1]  # every dimension but the channels
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+        self._terms.append(torch.linalg.vector_norm(mean - layer.running_mean)
+                           + torch.linalg.vector_norm(var - layer.running_var))
+
+    @contextmanager
+    def recording(self) -> Iterator[list[torch.Tensor]]:
+        """Within the block, each teacher forward adds one term per BatchNorm layer to the yielded list."""
+        self._terms = terms = []
+        try:
+            yield terms
+        finally:
+            self._terms = None
