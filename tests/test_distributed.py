@@ -24,7 +24,7 @@ from lrra.config import ConfigError, preset
 from lrra.meta import student_objective, student_update
 from lrra.models import build_classifier
 from lrra.runner import RunDiverged
-from lrra.teacher import load_teacher, save_teacher
+from lrra.teacher import load_teacher
 
 META_LR, WEIGHT_DECAY = 0.5, 5e-4
 # Digits, 3 epochs of 2 iterations (1 generator + 2 student steps each), with a memory that takes
@@ -43,14 +43,11 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def random_teacher(tmp_path_factory):
-    """(state_dict, meta, path) of an untrained digits convnet: these tests check mechanics, not accuracy."""
-    torch.manual_seed(0)
-    model = build_classifier("convnet", 10, 1)
-    meta = {"arch": "convnet", "dataset": "digits", "num_classes": 10, "channels": 1, "image_size": 8,
-            "test_accuracy": 0.0}
-    path = save_teacher(model, meta, tmp_path_factory.mktemp("teacher") / "digits-random.pt")
-    return model.state_dict(), meta, path
+def convnet_teacher(digits_teacher):
+    """(state_dict, meta, path) of the session's trained digits convnet. These tests check mechanics,
+    not accuracy, but a run refuses a teacher that scores near chance before it starts."""
+    path, meta = digits_teacher
+    return torch.load(path, weights_only=True)["state_dict"], meta, path
 
 
 # ----------------------------------------------------------------------------------------
@@ -92,9 +89,9 @@ def probe_ranks(config: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_rank_probe(ray_cluster, random_teacher, tmp_path_factory):
+def two_rank_probe(ray_cluster, convnet_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("probe")
-    teacher_state, teacher_meta, _ = random_teacher
+    teacher_state, teacher_meta, _ = convnet_teacher
     config = distributed.train_loop_config(preset("digits", **DIGITS), teacher_state, teacher_meta)
     TorchTrainer(probe_ranks, train_loop_config={**config, "out": str(out)},
                  scaling_config=ScalingConfig(num_workers=2),
@@ -169,8 +166,8 @@ class ReportLog(UserCallback):
 
 
 @pytest.mark.slow
-def test_worker_failure_resumes_from_the_last_checkpoint(two_rank_probe, random_teacher, tmp_path):
-    _, _, teacher_path = random_teacher
+def test_worker_failure_resumes_from_the_last_checkpoint(two_rank_probe, convnet_teacher, tmp_path):
+    _, _, teacher_path = convnet_teacher
     cfg = preset("digits", **DIGITS, fault_at_epoch=1, teacher_path=str(teacher_path), data_dir=str(tmp_path))
     log = tmp_path / "reports.jsonl"
     summary = distributed.run_distributed(cfg, workers=2, storage_path=str(tmp_path / "storage"), name="fault",
@@ -249,8 +246,8 @@ def test_fault_switch_needs_a_checkpoint_before_it():
 
 
 @pytest.mark.slow
-def test_a_diverging_ray_train_run_keeps_its_best_student(ray_cluster, random_teacher, tmp_path):
-    _, _, teacher_path = random_teacher
+def test_a_diverging_ray_train_run_keeps_its_best_student(ray_cluster, convnet_teacher, tmp_path):
+    _, _, teacher_path = convnet_teacher
     cfg = preset("digits", **DIGITS, nan_at_epoch=2, teacher_path=str(teacher_path), data_dir=str(tmp_path))
     log = tmp_path / "reports.jsonl"
     with pytest.raises(RunDiverged, match="non-finite loss at epoch 2") as caught:
@@ -268,8 +265,8 @@ def test_a_diverging_ray_train_run_keeps_its_best_student(ray_cluster, random_te
 
 
 @pytest.mark.slow
-def test_a_finished_run_started_again_reports_its_end_without_training(ray_cluster, random_teacher, tmp_path):
-    _, _, teacher_path = random_teacher
+def test_a_finished_run_started_again_reports_its_end_without_training(ray_cluster, convnet_teacher, tmp_path):
+    _, _, teacher_path = convnet_teacher
     cfg = preset("digits", **DIGITS, teacher_path=str(teacher_path), data_dir=str(tmp_path))
     storage = str(tmp_path / "storage")
     first = distributed.run_distributed(cfg, workers=2, storage_path=storage, name="done", log=lambda _: None)
