@@ -77,9 +77,6 @@ class LRRAConfig:
     """Student weight decay, also used inside the meta (fast-weight) SGD step."""
     generator_lr: float = 1e-3
     """Generator Adam learning rate."""
-    generator_lr_schedule: str = "constant"
-    """'constant', or 'cosine': annealed over the epochs like the student's, so that the generator
-    settles late in the run."""
     meta_lr: float = 0.9
     """alpha: step size of the fast-weight SGD step in knowledge acquisition (meta-train)."""
     retention_order: int = 2
@@ -187,7 +184,6 @@ class LRRAConfig:
                     need(False, name, str(err))
             else:
                 need(arch in ARCHITECTURES, name, f"one of {sorted(ARCHITECTURES)}, torchvision:NAME or timm:NAME")
-        need(self.generator_lr_schedule in ("constant", "cosine"), "generator_lr_schedule", "'constant' or 'cosine'")
         need(self.teacher_format in TEACHER_FORMATS, "teacher_format", f"one of {list(TEACHER_FORMATS)}")
         for name in ("input_mean", "input_std"):
             try:

@@ -256,9 +256,6 @@ class Distiller:
             with torch.no_grad():  # the test-only divergence switch: a teacher gone bad mid-run
                 next(self.teacher.parameters()).fill_(float("nan"))
         learning_rate = self.opt_student.param_groups[0]["lr"]  # the rate this epoch trains with
-        if cfg.generator_lr_schedule == "cosine":  # a function of the epoch alone: a resumed run continues it
-            for group in self.opt_generator.param_groups:
-                group["lr"] = cfg.generator_lr * cosine_factor(self.epoch, cfg.epochs)
         start = time.perf_counter()
         for _ in range(cfg.iters_per_epoch):
             for _ in range(cfg.gen_steps):

@@ -256,3 +256,36 @@ def test_replay_batch_size_sets_the_replayed_images_per_step(digits_teacher):
     whole = digits_run(path, replay_batches=3, memory_push_size=16, memory_capacity=4)
     whole.memory.push(torch.zeros(16, 1, 8, 8))
     assert whole._replay_batch().shape == (48, 1, 8, 8)
+
+
+def test_random_shift_moves_each_image_by_its_own_offset_within_the_bound():
+    from lrra.train import random_shift
+
+    images = torch.zeros(64, 1, 9, 9)
+    images[:, :, 4, 4] = 1.0  # one bright pixel in the centre
+    shifted = random_shift(images, 2, torch.Generator().manual_seed(0))
+    rows, cols = (shifted[:, 0] == 1).nonzero()[:, 1:].T
+    assert shifted.shape == images.shape and len(rows) == 64  # the pixel stays inside, once per image
+    assert (rows - 4).abs().max() <= 2 and (cols - 4).abs().max() <= 2
+    assert len({(r.item(), c.item()) for r, c in zip(rows, cols, strict=True)}) > 10  # offsets differ
+
+
+def test_the_student_average_is_what_is_evaluated_and_kept_and_it_resumes(digits_teacher):
+    path, _ = digits_teacher
+    straight = digits_run(path, student_ema=0.9, epochs=2)
+    straight.run()
+    kept = straight.evaluated_student
+    assert kept is straight.student_average.module
+    # the average differs from the last weights, and the best epoch's copy of it is what is kept
+    last = dict(straight.student.named_parameters())
+    assert any(not torch.equal(p, last[name]) for name, p in kept.named_parameters())
+    if straight.best_epoch == straight.epoch - 1:
+        assert all(torch.equal(v.cpu(), straight.best_student[k]) for k, v in kept.state_dict().items())
+    first = digits_run(path, student_ema=0.9, epochs=2)
+    first.train_epoch()
+    second = digits_run(path, student_ema=0.9, epochs=2)
+    second.load_state_dict(first.state_dict())
+    second.train_epoch()
+    for (name, a), b in zip(straight.student_average.state_dict().items(),
+                            second.student_average.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
