@@ -23,6 +23,7 @@ anything, and takes over the trials asked after Tune's last save (see StudySearc
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,9 @@ class StudySearch(OptunaSearch):
                          mode="max", points_to_evaluate=points_to_evaluate, sampler=sampler,
                          study_name=study_name, storage=storage)
         # The value Optuna stores is METRIC at the trial's last epoch; the dashboard names its axis so.
-        self._ot_study.set_metric_names([METRIC_NAME])
+        with warnings.catch_warnings():  # "experimental since 3.2": nothing the person searching can act on
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self._ot_study.set_metric_names([METRIC_NAME])
         for key, value in (attributes or {}).items():
             self._ot_study.set_user_attr(key, value)
 
