@@ -19,7 +19,7 @@ from torch import nn
 from lrra.config import ConfigError
 from lrra.external_models import TappedClassifier
 from lrra.models import build_classifier
-from lrra.teacher_files import TeacherError
+from lrra.teacher_files import TeacherError, first_line
 
 FORMATS = {"export": ".pt2", "onnx": ".onnx", "torchscript": ".ts"}
 TOLERANCE = 1e-4  # max |logit difference| between the exported file and the student, float32 on the CPU
@@ -50,7 +50,7 @@ def load_student(source: str) -> tuple[nn.Module, dict[str, Any]]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file means the same here
-        raise TeacherError(f"export: {path} is not a readable student file ({_first_line(err)})") from None
+        raise TeacherError(f"export: {path} is not a readable student file ({first_line(err)})") from None
     if not (isinstance(blob, dict) and isinstance(blob.get("meta"), dict) and "state_dict" in blob):
         raise TeacherError(f"export: {path} is not a student file of this project (expected 'state_dict' and 'meta')")
     meta = blob["meta"]
@@ -133,6 +133,3 @@ def _require_onnx() -> None:
     if missing:
         raise ConfigError(f"export --format onnx needs {', '.join(missing)}: pip install 'lrra[export]'")
 
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]

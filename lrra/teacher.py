@@ -29,6 +29,7 @@ from lrra.teacher_files import (
     check_contract,
     check_teacher_meta,
     detect_format,
+    first_line,
     input_contract,
     read_teacher,
 )
@@ -221,9 +222,9 @@ def check_student_takes_contract(cfg: LRRAConfig) -> None:
     try:
         student(torch.zeros(2, cfg.channels, cfg.image_size, cfg.image_size))
     except Exception as err:  # noqa: BLE001 - whatever the network raises, it cannot take these images
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"config field 'student_arch' = {cfg.student_arch!r} is invalid: it cannot take "
-                          f"{cfg.image_size}x{cfg.image_size} images with {cfg.channels} channel(s) ({first}); "
+                          f"{cfg.image_size}x{cfg.image_size} images with {cfg.channels} channel(s) "
+                          f"({first_line(err)}); "
                           "pick a student for this image size, e.g. convnet_half") from None
 
 

@@ -109,7 +109,7 @@ def _compiled(load, data: bytes, name: str, what: str) -> nn.Module:
     try:
         return load(data).eval()
     except Exception as err:  # noqa: BLE001 - a broken archive fails in many ways inside torch
-        raise TeacherError(f"teacher file {name} cannot be read as {what} ({_first_line(err)})") from None
+        raise TeacherError(f"teacher file {name} cannot be read as {what} ({first_line(err)})") from None
 
 
 def _load_saved(data: bytes, fmt: str, name: str) -> Any:
@@ -118,15 +118,15 @@ def _load_saved(data: bytes, fmt: str, name: str) -> Any:
     except pickle.UnpicklingError as err:
         if "Unsupported global" not in str(err):  # bytes that are no pickle at all
             raise TeacherError(f"teacher file {name} is not a readable PyTorch weights file "
-                               f"({_first_line(err)}); " + _FORMATS_HINT) from None
+                               f"({first_line(err)}); " + _FORMATS_HINT) from None
         if fmt == "pickle":
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
         raise TeacherError(
             f"teacher file {name} holds pickled Python objects (a whole nn.Module?), which are refused: unpickling "
             "runs code named in the file. Save the model's state_dict or torch.export it instead, or, for a file "
-            f"you trust, open it with --set teacher_format=pickle ({_first_line(err)})") from None
+            f"you trust, open it with --set teacher_format=pickle ({first_line(err)})") from None
     except Exception as err:  # noqa: BLE001 - truncated, not a zip, not a pickle: all mean "not a teacher"
-        raise TeacherError(f"teacher file {name} is not a readable PyTorch weights file ({_first_line(err)}); "
+        raise TeacherError(f"teacher file {name} is not a readable PyTorch weights file ({first_line(err)}); "
                            + _FORMATS_HINT) from None
 
 
@@ -188,7 +188,7 @@ def check_contract(model: nn.Module, meta: dict[str, Any], cfg: LRRAConfig, name
         logits, _ = model(torch.zeros(shape), return_features=True)
     except Exception as err:  # noqa: BLE001 - whatever the network raises, the contract does not fit it
         raise TeacherError(f"teacher {name} rejects input of shape {list(shape)} (image_size={cfg.image_size}, "
-                           f"channels={cfg.channels}): {_first_line(err)}. Set image_size and channels to what "
+                           f"channels={cfg.channels}): {first_line(err)}. Set image_size and channels to what "
                            "the teacher was trained on") from None
     width = logits.shape[-1]
     if width != cfg.num_classes:
@@ -213,5 +213,6 @@ def teacher_from_payload(payload: Any, meta: dict[str, Any], cfg: LRRAConfig) ->
     return model.eval()
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An exception's first line: what a one-line error message quotes of it."""
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
