@@ -576,3 +576,18 @@ def test_distill_register_and_eval_through_a_tracking_server(tracking_server, di
     assert client.get_run(result["mlflow_run_id"]).info.artifact_uri.startswith("mlflow-artifacts:")
     # Its own registered model: the searches in this module register lrra-digits-student.
     check_eval_reproduces(client, result, tracking_server, tmp_path, "lrra-digits-distill-student")
+
+
+def test_a_finished_search_summarises_its_trials_on_the_parent_run(client, distilled):
+    tracker = search_tracking.SearchTracker(client.tracking_uri, "summary-search", {}, resume=False,
+                                            run_name="summary", tags={})
+    for trial, accuracy in (("trial_a", 0.4), ("trial_b", 0.8)):
+        run_id = tracking.open_trial_run(client, tracker.run_id, trial)
+        client.log_metric(run_id, search_tracking.SELECTION_METRIC, accuracy)
+    study = toy_study(2)
+    outcomes = {"trial_a": ("KILLED", "early-stopped"), "trial_b": ("FINISHED", "completed")}
+    tracker.finish(study, study.trials_dataframe(), outcomes, preset("digits"), interrupted=True)
+    tracker.end()
+    metrics = client.get_run(tracker.run_id).data.metrics
+    assert metrics["search/trials_completed"] == 1 and metrics["search/trials_early_stopped"] == 1
+    assert metrics["search/best_val_acc"] == 0.8

@@ -74,7 +74,7 @@ class SearchTracker:
         end_trial_runs(self.client, self.run_id, outcomes)
         log_search_plots(self.client, self.run_id, study)
         log_results_table(self.client, self.run_id, frame)
-        log_search_summary(self.client, self.run_id, list(frame["stop_reason"]) if len(frame) else [])
+        log_search_summary(self.client, self.run_id, [reason for _, reason in outcomes.values()])
         if interrupted:
             return None
         return register_best_student(self.client, self.run_id, registered_model_name(cfg))
