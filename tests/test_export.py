@@ -60,12 +60,11 @@ def test_a_run_folders_student_exports_and_loads_back_with_the_same_logits(fmt, 
 
 
 def test_a_logged_student_exports_from_its_model_uri(student_file, tmp_path, capsys):
-    import mlflow
-
+    from lrra import tracking
     from lrra.tracking.student import log_student_model
 
     _, model = student_file
-    client = mlflow.MlflowClient()
+    client = tracking.connect(tracking.resolve_tracking_uri())  # the store the command line will read
     experiment = client.create_experiment("export-test")
     run_id = client.create_run(experiment).info.run_id
     uri = log_student_model(client, run_id, model, META)
