@@ -256,14 +256,22 @@ def test_registered_model_is_named_after_what_was_distilled(preset_name, overrid
     assert tracking.registered_model_name(preset(preset_name, **overrides)) == expected
 
 
-def test_search_registers_its_best_student_under_the_distilled_dataset(client, distilled):
-    """A search on the mnist preset with dataset=FashionMNIST registers lrra-fashionmnist-student."""
-    tracker = search_tracking.SearchTracker(client.tracking_uri, "fashion-search", {}, resume=False,
-                                            run_name="fashion", tags={})
+def two_logged_trials(client, name: str, model_uri: str | None = None) -> search_tracking.SearchTracker:
+    """A search's parent run with two trial runs, validation 0.4 (trial_a) and 0.8 (trial_b), each
+    with ``model_uri`` as its logged student when given."""
+    tracker = search_tracking.SearchTracker(client.tracking_uri, f"{name}-search", {}, resume=False,
+                                            run_name=name, tags={})
     for trial, accuracy in (("trial_a", 0.4), ("trial_b", 0.8)):
         run_id = tracking.open_trial_run(client, tracker.run_id, trial)
         client.log_metric(run_id, search_tracking.SELECTION_METRIC, accuracy)
-        client.set_tag(run_id, tracking.TAG_MODEL_URI, distilled["model_uri"])
+        if model_uri is not None:
+            client.set_tag(run_id, tracking.TAG_MODEL_URI, model_uri)
+    return tracker
+
+
+def test_search_registers_its_best_student_under_the_distilled_dataset(client, distilled):
+    """A search on the mnist preset with dataset=FashionMNIST registers lrra-fashionmnist-student."""
+    tracker = two_logged_trials(client, "fashion", distilled["model_uri"])
     study = toy_study(2)
     outcomes = {"trial_a": ("FINISHED", "completed"), "trial_b": ("FINISHED", "completed")}
     registered = tracker.finish(study, study.trials_dataframe(), outcomes,
@@ -578,12 +586,8 @@ def test_distill_register_and_eval_through_a_tracking_server(tracking_server, di
     check_eval_reproduces(client, result, tracking_server, tmp_path, "lrra-digits-distill-student")
 
 
-def test_a_finished_search_summarises_its_trials_on_the_parent_run(client, distilled):
-    tracker = search_tracking.SearchTracker(client.tracking_uri, "summary-search", {}, resume=False,
-                                            run_name="summary", tags={})
-    for trial, accuracy in (("trial_a", 0.4), ("trial_b", 0.8)):
-        run_id = tracking.open_trial_run(client, tracker.run_id, trial)
-        client.log_metric(run_id, search_tracking.SELECTION_METRIC, accuracy)
+def test_a_finished_search_summarises_its_trials_on_the_parent_run(client):
+    tracker = two_logged_trials(client, "summary")
     study = toy_study(2)
     outcomes = {"trial_a": ("KILLED", "early-stopped"), "trial_b": ("FINISHED", "completed")}
     tracker.finish(study, study.trials_dataframe(), outcomes, preset("digits"), interrupted=True)
