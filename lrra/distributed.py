@@ -176,6 +176,13 @@ def train_loop_config(cfg: LRRAConfig, teacher_payload: Any,
             "tracking": tracking}
 
 
+def run_loop_config(cfg: LRRAConfig, teacher_payload: Any, teacher_meta: dict[str, Any],
+                    tracking: RunTarget | None, *, storage_path: str, name: str, search: str) -> dict[str, Any]:
+    """``train_loop_config`` plus where the run keeps its files and how its live metrics are tagged."""
+    return {**train_loop_config(cfg, teacher_payload, teacher_meta, tracking),
+            "run_path": f"{storage_path.rstrip('/')}/{name}", "metric_tags": {"search": search, "trial": name}}
+
+
 RAY_TRAIN_COLLECTIVES = Collectives(average_gradients=average_gradients, mean_over_ranks=mean_over_ranks,
                                     average_buffers=average_float_buffers, reduce_metrics=reduce_rank_metrics)
 
@@ -203,15 +210,19 @@ def worker_distiller(config: dict[str, Any]) -> Distiller:
 
 def restore(distiller: Distiller, checkpoint: ray.train.Checkpoint) -> None:
     """Load the shared state and this rank's own shard from a checkpoint written by save()."""
-    rank, world = distiller.rank, dist.get_world_size()
     with checkpoint.as_directory() as directory:
-        written_by = len(list(Path(directory).glob("rank_*.pt")))
-        if written_by != world:
-            raise DistributedSetupError(
-                f"checkpoint {checkpoint.path} holds the memory shards and random streams of {written_by} "
-                f"workers but this run has {world}; resume it with --workers {written_by}")
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-        rank_state = torch.load(Path(directory) / rank_file(rank), map_location="cpu", weights_only=True)
+        restore_from_directory(distiller, Path(directory), dist.get_world_size(), checkpoint.path)
+
+
+def restore_from_directory(distiller: Distiller, directory: Path, world: int, shown_as: str) -> None:
+    """``restore`` from a local checkpoint directory, for a run of ``world`` ranks."""
+    written_by = len(list(directory.glob("rank_*.pt")))
+    if written_by != world:
+        raise DistributedSetupError(
+            f"checkpoint {shown_as} holds the memory shards and random streams of {written_by} "
+            f"workers but this run has {world}; resume it with --workers {written_by}")
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    rank_state = torch.load(directory / rank_file(distiller.rank), map_location="cpu", weights_only=True)
     distiller.load_state_dict(state, rank_state)
 
 
@@ -400,12 +411,10 @@ def build_trainer(cfg: LRRAConfig, teacher_payload: Any, teacher_meta: dict[str,
     check_fault_switch(cfg)
     if not os.path.isabs(cfg.data_dir):
         raise ValueError(f"build_trainer needs an absolute data_dir, got {cfg.data_dir!r}: resolve it on the driver")
-    config = train_loop_config(cfg, teacher_payload, teacher_meta, tracking)
-    config["run_path"] = f"{storage_path.rstrip('/')}/{name}"
-    config["metric_tags"] = {"search": search, "trial": name}
     return TorchTrainer(
         train_worker,
-        train_loop_config=config,
+        train_loop_config=run_loop_config(cfg, teacher_payload, teacher_meta, tracking,
+                                          storage_path=storage_path, name=name, search=search),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker=worker_resources(use_gpu, resources_per_worker)),

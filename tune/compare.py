@@ -68,7 +68,7 @@ from tune.search import (
 )
 from tune.search_tracking import end_trial_runs
 from tune.study import COMPLETED, DIVERGED, DIVERGED_KEY, ERROR
-from tune.trial import TrialSetup, trainable
+from tune.trial import TrialSetup, trainable, trains_in_process
 
 DEFAULT_STORAGE = "runs/compare"
 DEFAULT_SEARCH_STORAGE = "runs/search"
@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                            workers=plan.workers_per_trial, cpus_per_worker=plan.cpus_per_worker,
                            gpus_per_worker=plan.gpus_per_worker, train_path=plan.train_path,
                            tracking=RunTarget(tracking_uri, parent_run_id=parent_run_id),
-                           max_failures=cluster.trial_max_failures(target))
+                           max_failures=cluster.trial_max_failures(target),
+                           in_process=trains_in_process(plan.workers_per_trial, target.is_cluster))
         with tracking.ended_run(client, parent_run_id):
             return run_comparison(plan, setup, labels, reference, client, parent_run_id)
     except USER_ERRORS as err:

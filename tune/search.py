@@ -71,7 +71,7 @@ from tune.study import (
     settle_unfinished,
     trial_rows,
 )
-from tune.trial import TrialSetup, trainable, worker_resources
+from tune.trial import TrialSetup, trainable, trains_in_process, worker_resources
 
 DEFAULT_STORAGE = "runs/search"
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C: the search can be continued with --resume
@@ -484,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
                                workers=plan.workers_per_trial, cpus_per_worker=plan.cpus_per_worker,
                                gpus_per_worker=plan.gpus_per_worker, train_path=plan.train_path,
                                tracking=tracker.trial_target, max_failures=cluster.trial_max_failures(target),
-                               search_name=plan.name)
+                               search_name=plan.name,
+                               in_process=trains_in_process(plan.workers_per_trial, target.is_cluster))
             return run_search(plan, setup, storage, resume, tracker)
     except USER_ERRORS as err:
         say(f"error: {err}")

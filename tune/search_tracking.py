@@ -20,7 +20,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from lrra.config import LRRAConfig
 from lrra.tracking import (
-    FAILED,
     FINISHED,
     KILLED,
     RUNNING,
@@ -164,18 +163,19 @@ def child_runs(client: MlflowClient, parent_run_id: str) -> list:
 
 
 def end_trial_runs(client: MlflowClient, parent_run_id: str, outcomes: dict[str, tuple[str, str]]) -> None:
-    """Tag each child run with why its trial ended, and end those still RUNNING.
+    """Tag each child run with why its trial ended, and end it with the status that says so.
 
-    ``outcomes``: Tune trial id -> (run status, stop reason). A trial that a scheduler, the time
-    budget or Ctrl-C stopped had its worker killed before it could end its own run; a trial
-    missing from ``outcomes`` ends KILLED.
+    ``outcomes``: Tune trial id -> (run status, stop reason). The search's outcome decides: a trial
+    that a scheduler, the time budget or Ctrl-C stopped had its worker killed before it could end
+    its own run, or (trained in the trial's own process) ended it as if it had finished; a diverged
+    trial may have ended its run cleanly. A run whose trial is missing from ``outcomes`` keeps the
+    status it ended with, or ends KILLED if still RUNNING.
     """
     for run in child_runs(client, parent_run_id):
         status, reason = outcomes.get(run.data.tags.get(TAG_TRIAL_ID), (KILLED, None))
         if reason is not None:
             client.set_tag(run.info.run_id, TAG_STOP_REASON, reason)
-        # A trial that failed although its worker ended its run cleanly (a diverged one) ends FAILED.
-        if run.info.status == RUNNING or (status == FAILED and run.info.status != FAILED):
+        if run.info.status != status and (reason is not None or run.info.status == RUNNING):
             client.set_terminated(run.info.run_id, status)
 
 

@@ -1,13 +1,19 @@
-"""One Tune trial: a Tune function that runs one Ray Train run of the LRRA Distiller.
+"""One Tune trial: a Tune function that runs the LRRA Distiller, in its own process or under Ray Train.
 
-This is the Ray Train V2 pattern (``Tuner(trainer)`` is deprecated): the trial function builds a
-``TorchTrainer`` with ``TuneReportCallback`` and calls ``fit()``. The function itself only
-drives; the work happens in the trainer's workers, which reserve their own CPUs/GPUs.
+- One worker on a local Ray (the default search on one machine): the trial's own process trains
+  (tune/trial_process.py). It reserves the worker's CPUs and GPU itself and starts in seconds.
+- Several workers, or any trial on a cluster: the Ray Train V2 pattern (``Tuner(trainer)`` is
+  deprecated). The trial function builds a ``TorchTrainer`` with ``TuneReportCallback`` and calls
+  ``fit()``; it only drives, and the work happens in the trainer's workers, which reserve their
+  own CPUs/GPUs on the GPU nodes while the trial's process stays on the head. A GPU trial trains
+  for hours, so the ~20 s the worker group takes to start weighs little there, and Ray Train
+  restarts a lost node's workers from their checkpoint.
 
 Where things happen, for whoever extends a trial:
 - trial start: the top of ``run_trial`` (in the trial's process);
 - every epoch: ``EpochReport.after_report`` (tune/epoch_report.py, in the trial's Ray Train controller), right
-  before the metrics reach Tune, ASHA and Optuna;
+  before the metrics reach Tune, ASHA and Optuna; in a trial that trains in its own process,
+  ``trial_process.tune_report``;
 - trial end: after ``trainer.fit()`` returns. A trial that ASHA or the time budget stops is
   killed instead and never gets there: the driver-side Tune callbacks see every end.
 """
@@ -20,11 +26,13 @@ from typing import Any
 import ray.tune
 
 from lrra.config import LRRAConfig
-from lrra.distributed import build_trainer
+from lrra.distributed import build_trainer, run_loop_config
+from lrra.preflight import check_fault_switch
 from lrra.tracking import RunTarget
 from tune.cluster import driver_resources
 from tune.epoch_report import EpochReport
 from tune.study import OPTUNA_NUMBER
+from tune.trial_process import run_in_trial_process
 
 
 @dataclass
@@ -44,6 +52,12 @@ class TrialSetup:
     finished: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_failures: int = 0                  # worker-group restarts from the last checkpoint (a lost node)
     search_name: str = "unnamed-search"    # tags the workers' live metrics (lrra/live_metrics.py)
+    in_process: bool = False               # train in the trial's own process (see trains_in_process)
+
+
+def trains_in_process(workers: int, on_cluster: bool) -> bool:
+    """Whether a trial trains in its own process: one worker, and a local Ray (see the module's docstring)."""
+    return workers == 1 and not on_cluster
 
 
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
@@ -59,6 +73,12 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     knobs = {name: value for name, value in config.items() if name != OPTUNA_NUMBER}
     cfg = LRRAConfig.from_dict({**setup.config, **knobs})
     tracking = setup.tracking.for_trial(trial_id, config.get(OPTUNA_NUMBER)) if setup.tracking else None
+    if setup.in_process:
+        check_fault_switch(cfg)
+        run_in_trial_process(run_loop_config(cfg, setup.teacher_payload, setup.teacher_meta, tracking,
+                                             storage_path=setup.train_path, name=trial_id, search=setup.search_name),
+                             gpu=setup.gpus_per_worker > 0)
+        return
     trainer = build_trainer(
         cfg, setup.teacher_payload, setup.teacher_meta, workers=setup.workers,
         use_gpu=setup.gpus_per_worker > 0,
@@ -87,6 +107,12 @@ def trainable(setup: TrialSetup, driver_cpus: float):
     workers reserve theirs when the trainer starts. On a cluster whose head advertises
     tune/cluster.py's DRIVER_RESOURCE, the trial's process also takes one unit of it, so it runs
     on the head (its Ray Train controller follows it there).
+
+    A trial that trains in its own process is its worker: it reserves the worker's CPUs and GPU
+    (``driver_cpus`` does not apply).
     """
-    resources = {"CPU": driver_cpus, "memory": DRIVER_MEMORY_BYTES, **driver_resources(ray.cluster_resources())}
+    if setup.in_process:
+        resources = {"memory": DRIVER_MEMORY_BYTES, **worker_resources(setup.cpus_per_worker, setup.gpus_per_worker)}
+    else:
+        resources = {"CPU": driver_cpus, "memory": DRIVER_MEMORY_BYTES, **driver_resources(ray.cluster_resources())}
     return ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), resources)
