@@ -88,3 +88,21 @@ def test_quick_suite_writes_every_field(tmp_path):
             assert pair["order2_over_authors"] == pytest.approx(pair["ms"]["order2"] / pair["ms"]["authors_order2"])
     # The table names the device and threads too.
     assert "torch threads 1" in done.stdout and "x plain KD" in done.stdout
+
+
+def test_the_gpu_check_runs_in_skip_mode_without_cuda(tmp_path):
+    """`python -m bench.gpu` on a machine without CUDA: every part says skipped, the JSON is written, exit 0."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the check would run for real")
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, "-m", "bench.gpu", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["verdict"] == "skipped" and report["tests"]["status"] == "skipped"
+    names = {t["test"] for t in report["tests"]["tests"]}
+    assert {"test_gpu::test_meta_gradient_on_cuda_matches_the_float64_cpu_reference[2]",
+            "test_gpu::test_a_one_worker_ray_train_run_with_nccl"} <= names
+    assert all(t["status"] == "skipped" for t in report["tests"]["tests"])
+    assert {b["status"] for b in report["bench"].values()} == {"skipped"}
+    assert "GPU check on no CUDA device (skip mode): skipped" in done.stdout

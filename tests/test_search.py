@@ -392,16 +392,30 @@ def test_bounds_and_set_reshape_the_space():
     assert space.space_from_json(space.space_to_json(knobs)) == knobs
 
 
-def test_the_second_trial_flips_the_memory_and_replays_it_as_plain_kd():
+def test_the_second_trial_slows_the_generator_of_a_preset_without_memory():
     from lrra.config import preset
 
-    cfg = preset("mnist")  # no memory, retention order 2
+    cfg = preset("mnist")  # no memory, generator lr 3e-4
     preset_trial, counterpart = space.baseline_points(space.build_space("mnist", {}, set(), cfg), cfg)
-    assert (preset_trial["memory_capacity"], preset_trial["retention_order"]) == (0, 2)
+    assert (preset_trial["memory_capacity"], preset_trial["generator_lr"]) == (0, 3e-4)
+    assert counterpart == {**preset_trial, "generator_lr": 1e-4}
+
+
+def test_without_room_for_a_slower_generator_the_second_trial_replays_a_memory_as_plain_kd():
+    from lrra.config import preset
+
+    cfg = preset("mnist")
+    knobs = space.build_space("mnist", {"generator_lr": "2e-4:1e-3"}, set(), cfg)
+    preset_trial, counterpart = space.baseline_points(knobs, cfg)
+    assert preset_trial["retention_order"] == 2
     assert counterpart == {**preset_trial, "memory_capacity": space.RETENTION_MEMORY, "retention_order": 0}
-    # Order 0 excluded by a bound: the counterpart keeps the preset's order.
-    knobs = space.build_space("mnist", {"retention_order": "1,2"}, set(), cfg)
+    # Order 0 excluded by a bound too: the counterpart keeps the preset's order.
+    knobs = space.build_space("mnist", {"retention_order": "1,2", "generator_lr": "2e-4:1e-3"}, set(), cfg)
     assert space.baseline_points(knobs, cfg)[1]["retention_order"] == 2
+    # The digits preset's generator is at its range's slow end already: its counterpart has a memory.
+    digits = preset("digits")
+    _, memory = space.baseline_points(space.build_space("digits", {}, set(), digits), digits)
+    assert (memory["memory_capacity"], memory["generator_lr"]) == (8, digits.generator_lr)
     # A preset with a memory is tried without one, at its own order.
     with_memory = preset("mnist", memory_capacity=10)
     _, without = space.baseline_points(space.build_space("mnist", {}, set(), with_memory), with_memory)
@@ -415,7 +429,7 @@ def test_a_bound_that_excludes_the_preset_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     note = [line for line in err.splitlines() if "preset's own configuration" in line]
     assert note == ["note: the bounds exclude the preset's own configuration (kd_steps=5 outside 2 .. 4 (integer), "
-                    "student_lr=0.1 outside 0.2 .. 0.3 (log)): its trial and its memory counterpart are not run"]
+                    "student_lr=0.1 outside 0.2 .. 0.3 (log)): its trial and its counterpart are not run"]
     assert plan.points_to_evaluate == []
 
 

@@ -1,14 +1,14 @@
 """Search the LRRA knobs with Ray Tune and Optuna: ``python tune/search.py [--preset mnist] [...]``.
 
-Each trial is one Ray Train run of the LRRA trainer (tune/trial.py). Optuna's seeded
+Each trial trains the LRRA Distiller in its own process, or as a Ray Train run (tune/trial.py). Optuna's seeded
 multivariate TPE proposes the next configuration and keeps every trial in a persistent study
 (tune/study.py); ASHA stops weak trials after a few epochs of validation accuracy. The preset's own
-configuration is always the first trial, which ASHA never stops (tune/scheduler.py), and its
-memory counterpart the second. With no flags: a local Ray, the cached (or a freshly
+configuration is always the first trial, and its counterpart (tune/space.py) the second; ASHA
+never stops either (tune/scheduler.py). With no flags: a local Ray, the cached (or a freshly
 trained) MNIST teacher, and a search sized for ~12 minutes on two CPU cores.
 
 Everything a search writes lives in STORAGE_PATH/NAME: search.json (its settings, for --resume),
-Tune's experiment state, one Ray Train run per trial under train/, and results.parquet (one row
+Tune's experiment state, one run folder per trial under train/, and results.parquet (one row
 per trial). The Optuna study is NAME in --study-storage (default STORAGE_PATH/optuna.db).
 """
 
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--space-file",
                       help='JSON object of bounds, e.g. {"meta_lr": "0.01:0.5", "retention_order": [0, 2]}')
     what.add_argument("--point", action="append", default=[], metavar="KNOB=VALUE,...",
-                      help="a configuration to try early, after the preset's own and its memory counterpart; "
+                      help="a configuration to try early, after the preset's own and its counterpart; "
                            "other knobs keep the preset's values (repeatable)")
 
     budget = parser.add_argument_group("how much to search")
@@ -136,7 +136,8 @@ def add_resource_arguments(group: argparse._ArgumentGroup) -> None:
                        help="run at most N trials at once (default: as many as the cluster's CPUs/GPUs fit)")
     group.add_argument("--driver-cpus", type=float, default=0.0,
                        help="CPUs reserved for each trial's own process, which only waits on its Ray Train run "
-                            "(default: 0, so every CPU goes to the workers that train)")
+                            "(default: 0, so every CPU goes to the workers that train; a one-worker trial on a "
+                            "local Ray trains in its own process, with its worker's CPUs)")
 
 
 def check_resource_arguments(args: argparse.Namespace) -> None:
@@ -204,7 +205,7 @@ def new_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
     num_samples = args.num_samples or smoke.get("num_samples", budget.num_samples)
     if len(points) > num_samples:
         say(f"note: --num-samples {num_samples} runs only the first {num_samples} of the {len(points)} points "
-            "to evaluate first (the preset's, its memory counterpart, then --point)")
+            "to evaluate first (the preset's, its counterpart, then --point)")
         points = points[:num_samples]
 
     default_time_budget = smoke.get("time_budget_s", budget.time_budget_s)
@@ -226,7 +227,7 @@ def note_excluded_preset(space, cfg: LRRAConfig) -> None:
     if excluded:
         knobs = ", ".join(f"{name}={value} outside {space[name].describe()}" for name, value in excluded.items())
         say(f"note: the bounds exclude the preset's own configuration ({knobs}): "
-            "its trial and its memory counterpart are not run")
+            "its trial and its counterpart are not run")
 
 
 def absolute_paths(cfg: LRRAConfig) -> LRRAConfig:
@@ -324,7 +325,7 @@ def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
     # run has finished and released its workers, instead of being cut while its run writes the best
     # student. reuse_actors=False: a stopped trial's process ends, and its Ray Train run with it,
     # rather than training on in the background while the next trial waits for its workers' CPUs.
-    # ASHA never stops the baseline trials (the preset and its memory counterpart; tune/scheduler.py).
+    # ASHA never stops the baseline trials (the preset and its counterpart; tune/scheduler.py).
     spared = baseline_numbers(len(baseline_points(plan.space, cfg)))
     scheduler = BaselineSparingASHA(spared=spared, time_attr=EPOCHS_DONE, metric=METRIC, mode="max", max_t=cfg.epochs,
                                     grace_period=plan.grace_period, reduction_factor=plan.reduction_factor,
