@@ -391,6 +391,8 @@ def toy_study(trials: int, vary: bool = True) -> optuna.Study:
     def objective(trial):
         lr = trial.suggest_float("meta_lr", 0.01, 1.0, log=True) if vary else 0.1
         order = trial.suggest_categorical("retention_order", [1, 2])
+        for epoch in range(3):  # a validation curve, as a search's trials report one
+            trial.report(lr * order * (epoch + 1) / 3, epoch + 1)
         return lr * order
 
     study.optimize(objective, n_trials=trials)
@@ -403,15 +405,17 @@ def test_search_plots_and_results_table_on_the_parent_run(client, tmp_path):
     written = search_tracking.log_search_plots(client, run_id, study)
     search_tracking.log_results_table(client, run_id, study.trials_dataframe())
     plots = sorted(f.path for f in client.list_artifacts(run_id, "plots"))
-    assert plots == sorted(written) == ["plots/optimization_history.png", "plots/parallel_coordinate.png",
-                                        "plots/param_importances.png"]
+    assert plots == sorted(written) == ["plots/optimization_history.html", "plots/parallel_coordinate.html",
+                                        "plots/param_importances.html", "plots/validation_per_epoch.html"]
+    page = Path(client.download_artifacts(run_id, "plots/parallel_coordinate.html", str(tmp_path))).read_text()
+    assert "plotly" in page.lower() and "meta_lr" in page  # an interactive page with the knobs on its axes
     table = client.download_artifacts(run_id, "results/trials.parquet", str(tmp_path))
     assert len(pd.read_parquet(table)) == 6
 
 
 def test_param_importances_need_two_trials(client):
     run_id = search_tracking.open_search_run(client, "one-trial", {})
-    assert "plots/param_importances.png" not in search_tracking.log_search_plots(client, run_id, toy_study(1))
+    assert "plots/param_importances.html" not in search_tracking.log_search_plots(client, run_id, toy_study(1))
     assert search_tracking.log_search_plots(client, run_id, optuna.create_study()) == []
 
 
@@ -482,7 +486,8 @@ def test_smoke_search_logs_parent_children_plots_and_a_champion(finished_smoke_s
     assert parent.data.tags["lrra.cluster.nodes"] == "1"
     assert float(parent.data.tags["lrra.cluster.cpus"]) == ray._private.utils.get_num_cpus()
     assert sorted(f.path for f in client.list_artifacts(parent.info.run_id, "plots")) == [
-        "plots/optimization_history.png", "plots/parallel_coordinate.png", "plots/param_importances.png"]
+        "plots/optimization_history.html", "plots/parallel_coordinate.html", "plots/param_importances.html",
+        "plots/validation_per_epoch.html"]
     assert [f.path for f in client.list_artifacts(parent.info.run_id, "results")] == ["results/trials.parquet"]
 
     # The preset's trial and its memory counterpart ran to the end (ASHA spares both); ASHA stopped the useless one

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -206,37 +205,32 @@ def register_best_student(client: MlflowClient, parent_run_id: str, model_name: 
 
 
 def log_search_plots(client: MlflowClient, run_id: str, study) -> list[str]:
-    """Optuna's optimisation history, parameter importances and parallel coordinates as figures.
+    """Optuna's interactive (Plotly) views of the study as HTML artifacts, which MLflow's UI shows
+    in place: every trial's validation curve (the ones ASHA stopped included), the optimisation
+    history, parallel coordinates (hover a line for its trial) and parameter importances.
 
-    Importances need two or more complete trials whose parameters vary; the other plots need one.
-    Returns the artifact paths written.
+    Importances need two or more complete trials whose parameters vary; the curves need a trial
+    that reported an epoch; the others need one complete trial. Returns the artifact paths written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on cluster nodes
-    import matplotlib.pyplot as plt
-    from optuna.exceptions import ExperimentalWarning
     from optuna.trial import TrialState
-    from optuna.visualization import matplotlib as optuna_plots
+    from optuna.visualization import (
+        plot_intermediate_values,
+        plot_optimization_history,
+        plot_parallel_coordinate,
+        plot_param_importances,
+    )
 
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     plots = {}
+    if any(trial.intermediate_values for trial in study.get_trials(deepcopy=False)):
+        plots["plots/validation_per_epoch.html"] = plot_intermediate_values
     if complete:
-        plots["plots/optimization_history.png"] = optuna_plots.plot_optimization_history
-        plots["plots/parallel_coordinate.png"] = optuna_plots.plot_parallel_coordinate
+        plots["plots/optimization_history.html"] = plot_optimization_history
+        plots["plots/parallel_coordinate.html"] = plot_parallel_coordinate
     if len(complete) >= 2 and _params_vary(complete):
-        plots["plots/param_importances.png"] = optuna_plots.plot_param_importances
+        plots["plots/param_importances.html"] = plot_param_importances
     for artifact_file, plot in plots.items():
-        # Optuna marks its matplotlib plots experimental, and matplotlib warns about a knob
-        # that all trials share: neither says anything to the person watching the search.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            warnings.filterwarnings("ignore", message="Attempting to set identical low and high")
-            figure = plot(study).figure
-        figure.set_size_inches(10, 6)
-        figure.tight_layout()
-        client.log_figure(run_id, figure, artifact_file)
-        plt.close(figure)
+        client.log_figure(run_id, plot(study), artifact_file)
     return list(plots)
 
 
