@@ -204,3 +204,26 @@ def test_bad_input_fails_with_exit_code_2_naming_the_cause_and_writes_nothing(ca
     assert code == 2, err[-3000:]
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_a_search_distils_an_exported_teacher_in_its_trials(teachers, tmp_path):
+    """The torch.export archive through a real search: its bytes travel to the trial through Ray's
+    object store, the trial rebuilds it there, and the trial's student comes out of it."""
+    import subprocess
+
+    import pyarrow.parquet as pq
+
+    from tests.services import ROOT, search_command
+
+    path, expected = teachers["export"]
+    contract = ["--set", f"image_size={SIDE}", "--set", "channels=3", "--set", f"input_mean={','.join(map(str, MEAN))}",
+                "--set", f"input_std={','.join(map(str, STD))}"]
+    done = subprocess.run(search_command(tmp_path, path, "--name", "exported", "--num-samples", "1", "--epochs", "2",
+                                         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *contract),
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"validation accuracy {expected:.4f}" in done.stderr
+    [row] = pq.read_table(tmp_path / "exported" / "results.parquet").to_pylist()
+    assert row["stop_reason"] == "completed" and row["epochs"] == 2 and math.isfinite(row["best_val_acc"])
+    assert list((tmp_path / "exported" / "train" / row["tune_trial_id"]).glob("checkpoint_epoch_*/best_student.pt"))

@@ -101,13 +101,13 @@ def check_distill_run(client: MlflowClient, result: dict) -> None:
     for name in ("preset", "epochs", "iters_per_epoch", "meta_lr", "student_arch", "retention_order"):
         assert run.data.params[name] == str(getattr(cfg, name))
     for name in PER_EPOCH_METRICS:
-        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(EPOCHS)), name
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == list(range(1, EPOCHS + 1)), name
     assert run.data.metrics["val/best_student_acc"] == result["best_val_acc"]
     assert run.data.metrics["test/best_student_acc"] == result["test_acc"] is not None
     if importlib.util.find_spec("psutil"):  # MLflow's system metrics need it; without it they are skipped
         assert any(name.startswith("system/cpu") for name in run.data.metrics)
     images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
-    assert images == ["images/epoch_000.png", "images/epoch_002.png"]  # the first and the last epoch
+    assert images == ["images/epoch_001.png", "images/epoch_003.png"]  # the first and the last epoch
     [output] = run.outputs.model_outputs
     model = client.get_logged_model(output.model_id)
     assert model.experiment_id == run.info.experiment_id and result["model_uri"] == f"models:/{model.model_id}"
@@ -499,10 +499,10 @@ def test_smoke_search_logs_parent_children_plots_and_a_champion(finished_smoke_s
         assert run.data.tags[search_tracking.TAG_STOP_REASON] == reason
         logged = epochs_logged(client, run)
         if reason == "completed":
-            assert logged == list(range(epochs))
+            assert logged == list(range(1, epochs + 1))
         else:  # stopped after its first epoch's report; it may have logged the next before it was killed
-            assert logged[0] == 0 and logged == list(range(len(logged))) and len(logged) < epochs
-        assert "images/epoch_000.png" in [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+            assert logged == list(range(1, len(logged) + 1)) and 1 <= len(logged) < epochs
+        assert "images/epoch_001.png" in [f.path for f in client.list_artifacts(run.info.run_id, "images")]
         assert run.data.params["epochs"] == str(epochs)
 
     logged = [r for r in children if tracking.TAG_MODEL_URI in r.data.tags]
@@ -557,7 +557,8 @@ def test_interrupted_and_resumed_search_keeps_one_run_per_trial_and_none_running
     assert len(trial_ids) == len(set(trial_ids)) == 2  # one run per trial: the resumed trial continued its own
     assert {r.info.status for r in children} == {"FINISHED"}
     for run in children:
-        assert epochs_logged(client, run) == list(range(epochs))  # each epoch once, though re-trained after resume
+        # each epoch once, though re-trained after resume
+        assert epochs_logged(client, run) == list(range(1, epochs + 1))
 
     # Optuna: both trials complete, none RUNNING; the interrupted one kept its Tune trial and went on
     # from its last checkpoint, not from scratch (its result.json after the resume starts later).

@@ -74,14 +74,16 @@ class RunTracker:
 
 
 def last_logged_epoch(client: MlflowClient, run_id: str) -> int:
-    """The last epoch already in the run (-1 if none)."""
-    return max((int(m.step) for m in client.get_metric_history(run_id, "epoch")), default=-1)
+    """The last epoch already in the run, as the Distiller counts it (0-based; -1 if none)."""
+    return max((int(m.step) - 1 for m in client.get_metric_history(run_id, "epoch")), default=-1)
 
 
 def log_epoch_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float]) -> None:
-    """All of one epoch's metrics in one request, each at step = epoch."""
-    epoch, now = int(metrics["epoch"]), int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(key, float(value), now, epoch) for key, value in metrics.items()])
+    """All of one epoch's metrics in one request, at step = epochs done (1-based), and ``epoch`` as
+    that count: epoch 3 is step 3 in MLflow, in Optuna and in the progress lines ("epoch 3/30")."""
+    done, now = int(metrics["epoch"]) + 1, int(time.time() * 1000)
+    values = {**metrics, "epoch": done}
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, done) for key, value in values.items()])
 
 
 def normalisation(meta: dict[str, Any], cfg: LRRAConfig) -> tuple[list[float], list[float]]:
@@ -118,7 +120,8 @@ def image_due(epoch: int, epochs: int, every: int = IMAGE_EVERY) -> bool:
 
 
 def image_artifact(epoch: int) -> str:
-    return f"images/epoch_{epoch:03d}.png"
+    """The grid of 0-based ``epoch``, named by its 1-based number as everywhere else."""
+    return f"images/epoch_{epoch + 1:03d}.png"
 
 
 def start_system_metrics(run_id: str, tracking_uri: str):
