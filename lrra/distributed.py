@@ -29,7 +29,8 @@ import os
 import tempfile
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -361,22 +362,31 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         with rank0_tracking(config, distiller) as run:
             if run is not None:
                 tag_node(run)
-            try:
+            with keeping_the_best_if_diverged(distiller, config, run):
                 run_epochs(distiller, config, run, resumed)
-            except NonFiniteLossError as error:
-                diverged = diverged_message(error, distiller, f"{config['run_path']}/{BEST_STUDENT_FILE}")
-                keep_best_student(distiller, config, run)
-                if run is not None:
-                    run.tag_failure(diverged)
-                raise RunDiverged(diverged, {}) from error  # ends the MLflow run FAILED
             keep_best_student(distiller, config, run)
-    except RunDiverged:
+    except RunDiverged as error:
+        diverged = str(error)
         if distiller.rank == 0:
             logger.warning(diverged)
         ray.train.report({**distiller.last_metrics, DIVERGED: 1})
     if distiller.rank != 0:
         return None
     return {**distiller.summary(), **({DIVERGED: diverged} if diverged else {})}
+
+
+@contextmanager
+def keeping_the_best_if_diverged(distiller: Distiller, config: dict[str, Any], run) -> Iterator[None]:
+    """Around the epochs: a loss gone non-finite keeps the best student so far (file and logged
+    model), says why on the MLflow run, and raises RunDiverged, which ends that run FAILED."""
+    try:
+        yield
+    except NonFiniteLossError as error:
+        message = diverged_message(error, distiller, f"{config['run_path']}/{BEST_STUDENT_FILE}")
+        keep_best_student(distiller, config, run)
+        if run is not None:
+            run.tag_failure(message)
+        raise RunDiverged(message, {}) from error
 
 
 def write_teacher_file(model: nn.Module, meta: dict[str, Any], path: str) -> None:

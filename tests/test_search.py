@@ -111,17 +111,18 @@ def test_asha_stops_the_useless_trial_at_its_first_rung(smoke):
 
 @pytest.mark.slow
 def test_the_time_budget_cuts_the_running_trial_and_the_records_say_so(tmp_path, digits_teacher):
-    # 100 epochs cannot end within 60 s here: the budget stops the first trial midway.
+    # 1000 epochs (~0.5 s each) cannot end within 40 s: the budget stops the first trial midway,
+    # after the few seconds a trial needs to start and report its first epochs.
     # One trial at a time: two would meet at ASHA's first rung, and one be stopped early instead.
-    done = run_search(search_command(tmp_path, digits_teacher[0], "--name", "budget", "--epochs", "100",
-                                     "--time-budget", "60", "--max-concurrent-trials", "1"))
+    done = run_search(search_command(tmp_path, digits_teacher[0], "--name", "budget", "--epochs", "1000",
+                                     "--time-budget", "40", "--max-concurrent-trials", "1"))
     assert done.returncode == 0, done.stderr[-3000:]
     rows = results_of(tmp_path, "budget")
     asked = [t for t in study_of(tmp_path, "budget").trials if t.state != TrialState.WAITING]  # WAITING: never run
     assert rows and [row["optuna_trial_number"] for row in rows] == [t.number for t in asked]
     for row, trial in zip(rows, asked, strict=True):
         assert trial.state == TrialState.PRUNED and trial.user_attrs[STOP_REASON] == "time budget"
-        assert 1 <= row["epochs"] < 100  # it reported epochs, and was cut before its last
+        assert 1 <= row["epochs"] < 1000  # it reported epochs, and was cut before its last
         assert trial.value == pytest.approx(trial.intermediate_values[row["epochs"]]) == row["final_val_acc"]
     assert f"cut by the time budget {len(rows)}" in done.stdout
 
@@ -130,6 +131,25 @@ def test_the_time_budget_cuts_the_running_trial_and_the_records_say_so(tmp_path,
     assert sorted(run.data.tags[tracking.TAG_TRIAL_ID] for run in children) == sorted(r["tune_trial_id"] for r in rows)
     assert all(run.info.status == tracking.KILLED for run in children)
     assert all(run.data.tags[search_tracking.TAG_STOP_REASON] == "time budget" for run in children)
+
+
+@pytest.mark.slow
+def test_a_trial_whose_loss_diverges_keeps_its_best_student_and_says_so(tmp_path, digits_teacher):
+    """A trial that trains in its own process goes NaN at its third epoch (the test-only switch):
+    the search finishes, the trial ends diverged with its two good epochs, and its MLflow run is
+    FAILED, says why, and holds the best student, as does its folder."""
+    done = run_search(search_command(tmp_path, digits_teacher[0], "--name", "nan", "--num-samples", "1",
+                                     "--set", "nan_at_epoch=2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    [row] = results_of(tmp_path, "nan")
+    assert (row["stop_reason"], row["epochs"]) == ("diverged", 2) and row["best_val_acc"] > 0.1
+    [trial] = study_of(tmp_path, "nan").trials
+    assert trial.state == TrialState.FAIL and sorted(trial.intermediate_values) == [1, 2]
+    assert "diverged 1" in done.stdout
+    _, [child] = search_runs(tmp_path, "nan")
+    assert child.info.status == tracking.FAILED
+    assert "non-finite" in child.data.tags[tracking.TAG_FAILURE] and tracking.TAG_MODEL_URI in child.data.tags
+    assert (tmp_path / "nan" / "train" / row["tune_trial_id"] / "best_student.pt").is_file()
 
 
 # ----------------------------------------------------------------------------------------

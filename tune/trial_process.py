@@ -33,7 +33,6 @@ import torch
 
 from lrra.config import LRRAConfig
 from lrra.distributed import (
-    BEST_STUDENT_FILE,
     CHECKPOINTS_KEPT,
     DIVERGED,
     RANK0_NODE,
@@ -41,6 +40,7 @@ from lrra.distributed import (
     InjectedFault,
     checkpoint_due,
     keep_best_student,
+    keeping_the_best_if_diverged,
     rank0_tracking,
     restore_from_directory,
     save,
@@ -48,10 +48,10 @@ from lrra.distributed import (
     use_assigned_cpus,
     worker_metrics,
 )
-from lrra.runner import RunDiverged, diverged_message, format_progress
+from lrra.runner import RunDiverged, format_progress
 from lrra.splits import evaluation_splits
 from lrra.teacher_files import teacher_from_payload
-from lrra.train import Distiller, NonFiniteLossError
+from lrra.train import Distiller
 from tune.study import EPOCHS_DONE
 
 logger = logging.getLogger(__name__)
@@ -103,14 +103,8 @@ def run_in_trial_process(config: dict[str, Any], *, gpu: bool) -> None:
         with rank0_tracking(config, distiller) as run:
             if run is not None:
                 tag_node(run)
-            try:
+            with keeping_the_best_if_diverged(distiller, config, run):
                 train_and_report(distiller, config, run, run_path, resumed)
-            except NonFiniteLossError as error:
-                message = diverged_message(error, distiller, f"{run_path}/{BEST_STUDENT_FILE}")
-                keep_best_student(distiller, config, run)
-                if run is not None:
-                    run.tag_failure(message)
-                raise RunDiverged(message, {}) from error  # ends the MLflow run FAILED
     except RunDiverged as diverged:
         logger.warning(str(diverged))
         report_to_tune({**tune_report(distiller.last_metrics), DIVERGED: 1})
