@@ -349,11 +349,8 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     resumed = checkpoint is not None
     if resumed and distiller.epoch >= distiller.cfg.epochs:
         # The run had finished, but whoever started it never saw the end (a search driver killed
-        # after the last checkpoint): tell it again, without training. Its student is logged
-        # unless the run already holds it (the kill may have come before that).
-        with rank0_tracking(config, distiller) as run:
-            if run is not None and not run.has_logged_student():
-                keep_best_student(distiller, config, run)
+        # after the last checkpoint): tell it again, without training.
+        log_a_finished_runs_student(distiller, config)
         ray.train.report(distiller.last_metrics)
         return distiller.summary() if distiller.rank == 0 else None
 
@@ -373,6 +370,14 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if distiller.rank != 0:
         return None
     return {**distiller.summary(), **({DIVERGED: diverged} if diverged else {})}
+
+
+def log_a_finished_runs_student(distiller: Distiller, config: dict[str, Any]) -> None:
+    """A finished run started again: its student is logged unless the run already holds it (the
+    driver may have been killed before that)."""
+    with rank0_tracking(config, distiller) as run:
+        if run is not None and not run.has_logged_student():
+            keep_best_student(distiller, config, run)
 
 
 @contextmanager

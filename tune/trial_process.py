@@ -41,6 +41,7 @@ from lrra.distributed import (
     checkpoint_due,
     keep_best_student,
     keeping_the_best_if_diverged,
+    log_a_finished_runs_student,
     rank0_tracking,
     restore_from_directory,
     save,
@@ -65,7 +66,7 @@ def checkpoint_folders(run_path: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_NAME.fullmatch(p.name).group(1)))
 
 
-def write_checkpoint(distiller: Distiller, run_path: Path, teacher_meta: dict[str, Any]) -> Path:
+def write_checkpoint(distiller: Distiller, run_path: Path, teacher_meta: dict[str, Any]) -> None:
     """This epoch's checkpoint, complete or absent (written under a temporary name, then renamed);
     older ones beyond CHECKPOINTS_KEPT are removed once it is in place."""
     final = run_path / f"checkpoint_epoch_{distiller.epoch - 1:04d}"
@@ -77,7 +78,6 @@ def write_checkpoint(distiller: Distiller, run_path: Path, teacher_meta: dict[st
     partial.rename(final)
     for old in checkpoint_folders(run_path)[:-CHECKPOINTS_KEPT]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def run_in_trial_process(config: dict[str, Any], *, gpu: bool) -> None:
@@ -94,9 +94,7 @@ def run_in_trial_process(config: dict[str, Any], *, gpu: bool) -> None:
     resumed = bool(saved)
     if resumed and distiller.epoch >= cfg.epochs:
         # Finished, but the search never saw the end (its driver was killed): report it again.
-        with rank0_tracking(config, distiller) as run:
-            if run is not None and not run.has_logged_student():
-                keep_best_student(distiller, config, run)
+        log_a_finished_runs_student(distiller, config)
         report_to_tune(tune_report(distiller.last_metrics))
         return
     try:
