@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +23,44 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # tests/ and tune/ are folders of modules, not installed packages
 
 from tests.services import USELESS_TRIAL, mlflow_server, search_command  # noqa: E402
+
+# ----------------------------------------------------------------------------------------
+# Two test processes (`.ci/run`: pytest-xdist's -n 2). Most integration tests spend their time
+# waiting for Ray, MLflow and Optuna processes to start, which the other test process fills.
+
+SMOKE_SEARCH_READERS = {"test_search.py", "test_tracking.py", "test_viewing_tools.py"}
+
+
+def test_group(nodeid: str) -> str:
+    """What one test process takes whole: the test's file, so that module fixtures (a Ray, a
+    network-namespace cluster) are built once, or, for the readers of the session's smoke search,
+    one group, so that the search runs once."""
+    filename = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return "smoke-search" if filename in SMOKE_SEARCH_READERS else filename
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadscope with test_group() as the scope. (xdist 3.8's own --dist loadgroup renames
+    node ids in a way pytest 9 no longer reads, so its groups are silently ignored.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return test_group(nodeid)
+
+    return GroupScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Groups with the most integration tests first. With --no-loadscope-reorder the test processes
+    take groups in this order, so the long ones start early and the quick unit-test files fill in
+    at the end, instead of a long group starting last while the other process idles."""
+    slow_tests = Counter(test_group(item.nodeid) for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow_tests[test_group(item.nodeid)])  # stable: file order among equals
+
 
 
 @pytest.fixture(scope="session")

@@ -100,6 +100,7 @@ def two_rank_probe(ray_cluster, convnet_teacher, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_two_workers_take_the_step_of_one_process_on_the_union_of_their_batches(two_rank_probe, order):
     rank0, rank1 = (probe["grads"][order] for probe in two_rank_probe)
@@ -119,6 +120,7 @@ def test_two_workers_take_the_step_of_one_process_on_the_union_of_their_batches(
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_ranks_hold_bit_identical_models_after_training(two_rank_probe):
     rank0, rank1 = two_rank_probe
     # Different latent streams (seed + rank): the memory shards differ...
@@ -134,6 +136,7 @@ def test_ranks_hold_bit_identical_models_after_training(two_rank_probe):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_metrics_are_reduced_across_ranks(two_rank_probe):
     rank0, rank1 = (probe["metrics"] for probe in two_rank_probe)
     for m0, m1 in zip(rank0, rank1, strict=True):
@@ -166,6 +169,7 @@ class ReportLog(UserCallback):
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_worker_failure_resumes_from_the_last_checkpoint(two_rank_probe, convnet_teacher, tmp_path):
     _, _, teacher_path = convnet_teacher
     cfg = preset("digits", **DIGITS, fault_at_epoch=1, teacher_path=str(teacher_path), data_dir=str(tmp_path))
@@ -199,6 +203,7 @@ def test_worker_failure_resumes_from_the_last_checkpoint(two_rank_probe, convnet
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 @pytest.mark.parametrize("workers, use_gpu", [(5, False), (1, True)])
 def test_more_workers_than_the_cluster_can_place_fail_fast(ray_cluster, tmp_path, workers, use_gpu):
     storage = tmp_path / "storage"
@@ -246,6 +251,7 @@ def test_fault_switch_needs_a_checkpoint_before_it():
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_a_diverging_ray_train_run_keeps_its_best_student(ray_cluster, convnet_teacher, tmp_path):
     _, _, teacher_path = convnet_teacher
     cfg = preset("digits", **DIGITS, nan_at_epoch=2, teacher_path=str(teacher_path), data_dir=str(tmp_path))
@@ -265,6 +271,7 @@ def test_a_diverging_ray_train_run_keeps_its_best_student(ray_cluster, convnet_t
 
 
 @pytest.mark.slow
+@pytest.mark.alone
 def test_a_finished_run_started_again_reports_its_end_without_training(ray_cluster, convnet_teacher, tmp_path):
     _, _, teacher_path = convnet_teacher
     cfg = preset("digits", **DIGITS, teacher_path=str(teacher_path), data_dir=str(tmp_path))
