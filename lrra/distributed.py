@@ -47,6 +47,7 @@ from torch import nn
 
 from lrra.config import LRRAConfig
 from lrra.live_metrics import DISTILL_SEARCH, WorkerMetrics
+from lrra.metric_names import DIVERGED_KEY
 from lrra.preflight import (
     DistributedSetupError,
     check_address,
@@ -76,7 +77,6 @@ BEST_STUDENT_FILE = "best_student.pt"
 # Only the latest checkpoint is needed to resume (the best student travels inside it); keep one
 # spare so that a checkpoint being replaced is never the only one.
 CHECKPOINTS_KEPT = 2
-DIVERGED = "diverged"  # key of the last report of a run whose loss went non-finite (value 1)
 # Key of each epoch's report (not of MLflow's metrics): the node rank 0 trains on, for the search's view.
 RANK0_NODE = "rank0_node_ip"
 
@@ -366,10 +366,10 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         diverged = str(error)
         if distiller.rank == 0:
             logger.warning(diverged)
-        ray.train.report({**distiller.last_metrics, DIVERGED: 1})
+        ray.train.report({**distiller.last_metrics, DIVERGED_KEY: 1})
     if distiller.rank != 0:
         return None
-    return {**distiller.summary(), **({DIVERGED: diverged} if diverged else {})}
+    return {**distiller.summary(), **({DIVERGED_KEY: diverged} if diverged else {})}
 
 
 def log_a_finished_runs_student(distiller: Distiller, config: dict[str, Any]) -> None:
@@ -486,9 +486,9 @@ def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, sto
                 "best_student": f"{storage.rstrip('/')}/{name}/{BEST_STUDENT_FILE}",
                 **({"mlflow_run_id": target.run_id} if target else {}),
             }
-            if DIVERGED in summary:
+            if DIVERGED_KEY in summary:
                 # Raised inside the block, so that the driver's end of the MLflow run says FAILED too.
-                raise RunDiverged(summary[DIVERGED], summary)
+                raise RunDiverged(summary[DIVERGED_KEY], summary)
     finally:
         if started_ray:
             ray.shutdown()

@@ -21,6 +21,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+from lrra.metric_names import BEST_VALIDATION_METRIC, VALIDATION_METRIC
+
 RAY_PREFIX = "ray_"             # Ray's metrics agent names every application metric ray_<name>
 DISTILL_SEARCH = "distill"      # the search tag of a run outside a search
 WORKER_TAGS = ("search", "trial", "rank")
@@ -43,9 +45,9 @@ class Spec:
 
 WORKER_SPECS = (
     Spec("lrra_val_accuracy_ratio", "gauge", "validation top-1 accuracy of the student after the last epoch "
-         "(rank 0, which evaluates)", source="val/student_acc"),
+         "(rank 0, which evaluates)", source=VALIDATION_METRIC),
     Spec("lrra_best_val_accuracy_ratio", "gauge", "best validation accuracy so far (rank 0)",
-         source="val/best_student_acc"),
+         source=BEST_VALIDATION_METRIC),
     Spec("lrra_epochs_completed", "gauge", "epochs this run has finished"),
     Spec("lrra_loss", "gauge", "mean loss of the last epoch on this rank, one series per term (tag term)",
          tags=(*WORKER_TAGS, "term")),

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from lrra.config import LRRAConfig, check_resumable
+from lrra.metric_names import BEST_VALIDATION_METRIC, TEST_METRIC, VALIDATION_METRIC
 from lrra.teacher import prepare_teacher, save_teacher
-from lrra.train import TEST_METRIC, Distiller, NonFiniteLossError, load_checkpoint, save_checkpoint
+from lrra.train import Distiller, NonFiniteLossError, load_checkpoint, save_checkpoint
 
 Log = Callable[[str], None]
 # (cfg, teacher meta, teacher path) -> a context holding an experiment-tracking run, e.g.
@@ -40,8 +41,8 @@ def stderr_log(message: str) -> None:
 def format_progress(metrics: dict[str, float], epochs: int) -> str:
     """One human line per epoch."""
     line = f"epoch {int(metrics['epoch']) + 1}/{epochs}"
-    if "val/student_acc" in metrics:
-        line += (f"  val {metrics['val/student_acc']:.4f}  best {metrics['val/best_student_acc']:.4f}"
+    if VALIDATION_METRIC in metrics:
+        line += (f"  val {metrics[VALIDATION_METRIC]:.4f}  best {metrics[BEST_VALIDATION_METRIC]:.4f}"
                  f"  mean {metrics['val/mean_student_acc']:.4f}")
     if "loss/generator" in metrics:  # absent with gen_steps=0 (a fixed generator)
         line += f"  L_G {metrics['loss/generator']:.3f}"

@@ -30,13 +30,12 @@ from lrra.config import ConfigError, LRRAConfig, check_resumable
 from lrra.losses import generator_loss, generator_loss_terms
 from lrra.memory import ReplayMemory
 from lrra.meta import GradSync, RankMean, student_update
+from lrra.metric_names import BEST_VALIDATION_METRIC, TEST_METRIC, VALIDATION_METRIC
 from lrra.models import build_classifier, build_generator
 from lrra.phase_clock import PhaseClock
 from lrra.splits import EvaluationSplits
 
 EpochCallback = Callable[[dict[str, float], "Distiller"], None]
-VALIDATION_METRIC = "val/student_acc"        # every choice reads validation accuracy
-TEST_METRIC = "test/best_student_acc"        # reported once, for the student validation chose
 
 
 class NonFiniteLossError(RuntimeError):
@@ -310,7 +309,7 @@ class Distiller:
         if acc > self.best_accuracy:
             self.best_accuracy, self.best_epoch = acc, self.epoch
             self.best_student = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
-        return {"val/student_acc": acc, "val/best_student_acc": self.best_accuracy,
+        return {VALIDATION_METRIC: acc, BEST_VALIDATION_METRIC: self.best_accuracy,
                 "val/mean_student_acc": float(np.mean(self.accuracies)), "val/best_epoch": self.best_epoch}
 
     def score_on_test(self) -> float | None:

@@ -22,6 +22,7 @@ from lrra import distributed
 from lrra.cli import main
 from lrra.config import ConfigError, preset
 from lrra.meta import student_objective, student_update
+from lrra.metric_names import DIVERGED_KEY
 from lrra.models import build_classifier
 from lrra.runner import RunDiverged
 from lrra.teacher import load_teacher
@@ -262,7 +263,7 @@ def test_a_diverging_ray_train_run_keeps_its_best_student(ray_cluster, convnet_t
     reports = [json.loads(line)["metrics"] for line in log.read_text().splitlines()]
     # Epochs 0 and 1, then the last good epoch once more from both ranks, marked diverged.
     assert [r[0]["epoch"] for r in reports] == [0, 1, 1]
-    assert [r[distributed.DIVERGED] for r in reports[-1]] == [1, 1]
+    assert [r[DIVERGED_KEY] for r in reports[-1]] == [1, 1]
     summary = caught.value.result
     best = max(r[0]["val/student_acc"] for r in reports[:2])
     assert summary["best_val_acc"] == best and summary["epochs"] == 2

@@ -83,8 +83,9 @@ def test_a_pipe_keeps_one_plain_line_per_event():
 def test_tune_trial_events_fill_the_board_with_state_epoch_speed_and_node():
     sys.path.insert(0, str(ROOT))
     from lrra.distributed import RANK0_NODE
+    from lrra.metric_names import DIVERGED_KEY, VALIDATION_METRIC
     from tune.report import ProgressLines
-    from tune.study import DIVERGED_KEY, EPOCHS_DONE, METRIC, OPTUNA_NUMBER
+    from tune.study import EPOCHS_DONE, OPTUNA_NUMBER
 
     reporter = ProgressLines(epochs=3, num_samples=2)  # no search name: nothing exported to Ray
     reporter.setup()
@@ -92,7 +93,7 @@ def test_tune_trial_events_fill_the_board_with_state_epoch_speed_and_node():
                               last_result={}) for n in (0, 1)]
     for trial in trials:
         reporter.on_trial_start(0, trials, trial)
-    epoch = {EPOCHS_DONE: 3, METRIC: 0.7, "val/best_student_acc": 0.8, "perf/student_steps_per_s": 12.5,
+    epoch = {EPOCHS_DONE: 3, VALIDATION_METRIC: 0.7, "val/best_student_acc": 0.8, "perf/student_steps_per_s": 12.5,
              RANK0_NODE: "10.0.0.9"}
     reporter.on_trial_result(0, trials, trials[0], epoch)
     trials[0].last_result = epoch

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.trial import TrialState
 
-from lrra import tracking
+from lrra import metric_names, tracking
 from lrra.cli import main
 from lrra.config import preset
 from lrra.models import build_generator
@@ -263,7 +263,7 @@ def two_logged_trials(client, name: str, model_uri: str | None = None) -> search
                                             run_name=name, tags={})
     for trial, accuracy in (("trial_a", 0.4), ("trial_b", 0.8)):
         run_id = tracking.open_trial_run(client, tracker.run_id, trial)
-        client.log_metric(run_id, search_tracking.SELECTION_METRIC, accuracy)
+        client.log_metric(run_id, metric_names.BEST_VALIDATION_METRIC, accuracy)
         if model_uri is not None:
             client.set_tag(run_id, tracking.TAG_MODEL_URI, model_uri)
     return tracker

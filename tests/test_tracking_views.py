@@ -9,7 +9,7 @@ import optuna
 from mlflow import MlflowClient
 from optuna.storages import RDBStorage
 
-from lrra import tracking
+from lrra import metric_names, tracking
 from lrra.tracking.runs import open_trial_run, trial_run_name
 from lrra.tracking.store import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT, ensure_experiment
 
@@ -51,9 +51,9 @@ def test_the_parent_run_summarises_the_search(tmp_path):
     assert "dataset letters" in note and "meta_lr" in note and "/t.pt" in note
     for number, (val, test) in enumerate([(0.91, 0.90), (0.93, 0.925), (0.5, None)]):
         run_id = open_trial_run(client, parent, f"id{number}", optuna_trial_number=number)
-        client.log_metric(run_id, search_tracking.SELECTION_METRIC, val)
+        client.log_metric(run_id, metric_names.BEST_VALIDATION_METRIC, val)
         if test is not None:
-            client.log_metric(run_id, search_tracking.TEST_METRIC, test)
+            client.log_metric(run_id, metric_names.TEST_METRIC, test)
     metrics = search_tracking.log_search_summary(client, parent, ["completed", "completed", "early-stopped",
                                                                   "time budget"])
     logged = client.get_run(parent).data

@@ -36,12 +36,12 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from lrra import tracking
 from lrra.cli import USER_ERRORS
 from lrra.config import PRESETS, ConfigError, LRRAConfig, parse_assignments, preset
+from lrra.metric_names import DIVERGED_KEY, TEST_METRIC, VALIDATION_METRIC
 from lrra.preflight import check_address, check_storage
 from lrra.runner import default_run_name
 from lrra.teacher import prepare_teacher
 from lrra.teacher_files import teacher_payload
 from lrra.tracking import RunTarget
-from lrra.train import TEST_METRIC, VALIDATION_METRIC
 from tune import cluster
 from tune.compare_report import format_table, log_comparison, open_comparison_run, plot_curves
 from tune.compare_stats import TEST_NAME, summarise, trial_metrics
@@ -67,7 +67,7 @@ from tune.search import (
     start_search_ray,
 )
 from tune.search_tracking import end_trial_runs
-from tune.study import COMPLETED, DIVERGED, DIVERGED_KEY, ERROR
+from tune.study import COMPLETED, DIVERGED, ERROR
 from tune.trial import TrialSetup, trainable, trains_in_process
 
 DEFAULT_STORAGE = "runs/compare"

@@ -14,6 +14,7 @@ from ray.tune.experimental.output import ProgressReporter as TuneProgressReporte
 
 from lrra.distributed import RANK0_NODE
 from lrra.live_metrics import search_metrics
+from lrra.metric_names import BEST_VALIDATION_METRIC, DIVERGED_KEY, VALIDATION_METRIC
 from lrra.runner import stderr_log as say  # noqa: F401 - tune/search.py says its lines through this
 from tune.live_view import COMPLETED as COMPLETED_STATE
 from tune.live_view import FAILED, STOPPED, TrialBoard, view_for
@@ -22,11 +23,9 @@ from tune.study import (
     ALREADY_FINISHED,
     COMPLETED,
     DIVERGED,
-    DIVERGED_KEY,
     EARLY_STOPPED,
     EPOCHS_DONE,
     ERROR,
-    METRIC,
     OPTUNA_NUMBER,
     TIME_BUDGET,
 )
@@ -94,17 +93,17 @@ class ProgressLines(TuneProgressReporter):
         self._export()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if ALREADY_FINISHED in result or DIVERGED_KEY in result or METRIC not in result:
+        if ALREADY_FINISHED in result or DIVERGED_KEY in result or VALIDATION_METRIC not in result:
             return  # not a new epoch: on_trial_complete says what it is
         self._board().epoch(trial.trial_id, self._name(trial), result[EPOCHS_DONE],
-                            result[METRIC], result["val/best_student_acc"],
+                            result[VALIDATION_METRIC], result[BEST_VALIDATION_METRIC],
                             result.get("perf/student_steps_per_s"), result.get(RANK0_NODE, ""))
         self._export()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result
         self._board().ended(trial.trial_id, self._name(trial), end_state(result, self.epochs),
-                            ending(result, self.epochs), result.get("val/best_student_acc"))
+                            ending(result, self.epochs), result.get(BEST_VALIDATION_METRIC))
         self._export()
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -127,7 +126,7 @@ def end_state(result: dict[str, Any], epochs: int) -> str:
 def ending(result: dict[str, Any], epochs: int) -> str:
     """How a trial ended, from its last result, for its last progress line."""
     done = result.get(EPOCHS_DONE, 0)
-    best = result.get("val/best_student_acc")
+    best = result.get(BEST_VALIDATION_METRIC)
     best_text = f"best acc {best:.4f}" if best is not None else "no accuracy yet"
     if ALREADY_FINISHED in result:
         return f"had already ended before the search was resumed ({result[ALREADY_FINISHED]}); {best_text}"

@@ -36,6 +36,7 @@ from ray.tune.experiment import Trial
 from lrra import tracking
 from lrra.cli import USER_ERRORS
 from lrra.config import PRESETS, ConfigError, LRRAConfig, parse_assignments, preset
+from lrra.metric_names import VALIDATION_METRIC
 from lrra.preflight import DistributedSetupError, check_address, check_cluster_fits, check_storage, start_ray
 from lrra.runner import default_run_name
 from lrra.teacher import prepare_teacher
@@ -61,7 +62,6 @@ from tune.study import (
     EARLY_STOPPED,
     EPOCHS_DONE,
     ERROR,
-    METRIC,
     TIME_BUDGET,
     StudySearch,
     default_study_storage,
@@ -327,9 +327,9 @@ def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
     # rather than training on in the background while the next trial waits for its workers' CPUs.
     # ASHA never stops the baseline trials (the preset and its counterpart; tune/scheduler.py).
     spared = baseline_numbers(len(baseline_points(plan.space, cfg)))
-    scheduler = BaselineSparingASHA(spared=spared, time_attr=EPOCHS_DONE, metric=METRIC, mode="max", max_t=cfg.epochs,
-                                    grace_period=plan.grace_period, reduction_factor=plan.reduction_factor,
-                                    stop_last_trials=False)
+    scheduler = BaselineSparingASHA(spared=spared, time_attr=EPOCHS_DONE, metric=VALIDATION_METRIC, mode="max",
+                                    max_t=cfg.epochs, grace_period=plan.grace_period,
+                                    reduction_factor=plan.reduction_factor, stop_last_trials=False)
     return Tuner(
         trainable(setup, plan.driver_cpus),
         tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,

@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from lrra.config import LRRAConfig
+from lrra.metric_names import BEST_VALIDATION_METRIC, TEST_METRIC
 from lrra.tracking import (
     FINISHED,
     KILLED,
@@ -42,8 +43,6 @@ SEARCH_EXPERIMENT = "lrra-search"
 TAG_SEARCH = "lrra.search"                       # the search's experiment path: finds its parent run on --resume
 TAG_STOP_REASON = "lrra.stop_reason"             # why a search trial ended
 TAG_BEST_TRIAL = "lrra.best_trial"               # the parent run's: the champion's child run name
-SELECTION_METRIC = "val/best_student_acc"        # picks the search's best student
-TEST_METRIC = "test/best_student_acc"            # reported with it, never compared
 SEARCH_MAX_RESULTS = 10_000                      # child runs read back at once (one per trial)
 
 
@@ -135,8 +134,8 @@ def log_search_summary(client: MlflowClient, run_id: str, stop_reasons: list[str
     """Trial counts by how they ended, and the champion's validation and test accuracy, on the parent
     run; its description gains which trial won and by how much. Returns the metrics logged."""
     metrics = {key: float(stop_reasons.count(reason)) for reason, key in SUMMARY_REASONS.items()}
-    logged = [(run.data.metrics[SELECTION_METRIC], run.info.run_name, run.data.metrics.get(TEST_METRIC))
-              for run in child_runs(client, run_id) if SELECTION_METRIC in run.data.metrics]
+    logged = [(run.data.metrics[BEST_VALIDATION_METRIC], run.info.run_name, run.data.metrics.get(TEST_METRIC))
+              for run in child_runs(client, run_id) if BEST_VALIDATION_METRIC in run.data.metrics]
     lines = []
     if logged:
         ranked = sorted(logged, key=lambda entry: entry[0], reverse=True)
@@ -185,9 +184,10 @@ def end_trial_runs(client: MlflowClient, parent_run_id: str, outcomes: dict[str,
 def best_logged_student(client: MlflowClient, parent_run_id: str) -> tuple[str, float, float | None] | None:
     """(model URI, validation accuracy, test accuracy) of the search's best logged student, chosen
     by validation accuracy; None if no trial logged one."""
-    logged = [(run.data.metrics[SELECTION_METRIC], run.data.tags[TAG_MODEL_URI], run.data.metrics.get(TEST_METRIC))
+    logged = [(run.data.metrics[BEST_VALIDATION_METRIC], run.data.tags[TAG_MODEL_URI],
+               run.data.metrics.get(TEST_METRIC))
               for run in child_runs(client, parent_run_id)
-              if TAG_MODEL_URI in run.data.tags and SELECTION_METRIC in run.data.metrics]
+              if TAG_MODEL_URI in run.data.tags and BEST_VALIDATION_METRIC in run.data.metrics]
     if not logged:
         return None
     val_accuracy, model_uri, test_accuracy = max(logged, key=lambda entry: entry[0])

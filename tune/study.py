@@ -34,17 +34,15 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from lrra.config import ConfigError
+from lrra.metric_names import BEST_VALIDATION_METRIC, DIVERGED_KEY, TEST_METRIC, VALIDATION_METRIC
 from tune.space import Space
 
-METRIC = "val/student_acc"              # validation accuracy: ASHA, TPE and every choice read it
 METRIC_NAME = "val/student_acc (last epoch)"  # Optuna's name for the value: the champion reads the best epoch
-TEST_METRIC = "test/best_student_acc"  # a completed trial's chosen student on the test split: reported only
 TEST_ACC = "test_acc"                  # user attribute holding it
 EPOCHS_DONE = "epochs_done"            # reported by tune/trial.py; ASHA's time attribute
 TUNE_TRIAL_ID = "tune_trial_id"        # user attribute: the Tune trial behind an Optuna trial
 STOP_REASON = "stop_reason"            # user attribute, see the module docstring
 EARLIER_TUNE_IDS = "earlier_tune_trial_ids"  # user attribute: Tune trials lost to a killed driver
-DIVERGED_KEY = "diverged"              # in a trial's final result when its loss went non-finite
 OPTUNA_NUMBER = "optuna_trial_number"  # added to each trial's config: joins Tune results and the study
 ALREADY_FINISHED = "already_finished"  # in a result re-reported by a trial the study already finished
 
@@ -99,10 +97,10 @@ class StudySearch(OptunaSearch):
             # A search started over (its driver was killed before Tune saved any state): the
             # points were enqueued by the first start; enqueueing them again would run them twice.
             points_to_evaluate = None
-        super().__init__(space={name: knob.distribution() for name, knob in space.items()}, metric=METRIC,
+        super().__init__(space={name: knob.distribution() for name, knob in space.items()}, metric=VALIDATION_METRIC,
                          mode="max", points_to_evaluate=points_to_evaluate, sampler=sampler,
                          study_name=study_name, storage=storage)
-        # The value Optuna stores is METRIC at the trial's last epoch; the dashboard names its axis so.
+        # The value Optuna stores is VALIDATION_METRIC at the trial's last epoch; the dashboard names its axis so.
         with warnings.catch_warnings():  # "experimental since 3.2": nothing the person searching can act on
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self._ot_study.set_metric_names([METRIC_NAME])
@@ -142,14 +140,14 @@ class StudySearch(OptunaSearch):
         return stored
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if result.get(DIVERGED_KEY) or METRIC not in result:
+        if result.get(DIVERGED_KEY) or VALIDATION_METRIC not in result:
             return  # a diverged trial's last result repeats its last good epoch
         stored = self._live_trial(trial_id)
         epoch = int(result[EPOCHS_DONE])
         # The stored values, not a counter: a restored searcher's counter may lag the study.
         if stored is None or epoch in stored.intermediate_values:
             return
-        self._ot_trials[trial_id].report(result[METRIC], step=epoch)
+        self._ot_trials[trial_id].report(result[VALIDATION_METRIC], step=epoch)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self._live_trial(trial_id) is None:
@@ -169,13 +167,13 @@ class StudySearch(OptunaSearch):
         """(stop reason, Optuna state, value) of a trial that ends with ``result``."""
         if result and result.get(DIVERGED_KEY):
             return DIVERGED, TrialState.FAIL, None
-        if error or not result or METRIC not in result:
+        if error or not result or VALIDATION_METRIC not in result:
             return ERROR, TrialState.FAIL, None
         if int(result[EPOCHS_DONE]) < self._epochs:
             # Tune calls this for a trial that ends before its last epoch only when the scheduler
             # stops it; the time budget and Ctrl-C stop trials without it (see settle_unfinished).
             return EARLY_STOPPED, TrialState.PRUNED, None
-        return COMPLETED, TrialState.COMPLETE, result[METRIC]
+        return COMPLETED, TrialState.COMPLETE, result[VALIDATION_METRIC]
 
 
 def stored_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:
@@ -202,8 +200,8 @@ def finished_results(study: optuna.Study) -> dict[str, dict[str, Any]]:
         result = {ALREADY_FINISHED: trial.user_attrs.get(STOP_REASON, trial.state.name.lower())}
         if values:
             last = max(values)
-            result.update({EPOCHS_DONE: last, "epoch": last - 1, METRIC: values[last],
-                           "val/best_student_acc": max(values.values()),
+            result.update({EPOCHS_DONE: last, "epoch": last - 1, VALIDATION_METRIC: values[last],
+                           BEST_VALIDATION_METRIC: max(values.values()),
                            TEST_METRIC: trial.user_attrs.get(TEST_ACC)})
         results[tune_id] = result
     return results

@@ -34,7 +34,6 @@ import torch
 from lrra.config import LRRAConfig
 from lrra.distributed import (
     CHECKPOINTS_KEPT,
-    DIVERGED,
     RANK0_NODE,
     STATE_FILE,
     InjectedFault,
@@ -49,6 +48,7 @@ from lrra.distributed import (
     use_assigned_cpus,
     worker_metrics,
 )
+from lrra.metric_names import DIVERGED_KEY
 from lrra.runner import RunDiverged, format_progress
 from lrra.splits import evaluation_splits
 from lrra.teacher_files import teacher_from_payload
@@ -105,7 +105,7 @@ def run_in_trial_process(config: dict[str, Any], *, gpu: bool) -> None:
                 train_and_report(distiller, config, run, run_path, resumed)
     except RunDiverged as diverged:
         logger.warning(str(diverged))
-        report_to_tune({**tune_report(distiller.last_metrics), DIVERGED: 1})
+        report_to_tune({**tune_report(distiller.last_metrics), DIVERGED_KEY: 1})
 
 
 def report_to_tune(metrics: dict[str, Any]) -> bool:
