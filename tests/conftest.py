@@ -18,11 +18,9 @@ import torchvision.datasets as tvd
 from lrra import dataset_files
 from lrra.config import preset
 from lrra.teacher import save_teacher, train_teacher
+from tests.services import USELESS_TRIAL, mlflow_server, search_command
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tests/ and tune/ are folders of modules, not installed packages
-
-from tests.services import USELESS_TRIAL, mlflow_server, search_command  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
 # Two test processes (`.ci/run`: pytest-xdist's -n 2). Most integration tests spend their time

@@ -19,14 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from lrra.distributed import NODE_ID_TAG
+from lrra.tracking import TAG_KIND
+from tests.netns_cluster import NetnsCluster, can_make_namespaces
+from tune.cluster import SETTINGS_ENV
+from tune.search_tracking import SEARCH_EXPERIMENT
 
-from lrra.distributed import NODE_ID_TAG  # noqa: E402
-from lrra.tracking import TAG_KIND  # noqa: E402
-from tests.netns_cluster import NetnsCluster, can_make_namespaces  # noqa: E402
-from tune.cluster import SETTINGS_ENV  # noqa: E402
-from tune.search_tracking import SEARCH_EXPERIMENT  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0 or not can_make_namespaces(), reason="needs root and ip netns")]
@@ -39,7 +38,7 @@ def test_the_autoscaler_adds_a_node_for_the_trials_and_the_search_finishes(tmp_p
     root.mkdir()
     storage, settings = tmp_path / "storage", tmp_path / "lrra" / "cluster.json"
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, SETTINGS_ENV: str(settings),
-           "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     with NetnsCluster(root, [{"CPU": 0, "lrra_driver": 8}], head_args=[f"--autoscaling-config={FAKE_CONFIG}"],
                       env={"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}) as cluster:
         done = subprocess.run(cluster.exec_in(0, [sys.executable, str(ROOT / "tune" / "head.py"), "settings",

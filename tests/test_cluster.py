@@ -19,12 +19,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from lrra.config import ConfigError
+from tests.services import free_port
+from tune import cluster, head, search
 
-from lrra.config import ConfigError  # noqa: E402
-from tests.services import free_port  # noqa: E402
-from tune import cluster, head, search  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 RAY = Path(sys.executable).parent / "ray"
 

@@ -8,7 +8,6 @@ no Ray is started. Each check is also shown to reject a broken copy, so it can f
 import copy
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -18,11 +17,10 @@ import ray.autoscaler
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tune import head
+from tune.cluster import DRIVER_RESOURCE
 
-from tune import head  # noqa: E402
-from tune.cluster import DRIVER_RESOURCE  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 

@@ -1,6 +1,5 @@
 """tune/compare.py: the seeded comparison's numbers, its input checks, and a real run on digits."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,16 +9,15 @@ import ray
 from mlflow import MlflowClient
 from scipy import stats
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
+from lrra import tracking
+from lrra.config import ConfigError, preset
+from tune import compare
+from tune.compare_report import TAG_SEED, TAG_VARIANT
+from tune.compare_stats import paired_difference, summarise, trial_metrics
+from tune.compare_variants import Variant, parse_variant, trial_points
+from tune.search_tracking import child_runs
 
-from lrra import tracking  # noqa: E402
-from lrra.config import ConfigError, preset  # noqa: E402
-from tune import compare  # noqa: E402
-from tune.compare_report import TAG_SEED, TAG_VARIANT  # noqa: E402
-from tune.compare_stats import paired_difference, summarise, trial_metrics  # noqa: E402
-from tune.compare_variants import Variant, parse_variant, trial_points  # noqa: E402
-from tune.search_tracking import child_runs  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # ----------------------------------------------------------------------------------------
 # The numbers

@@ -16,18 +16,16 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import build_dashboard
 import pytest
 import ray
 import yaml
 
+from lrra.live_metrics import EXPORTED
+from tests.services import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = ROOT / "dashboards"
-sys.path.insert(0, str(DASHBOARDS))
-
-import build_dashboard  # noqa: E402
-
-from lrra.live_metrics import EXPORTED  # noqa: E402
-from tests.services import free_port  # noqa: E402
 
 METRIC_NAME = re.compile(r"\bray_[a-z_]+\b")
 SPEED_METRIC = "lrra_student_steps_per_second"  # exported by every worker, each under its own rank

@@ -40,7 +40,7 @@ def run_in_pty(code: str) -> str:
     pid, fd = pty.fork()
     if pid == 0:  # the child: its stderr is the terminal
         os.chdir(ROOT)
-        os.environ.update(PYTHONPATH=str(ROOT), COLUMNS="100", LINES="40", TERM="xterm-256color")
+        os.environ.update(COLUMNS="100", LINES="40", TERM="xterm-256color")
         os.execv(sys.executable, [sys.executable, "-c", code])
     chunks, deadline = [], time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -72,7 +72,7 @@ def test_a_terminal_gets_a_table_redrawn_in_place():
 
 def test_a_pipe_keeps_one_plain_line_per_event():
     done = subprocess.run([sys.executable, "-c", FAKE_SEARCH], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+                          timeout=60)
     assert done.returncode == 0, done.stderr
     lines = done.stderr.splitlines()
     assert len(lines) == 10 and "\x1b" not in done.stderr
@@ -81,7 +81,6 @@ def test_a_pipe_keeps_one_plain_line_per_event():
 
 
 def test_tune_trial_events_fill_the_board_with_state_epoch_speed_and_node():
-    sys.path.insert(0, str(ROOT))
     from lrra.distributed import RANK0_NODE
     from lrra.metric_names import DIVERGED_KEY, VALIDATION_METRIC
     from tune.report import ProgressLines

@@ -17,14 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow import MlflowClient
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from lrra.distributed import NODE_HISTORY_TAG, NODE_IP_TAG
+from lrra.tracking import TAG_KIND, TAG_TRIAL_ID
+from tests.netns_cluster import NetnsCluster, can_make_namespaces
+from tune.cluster import DRIVER_RESOURCE, SETTINGS_ENV
+from tune.search_tracking import SEARCH_EXPERIMENT
 
-from lrra.distributed import NODE_HISTORY_TAG, NODE_IP_TAG  # noqa: E402
-from lrra.tracking import TAG_KIND, TAG_TRIAL_ID  # noqa: E402
-from tests.netns_cluster import NetnsCluster, can_make_namespaces  # noqa: E402
-from tune.cluster import DRIVER_RESOURCE, SETTINGS_ENV  # noqa: E402
-from tune.search_tracking import SEARCH_EXPERIMENT  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0 or not can_make_namespaces(), reason="needs root and ip netns")]
@@ -37,8 +36,7 @@ LAYOUT = [{"CPU": 0, DRIVER_RESOURCE: 8}, {"CPU": 1}, {"CPU": 1}]
 def cluster_env(settings: Path) -> dict[str, str]:
     """The search's environment: RAY_ADDRESS is set by the caller; no MLflow store of the tests'."""
     drop = {"RAY_ADDRESS", "MLFLOW_TRACKING_URI"}
-    return {**{k: v for k, v in os.environ.items() if k not in drop}, SETTINGS_ENV: str(settings),
-            "PYTHONPATH": str(ROOT)}
+    return {**{k: v for k, v in os.environ.items() if k not in drop}, SETTINGS_ENV: str(settings)}
 
 
 def run_on_head(cluster: NetnsCluster, command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:

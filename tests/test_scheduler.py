@@ -1,16 +1,11 @@
 """tune/scheduler.py: ASHA records the baseline trials at every rung but never stops them."""
 
-import sys
-from pathlib import Path
-
 import pytest
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tune.scheduler import BaselineSparingASHA, baseline_numbers  # noqa: E402
-from tune.study import OPTUNA_NUMBER  # noqa: E402
+from tune.scheduler import BaselineSparingASHA, baseline_numbers
+from tune.study import OPTUNA_NUMBER
 
 PRESET, COUNTERPART, SAMPLED = 0, 1, 2  # Optuna numbers: the two baselines come first
 

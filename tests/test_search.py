@@ -21,13 +21,12 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 from ray.tune import ExperimentAnalysis
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
+from lrra import tracking
+from tests.services import search_command
+from tune import search, search_tracking, space
+from tune.study import STOP_REASON, TUNE_TRIAL_ID
 
-from lrra import tracking  # noqa: E402
-from tests.services import search_command  # noqa: E402
-from tune import search, search_tracking, space  # noqa: E402
-from tune.study import STOP_REASON, TUNE_TRIAL_ID  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SEARCH = ROOT / "tune" / "search.py"
 SEARCH_TIMEOUT_S = 600  # a guard against hangs, not a speed target: CI machines can be busy

@@ -11,7 +11,6 @@ import importlib.util
 import io
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -31,14 +30,12 @@ from lrra.cli import main
 from lrra.config import preset
 from lrra.models import build_generator
 from lrra.teacher import load_teacher
+from tests.services import free_port, search_command
+from tune import search, search_tracking
+from tune.plan import load_plan
+from tune.study import TUNE_TRIAL_ID
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
-
-from tests.services import free_port, search_command  # noqa: E402
-from tune import search, search_tracking  # noqa: E402
-from tune.plan import load_plan  # noqa: E402
-from tune.study import TUNE_TRIAL_ID  # noqa: E402
 
 EPOCHS = 3
 # Tiny budget: these tests check what is logged, not how well the student learns.

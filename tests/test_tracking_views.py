@@ -2,7 +2,6 @@
 the experiment's kind, the trial runs' names, the parent run's summary and description, the
 registry's descriptions, the study's metric name and attributes."""
 
-import sys
 from pathlib import Path
 
 import optuna
@@ -12,13 +11,11 @@ from optuna.storages import RDBStorage
 from lrra import metric_names, tracking
 from lrra.tracking.runs import open_trial_run, trial_run_name
 from lrra.tracking.store import EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT, ensure_experiment
+from tune import search_tracking
+from tune.space import log_range
+from tune.study import METRIC_NAME, StudySearch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
-
-from tune import search_tracking  # noqa: E402
-from tune.space import log_range  # noqa: E402
-from tune.study import METRIC_NAME, StudySearch  # noqa: E402
 
 
 def client_for(tmp_path) -> MlflowClient:

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # tune/ is a folder of scripts, not an installed package
+from tests.services import free_port
+from tune.search_tracking import SEARCH_EXPERIMENT
+from tune.study import METRIC_NAME
 
-from tests.services import free_port  # noqa: E402
-from tune.search_tracking import SEARCH_EXPERIMENT  # noqa: E402
-from tune.study import METRIC_NAME  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 BIN = Path(sys.executable).parent  # the environment's console scripts: optuna-dashboard, mlflow
 

@@ -14,7 +14,6 @@ STORAGE_PATH/NAME: trials.parquet (one row per trial, with its accuracy curve), 
 (experiment lrra-compare) whose child runs are the trials.
 """
 
-# ruff: noqa: E402 - the imports below the sys.path line need it when run as a script
 from __future__ import annotations
 
 import argparse
@@ -22,9 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
-
-if __package__ in (None, ""):  # run as a script: make the tune/ modules importable as tune.*
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pyarrow.fs
 import ray
@@ -278,8 +274,6 @@ def main(argv: list[str] | None = None) -> int:
         plan.config["teacher_path"] = str(Path(teacher_path).absolute())
         if started_ray:
             start_search_ray(target)
-        else:
-            ray.cloudpickle.register_pickle_by_value(sys.modules["tune"])
     except USER_ERRORS as err:
         say(f"error: {err}")
         return 2

@@ -8,7 +8,6 @@ store is SQLite on the head's disk, its artifacts go to the shared storage, and 
 private address only (nodes reach it inside the cluster's network; people through an SSH forward).
 """
 
-# ruff: noqa: E402 - the imports below the sys.path line need it when run as a script
 from __future__ import annotations
 
 import argparse
@@ -20,9 +19,6 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the tune/ modules importable as tune.*
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lrra.config import PRESETS
 from tune.cluster import settings_path

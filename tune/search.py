@@ -12,7 +12,6 @@ Tune's experiment state, one run folder per trial under train/, and results.parq
 per trial). The Optuna study is NAME in --study-storage (default STORAGE_PATH/optuna.db).
 """
 
-# ruff: noqa: E402 - the imports below the sys.path line need it when run as a script
 from __future__ import annotations
 
 import argparse
@@ -21,9 +20,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: make the tune/ modules importable as tune.*
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import optuna
 import pandas as pd
@@ -266,8 +262,6 @@ def start_search_ray(target: cluster.RayTarget) -> None:
     except DistributedSetupError as err:
         raise DistributedSetupError(cluster.join_failure(target, err.__context__ or err)) from None
     say(cluster.describe(target, ray.nodes(), ray.cluster_resources()))
-    # Trial functions are pickled by value: a cluster's nodes have the lrra package, not this folder.
-    ray.cloudpickle.register_pickle_by_value(sys.modules["tune"])
 
 
 def fit_resources(plan: SearchPlan, capacity: cluster.Capacity | None = None) -> SearchPlan:
