@@ -76,15 +76,23 @@ def _check_storage_uri(uri: str) -> str:
     return uri
 
 
-def check_address(address: str) -> None:
-    """Ray retries an unreachable head for minutes; a plain TCP connect says so in seconds."""
+def connect_error(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> OSError | None:
+    """Why nothing listens at a Ray address's HOST:PORT (its GCS port), or None when something does.
+    Forms that Ray resolves itself ("auto", no port) are not probed: None."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        return  # "auto" and other forms that Ray resolves itself
+        return None
     try:
-        socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S).close()
+        socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as err:
-        raise DistributedSetupError(f"--address {address}: nothing answers there ({err})") from None
+        return err
+    return None
+
+
+def check_address(address: str) -> None:
+    """Ray retries an unreachable head for minutes; a plain TCP connect says so in seconds."""
+    if (err := connect_error(address)) is not None:
+        raise DistributedSetupError(f"--address {address}: nothing answers there ({err})")
 
 
 def start_ray(address: str | None, **init_options: Any) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 from ray._common.utils import get_default_ray_temp_dir, get_ray_address_file
 
 from lrra.config import ConfigError
+from lrra.preflight import connect_error
 
 SETTINGS_ENV = "LRRA_CLUSTER_SETTINGS"       # another settings file than the default one
 DEFAULT_SETTINGS_FILE = "~/.lrra/cluster.json"
@@ -60,16 +60,9 @@ class RayTarget:
         return self.address is not None
 
 
-def answers(address: str, timeout: float = CONNECT_TIMEOUT_S) -> bool:
-    """Whether a TCP server listens at HOST:PORT (Ray's GCS port). Forms Ray resolves itself count as yes."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        return True
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
+def answers(address: str) -> bool:
+    """Whether a TCP server listens at the address (Ray's GCS port). Forms Ray resolves itself count as yes."""
+    return connect_error(address, timeout=CONNECT_TIMEOUT_S) is None
 
 
 def choose_ray(flag_address: str | None, environ: Mapping[str, str] = os.environ, temp_dir: str | None = None,

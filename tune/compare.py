@@ -54,7 +54,6 @@ from tune.compare_variants import (
 from tune.plan import SearchPlan, filesystem
 from tune.report import ProgressLines, config_key, say, write_parquet
 from tune.search import (
-    absolute_paths,
     add_resource_arguments,
     check_resource_arguments,
     cluster_tags,
@@ -62,7 +61,7 @@ from tune.search import (
     quiet_libraries,
     start_search_ray,
 )
-from tune.search_tracking import end_trial_runs
+from tune.search_tracking import end_trial_runs, run_status
 from tune.study import COMPLETED, DIVERGED, ERROR
 from tune.trial import TrialSetup, trainable, trains_in_process
 
@@ -133,7 +132,7 @@ def choose_variants(args: argparse.Namespace) -> tuple[LRRAConfig, list[Variant]
     if args.variants or not (args.variant or args.from_search):
         variants = built_in(args.variants or ",".join(BUILT_IN)) + variants
     variants += [parse_variant(text) for text in args.variant]
-    return absolute_paths(base), variants, args.from_search
+    return base.with_absolute_paths(), variants, args.from_search
 
 
 def choose_reference(requested: str | None, variants: list[Variant]) -> str:
@@ -207,7 +206,6 @@ def trial_rows(grid: ResultGrid, label_of: dict[str, Label]) -> list[dict[str, A
     return sorted(rows, key=lambda row: order.index((row["variant"], row["seed"])))
 
 
-RUN_STATUS = {COMPLETED: tracking.FINISHED, DIVERGED: tracking.FAILED, ERROR: tracking.FAILED}
 
 
 def write_outputs(plan: SearchPlan, rows: list[dict], summary: list[dict], table: str, variants: list[str],
@@ -234,7 +232,7 @@ def run_comparison(plan: SearchPlan, setup: TrialSetup, labels: list[Label], ref
     rows = trial_rows(grid, label_of)
     variants = list(dict.fromkeys(name for name, _ in labels))
     summary = summarise(rows, variants, reference)
-    end_trial_runs(client, parent_run_id, {row["tune_trial_id"]: (RUN_STATUS[row["status"]], row["status"])
+    end_trial_runs(client, parent_run_id, {row["tune_trial_id"]: (run_status(row["status"]), row["status"])
                                            for row in rows if row["tune_trial_id"]})
     table = format_table(summary, reference)
     with tempfile.TemporaryDirectory() as folder:

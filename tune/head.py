@@ -17,10 +17,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 from lrra.config import PRESETS
+from lrra.tracking import TrackingError
+from lrra.tracking.store import check_server
 from tune.cluster import settings_path
 
 MLFLOW_PORT = 5000
@@ -30,9 +31,9 @@ HEALTH_TIMEOUT_S = 120.0
 
 def private_address() -> str:
     """This node's address as Ray sees it (the interface of the default route; nothing is sent)."""
-    from ray._private.services import get_node_ip_address
+    import ray.util
 
-    return get_node_ip_address()
+    return ray.util.get_node_ip_address()
 
 
 def head_settings(storage_path: str, preset: str | None, host: str, port: int, state_dir: Path,
@@ -66,10 +67,10 @@ def write_settings(args: argparse.Namespace) -> Path:
 
 def healthy(uri: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
+        check_server(uri)  # the check a search makes of its --tracking-uri
+    except TrackingError:
         return False
+    return True
 
 
 def stop_previous(pid_file: Path) -> None:

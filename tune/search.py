@@ -41,7 +41,7 @@ from tune import cluster
 from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, filesystem, load_plan, save_plan
 from tune.report import ProgressLines, print_summary, say, write_parquet
 from tune.scheduler import BaselineSparingASHA, baseline_numbers
-from tune.search_tracking import SEARCH_EXPERIMENT, SearchTracker, tracked_search
+from tune.search_tracking import SEARCH_EXPERIMENT, SearchTracker, run_status, tracked_search
 from tune.space import (
     baseline_points,
     build_space,
@@ -52,12 +52,7 @@ from tune.space import (
     read_space_file,
 )
 from tune.study import (
-    ABANDONED,
-    COMPLETED,
-    DIVERGED,
-    EARLY_STOPPED,
     EPOCHS_DONE,
-    ERROR,
     TIME_BUDGET,
     StudySearch,
     default_study_storage,
@@ -190,7 +185,9 @@ def new_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
         overrides["data_dir"] = args.data_dir
     if args.teacher:
         overrides["teacher_path"] = args.teacher
-    cfg = absolute_paths(preset(preset_name, **overrides))
+    # Resolved here, once: a trial runs in a Ray session folder that changes with every Ray start,
+    # and MLflow refuses to change a logged param of the run that a resumed trial continues.
+    cfg = preset(preset_name, **overrides).with_absolute_paths()
 
     budget = BUDGETS.get(preset_name, CLUSTER_BUDGET)
     bounds = read_space_file(args.space_file) if args.space_file else {}
@@ -224,17 +221,6 @@ def note_excluded_preset(space, cfg: LRRAConfig) -> None:
         knobs = ", ".join(f"{name}={value} outside {space[name].describe()}" for name, value in excluded.items())
         say(f"note: the bounds exclude the preset's own configuration ({knobs}): "
             "its trial and its counterpart are not run")
-
-
-def absolute_paths(cfg: LRRAConfig) -> LRRAConfig:
-    """The config with its data and teacher paths resolved here, once, on the driver.
-
-    A trial's process runs in a Ray session folder that changes with every Ray start: a relative
-    path resolved there would differ between a search and its --resume, and MLflow refuses to
-    change a logged param of the run that the resumed trial continues.
-    """
-    teacher = str(Path(cfg.teacher_path).absolute()) if cfg.teacher_path else ""
-    return cfg.replace(data_dir=str(Path(cfg.data_dir).absolute()), teacher_path=teacher)
 
 
 def resumed_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
@@ -343,14 +329,9 @@ def unfinished(trials: dict[str, str]) -> set[str]:
     return {trial_id for trial_id, status in trials.items() if status not in (Trial.TERMINATED, Trial.ERROR)}
 
 
-# How each trial's MLflow run ends, by the study's stop reason. "running": a trial that --resume continues.
-RUN_STATUS = {COMPLETED: tracking.FINISHED, EARLY_STOPPED: tracking.FINISHED, TIME_BUDGET: tracking.KILLED,
-              DIVERGED: tracking.FAILED, ERROR: tracking.FAILED, ABANDONED: tracking.KILLED, "running": tracking.KILLED}
-
-
 def trial_outcomes(rows: list[dict]) -> dict[str, tuple[str, str]]:
     """Tune trial id -> (MLflow run status, stop reason), for SearchTracker.finish."""
-    return {row["tune_trial_id"]: (RUN_STATUS.get(row["stop_reason"], tracking.KILLED), row["stop_reason"])
+    return {row["tune_trial_id"]: (run_status(row["stop_reason"]), row["stop_reason"])
             for row in rows if row["tune_trial_id"]}
 
 

@@ -20,6 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from lrra.config import LRRAConfig
 from lrra.metric_names import BEST_VALIDATION_METRIC, TEST_METRIC
 from lrra.tracking import (
+    FAILED,
     FINISHED,
     KILLED,
     RUNNING,
@@ -38,11 +39,21 @@ from lrra.tracking import (
     run_status_for,
     tag_filter,
 )
+from tune.study import ABANDONED, COMPLETED, DIVERGED, EARLY_STOPPED, ERROR, TIME_BUDGET
 
 SEARCH_EXPERIMENT = "lrra-search"
 TAG_SEARCH = "lrra.search"                       # the search's experiment path: finds its parent run on --resume
 TAG_STOP_REASON = "lrra.stop_reason"             # why a search trial ended
 TAG_BEST_TRIAL = "lrra.best_trial"               # the parent run's: the champion's child run name
+
+# How a trial's MLflow run ends, by the study's stop reason ("running": a trial --resume continues).
+RUN_STATUS = {COMPLETED: FINISHED, EARLY_STOPPED: FINISHED, TIME_BUDGET: KILLED, DIVERGED: FAILED, ERROR: FAILED,
+              ABANDONED: KILLED, "running": KILLED}
+
+
+def run_status(stop_reason: str) -> str:
+    """The MLflow status of a trial's run that ended for ``stop_reason`` (KILLED when unknown)."""
+    return RUN_STATUS.get(stop_reason, KILLED)
 SEARCH_MAX_RESULTS = 10_000                      # child runs read back at once (one per trial)
 
 

@@ -52,13 +52,13 @@ def check_tracking_uri(uri: str) -> None:
     """Raise TrackingError, within seconds, when the store at ``uri`` cannot be used."""
     database = sqlite_path(uri)
     if is_server(uri):
-        _check_server(uri)
+        check_server(uri)
     elif database is not None and not database.parent.is_dir():
         raise TrackingError(f"--tracking-uri {uri}: folder {database.parent} does not exist; "
                             "create it or pick another path")
 
 
-def _check_server(uri: str) -> None:
+def check_server(uri: str) -> None:
     health = uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(health, timeout=SERVER_CHECK_TIMEOUT_S) as response:
