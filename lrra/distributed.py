@@ -46,6 +46,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from torch import nn
 
 from lrra.config import LRRAConfig
+from lrra.fault_injection import Faults, InjectedFault
 from lrra.live_metrics import DISTILL_SEARCH, WorkerMetrics
 from lrra.metric_names import DIVERGED_KEY
 from lrra.preflight import (
@@ -85,10 +86,6 @@ if TYPE_CHECKING:
 
 # In a worker, Ray Train tees print() into its logger (each line would show twice): log instead.
 logger = logging.getLogger(__name__)
-
-
-class InjectedFault(RuntimeError):
-    """The test-only fault of ``LRRAConfig.fault_at_epoch``."""
 
 
 def rank_file(rank: int) -> str:
@@ -174,7 +171,7 @@ def train_loop_config(cfg: LRRAConfig, teacher_payload: Any,
     (lrra.teacher_files.teacher_payload) is a state_dict, or a compiled teacher's file bytes.
     ``tracking`` says where rank 0 logs to MLflow (None: nowhere)."""
     return {"cfg": cfg.to_dict(), "teacher_payload": teacher_payload, "teacher_meta": teacher_meta,
-            "tracking": tracking}
+            "tracking": tracking, "faults": Faults.from_environment().to_dict()}
 
 
 def run_loop_config(cfg: LRRAConfig, teacher_payload: Any, teacher_meta: dict[str, Any],
@@ -205,8 +202,8 @@ def worker_distiller(config: dict[str, Any]) -> Distiller:
     rank = ray.train.get_context().get_world_rank()
     evaluation = evaluation_splits(cfg, config["teacher_meta"]) if rank == 0 else None
     teacher = teacher_from_payload(config["teacher_payload"], config["teacher_meta"], cfg)
-    return Distiller(cfg, teacher, evaluation,
-                     device=ray.train.torch.get_device(), rank=rank, collectives=RAY_TRAIN_COLLECTIVES)
+    return Distiller(cfg, teacher, evaluation, device=ray.train.torch.get_device(), rank=rank,
+                     collectives=RAY_TRAIN_COLLECTIVES, faults=Faults(**config["faults"]))
 
 
 def restore(distiller: Distiller, checkpoint: ray.train.Checkpoint) -> None:
@@ -243,9 +240,9 @@ def checkpoint_due(cfg: LRRAConfig, finished_epochs: int) -> bool:
     return finished_epochs == cfg.epochs or (every > 0 and finished_epochs % every == 0)
 
 
-def maybe_inject_fault(cfg: LRRAConfig, epoch: int, rank: int, resumed: bool) -> None:
+def maybe_inject_fault(faults: Faults, epoch: int, rank: int, resumed: bool) -> None:
     """The test-only fault: rank 0 fails at the start of ``fault_at_epoch``, in a fresh group only."""
-    if epoch != cfg.fault_at_epoch or resumed:
+    if not faults.fails(epoch, resumed):
         return
     # All ranks wait here first, so every rank's report of the previous epoch is queued and its
     # checkpoint registered: the restarted group then resumes exactly at this epoch.
@@ -291,7 +288,7 @@ def run_epochs(distiller: Distiller, config: dict[str, Any], run, resumed: bool)
     cfg, rank = distiller.cfg, distiller.rank
     live, node_ip = worker_metrics(config, rank), ray.util.get_node_ip_address()
     while distiller.epoch < cfg.epochs:
-        maybe_inject_fault(cfg, distiller.epoch, rank, resumed)
+        maybe_inject_fault(distiller.faults, distiller.epoch, rank, resumed)
         metrics = distiller.train_epoch()
         live.export(metrics, distiller.rank_metrics, cfg.memory_capacity, cfg.iters_per_epoch * cfg.kd_steps,
                     distiller.device)

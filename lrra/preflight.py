@@ -19,6 +19,7 @@ import pyarrow.fs
 import ray
 
 from lrra.config import ConfigError, LRRAConfig
+from lrra.fault_injection import ENV, Faults
 
 DEFAULT_RESOURCES_PER_WORKER = {"CPU": 1}
 ADDRESS_TIMEOUT_S = 5.0
@@ -34,13 +35,18 @@ def check_workers(workers: int) -> None:
                                     "(--workers 0 runs in this process without Ray)")
 
 
-def check_fault_switch(cfg: LRRAConfig) -> None:
-    # The fault fires only in a group that did not resume; with no checkpoint before the fault
-    # epoch every restarted group would start fresh and fail again.
-    if cfg.fault_at_epoch >= 0 and not (1 <= cfg.checkpoint_every <= cfg.fault_at_epoch):
-        raise ConfigError(f"config field 'fault_at_epoch' = {cfg.fault_at_epoch} is invalid: under Ray Train it "
-                          f"needs a checkpoint before it, i.e. fault_at_epoch >= checkpoint_every >= 1 "
+def check_fault_switch(cfg: LRRAConfig) -> Faults:
+    """The test-only faults of this process's environment (lrra/fault_injection.py), checked.
+
+    The fault fires only in a group that did not resume; with no checkpoint before the fault
+    epoch every restarted group would start fresh and fail again.
+    """
+    faults = Faults.from_environment()
+    if faults.fault_at_epoch >= 0 and not (1 <= cfg.checkpoint_every <= faults.fault_at_epoch):
+        raise ConfigError(f"{ENV}: fault_at_epoch={faults.fault_at_epoch} needs a checkpoint before it under "
+                          f"Ray Train, i.e. fault_at_epoch >= checkpoint_every >= 1 "
                           f"(checkpoint_every = {cfg.checkpoint_every})")
+    return faults
 
 
 def check_storage(storage: str) -> str:

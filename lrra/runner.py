@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lrra.config import LRRAConfig, check_resumable
+from lrra.fault_injection import Faults
 from lrra.metric_names import BEST_VALIDATION_METRIC, TEST_METRIC, VALIDATION_METRIC
 from lrra.teacher import prepare_teacher, save_teacher
 from lrra.train import Distiller, NonFiniteLossError, load_checkpoint, save_checkpoint
@@ -101,11 +102,12 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
     Everything that can fail on bad input (teacher, dataset, checkpoint) is checked before the
     output folder is created.
     """
+    faults = Faults.from_environment()  # the tests' own; none unless LRRA_TEST_FAULTS says
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint is not None:  # a checkpoint of another run fails before the teacher is even read
         check_resumable(LRRAConfig.from_dict(checkpoint["config"]), cfg, checkpoint["epoch"])
     teacher, teacher_meta, teacher_path, evaluation = prepare_teacher(cfg, log=log)
-    distiller = Distiller(cfg, teacher, evaluation)
+    distiller = Distiller(cfg, teacher, evaluation, faults=faults)
     if checkpoint is not None:
         distiller.load_state_dict(checkpoint)
         log(f"resumed from {resume} at epoch {distiller.epoch}")

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from lrra.batchnorm_prior import BatchNormPrior
 from lrra.config import ConfigError, LRRAConfig, check_resumable
+from lrra.fault_injection import NO_FAULTS, Faults
 from lrra.losses import generator_loss, generator_loss_terms
 from lrra.memory import ReplayMemory
 from lrra.meta import GradSync, RankMean, student_update
@@ -108,14 +109,16 @@ class Distiller:
 
     def __init__(self, cfg: LRRAConfig, teacher: nn.Module, evaluation: EvaluationSplits | None = None, *,
                  device: torch.device | None = None, rank: int = 0,
-                 collectives: Collectives = Collectives()) -> None:
+                 collectives: Collectives = Collectives(), faults: Faults = NO_FAULTS) -> None:
         """``evaluation``: the validation split scored every epoch (it picks the best student) and
-        the test split that scores that student once, after the last epoch; None on ranks > 0."""
+        the test split that scores that student once, after the last epoch; None on ranks > 0.
+        ``faults``: the tests' own (lrra/fault_injection.py), none by default."""
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
         self.rank = rank
         self.evaluation = evaluation
         self.collectives = collectives
+        self.faults = faults
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
         self.teacher = teacher.to(self.device, memory_format=self.memory_format).eval()
@@ -251,9 +254,7 @@ class Distiller:
                 sums[key] = sums.get(key, 0.0) + value.float()
                 counts[key] = counts.get(key, 0) + 1
 
-        if self.epoch == cfg.nan_at_epoch:
-            with torch.no_grad():  # the test-only divergence switch: a teacher gone bad mid-run
-                next(self.teacher.parameters()).fill_(float("nan"))
+        self.faults.poison_teacher(self.epoch, self.teacher)
         learning_rate = self.opt_student.param_groups[0]["lr"]  # the rate this epoch trains with
         start = time.perf_counter()
         for _ in range(cfg.iters_per_epoch):

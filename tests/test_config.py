@@ -3,6 +3,7 @@
 import pytest
 
 from lrra.config import PRESETS, ConfigError, LRRAConfig, check_resumable, describe, parse_assignments, preset
+from lrra.fault_injection import ENV, NO_FAULTS, Faults
 
 BAD_VALUES = [
     ("student_lr", -0.1, "must be > 0"),
@@ -117,3 +118,27 @@ def test_the_normalisation_is_one_number_per_channel_and_a_positive_std():
         preset("mnist", input_mean="0.5", input_std="0")
     with pytest.raises(ConfigError, match="'input_std' = ''.*set together"):
         preset("mnist", input_mean="0.5")
+
+
+# ----------------------------------------------------------------------------------------
+# The tests' fault switches: from the environment, never from the configuration.
+
+
+def test_faults_come_from_the_environment_only():
+    assert Faults.from_environment({}) == NO_FAULTS
+    assert Faults.from_environment({ENV: "fault_at_epoch=1, nan_at_epoch=3"}) == Faults(fault_at_epoch=1,
+                                                                                          nan_at_epoch=3)
+    assert "nan_at_epoch" not in preset("digits").to_dict()
+    with pytest.raises(ConfigError, match="unknown config field"):
+        preset("digits", nan_at_epoch=2)
+
+
+@pytest.mark.parametrize("text", ["nan_at_epoch", "nan_at_epoch=-2", "nan_at_epoch=x", "oops=1"])
+def test_a_bad_fault_switch_names_the_variable(text):
+    with pytest.raises(ConfigError, match=f"{ENV}=.*expected NAME=EPOCH"):
+        Faults.from_environment({ENV: text})
+
+
+def test_a_config_written_with_the_old_fault_fields_still_loads():
+    old = {**preset("digits").to_dict(), "fault_at_epoch": -1, "nan_at_epoch": -1}  # checkpoints, search plans
+    assert LRRAConfig.from_dict(old) == preset("digits")

@@ -18,7 +18,7 @@ from ray.train import RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from lrra import distributed
+from lrra import distributed, fault_injection
 from lrra.cli import main
 from lrra.config import ConfigError, preset
 from lrra.meta import student_objective, student_update
@@ -171,9 +171,10 @@ class ReportLog(UserCallback):
 
 @pytest.mark.slow
 @pytest.mark.alone
-def test_worker_failure_resumes_from_the_last_checkpoint(two_rank_probe, convnet_teacher, tmp_path):
+def test_worker_failure_resumes_from_the_last_checkpoint(two_rank_probe, convnet_teacher, tmp_path, monkeypatch):
     _, _, teacher_path = convnet_teacher
-    cfg = preset("digits", **DIGITS, fault_at_epoch=1, teacher_path=str(teacher_path), data_dir=str(tmp_path))
+    monkeypatch.setenv(fault_injection.ENV, "fault_at_epoch=1")
+    cfg = preset("digits", **DIGITS, teacher_path=str(teacher_path), data_dir=str(tmp_path))
     log = tmp_path / "reports.jsonl"
     summary = distributed.run_distributed(cfg, workers=2, storage_path=str(tmp_path / "storage"), name="fault",
                                           max_failures=1, callbacks=[ReportLog(log)], log=lambda _: None)
@@ -241,9 +242,10 @@ def test_cli_rejects_inconsistent_distributed_flags(argv, message, capsys, tmp_p
     assert message in capsys.readouterr().err
 
 
-def test_fault_switch_needs_a_checkpoint_before_it():
-    with pytest.raises(ConfigError, match="fault_at_epoch"):
-        distributed.build_trainer(preset("digits", fault_at_epoch=0), {}, {}, workers=2,
+def test_fault_switch_needs_a_checkpoint_before_it(monkeypatch):
+    monkeypatch.setenv(fault_injection.ENV, "fault_at_epoch=0")
+    with pytest.raises(ConfigError, match="LRRA_TEST_FAULTS: fault_at_epoch=0 needs a checkpoint before it"):
+        distributed.build_trainer(preset("digits"), {}, {}, workers=2,
                                   storage_path="/tmp/unused", name="unused")
 
 
@@ -253,9 +255,10 @@ def test_fault_switch_needs_a_checkpoint_before_it():
 
 @pytest.mark.slow
 @pytest.mark.alone
-def test_a_diverging_ray_train_run_keeps_its_best_student(ray_cluster, convnet_teacher, tmp_path):
+def test_a_diverging_ray_train_run_keeps_its_best_student(ray_cluster, convnet_teacher, tmp_path, monkeypatch):
     _, _, teacher_path = convnet_teacher
-    cfg = preset("digits", **DIGITS, nan_at_epoch=2, teacher_path=str(teacher_path), data_dir=str(tmp_path))
+    monkeypatch.setenv(fault_injection.ENV, "nan_at_epoch=2")
+    cfg = preset("digits", **DIGITS, teacher_path=str(teacher_path), data_dir=str(tmp_path))
     log = tmp_path / "reports.jsonl"
     with pytest.raises(RunDiverged, match="non-finite loss at epoch 2") as caught:
         distributed.run_distributed(cfg, workers=2, storage_path=str(tmp_path / "storage"), name="nan",

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 from ray.tune import ExperimentAnalysis
 
-from lrra import tracking
+from lrra import fault_injection, tracking
 from tests.services import search_command
 from tune import search, search_tracking, space
 from tune.study import STOP_REASON, TUNE_TRIAL_ID
@@ -32,8 +32,10 @@ SEARCH = ROOT / "tune" / "search.py"
 SEARCH_TIMEOUT_S = 600  # a guard against hangs, not a speed target: CI machines can be busy
 
 
-def run_search(command: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, timeout=SEARCH_TIMEOUT_S, cwd=ROOT)
+def run_search(command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``env``: variables added to this process's environment for the search."""
+    return subprocess.run(command, capture_output=True, text=True, timeout=SEARCH_TIMEOUT_S, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
 
 
 def study_of(storage: Path, name: str) -> optuna.Study:
@@ -137,8 +139,8 @@ def test_a_trial_whose_loss_diverges_keeps_its_best_student_and_says_so(tmp_path
     """A trial that trains in its own process goes NaN at its third epoch (the test-only switch):
     the search finishes, the trial ends diverged with its two good epochs, and its MLflow run is
     FAILED, says why, and holds the best student, as does its folder."""
-    done = run_search(search_command(tmp_path, digits_teacher[0], "--name", "nan", "--num-samples", "1",
-                                     "--set", "nan_at_epoch=2"))
+    done = run_search(search_command(tmp_path, digits_teacher[0], "--name", "nan", "--num-samples", "1"),
+                      env={fault_injection.ENV: "nan_at_epoch=2"})
     assert done.returncode == 0, done.stderr[-3000:]
     [row] = results_of(tmp_path, "nan")
     assert (row["stop_reason"], row["epochs"]) == ("diverged", 2) and row["best_val_acc"] > 0.1

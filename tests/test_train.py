@@ -7,19 +7,21 @@ import mlflow
 import pytest
 import torch
 
+from lrra import fault_injection
 from lrra.cli import EXIT_DIVERGED, main
 from lrra.config import preset
 from lrra.data import load_split
+from lrra.fault_injection import NO_FAULTS, Faults
 from lrra.runner import default_run_name
 from lrra.splits import evaluation_splits
 from lrra.teacher import load_teacher
 from lrra.train import Distiller, NonFiniteLossError, cosine_factor, load_checkpoint, save_checkpoint
 
 
-def digits_run(teacher_path, **overrides):
+def digits_run(teacher_path, faults=NO_FAULTS, **overrides):
     cfg = preset("digits", teacher_path=str(teacher_path), **overrides)
     teacher, meta = load_teacher(teacher_path, cfg)
-    return Distiller(cfg, teacher, evaluation_splits(cfg, meta), device=torch.device("cpu"))
+    return Distiller(cfg, teacher, evaluation_splits(cfg, meta), device=torch.device("cpu"), faults=faults)
 
 
 def test_teacher_is_accurate(digits_teacher):
@@ -63,7 +65,7 @@ def test_resume_is_bit_for_bit(digits_teacher, tmp_path):
 
 def test_non_finite_loss_stops_the_epoch_on_every_path(digits_teacher):
     path, _ = digits_teacher
-    distiller = digits_run(path, nan_at_epoch=1)
+    distiller = digits_run(path, faults=Faults(nan_at_epoch=1))
     distiller.train_epoch()
     with pytest.raises(NonFiniteLossError, match="non-finite loss at epoch 1"):
         distiller.train_epoch()
@@ -74,11 +76,11 @@ def read_metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_run_that_diverges_late_keeps_its_best_student(digits_teacher, tmp_path, capsys):
+def test_a_run_that_diverges_late_keeps_its_best_student(digits_teacher, tmp_path, capsys, monkeypatch):
     path, _ = digits_teacher
     out = tmp_path / "run"
-    code = main(["distill", "--preset", "digits", "--teacher", str(path), "--epochs", "4", "--out", str(out),
-                 "--set", "nan_at_epoch=2"])
+    monkeypatch.setenv(fault_injection.ENV, "nan_at_epoch=2")
+    code = main(["distill", "--preset", "digits", "--teacher", str(path), "--epochs", "4", "--out", str(out)])
     captured = capsys.readouterr()
     assert code == EXIT_DIVERGED
     # One clear line, no traceback; the JSON line still says what the run achieved.

@@ -36,7 +36,6 @@ from lrra.distributed import (
     CHECKPOINTS_KEPT,
     RANK0_NODE,
     STATE_FILE,
-    InjectedFault,
     checkpoint_due,
     keep_best_student,
     keeping_the_best_if_diverged,
@@ -48,6 +47,7 @@ from lrra.distributed import (
     use_assigned_cpus,
     worker_metrics,
 )
+from lrra.fault_injection import Faults, InjectedFault
 from lrra.metric_names import DIVERGED_KEY
 from lrra.runner import RunDiverged, format_progress
 from lrra.splits import evaluation_splits
@@ -86,7 +86,8 @@ def run_in_trial_process(config: dict[str, Any], *, gpu: bool) -> None:
     cfg = LRRAConfig.from_dict(config["cfg"])
     device = torch.device("cuda") if gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
     teacher = teacher_from_payload(config["teacher_payload"], config["teacher_meta"], cfg)
-    distiller = Distiller(cfg, teacher, evaluation_splits(cfg, config["teacher_meta"]), device=device)
+    distiller = Distiller(cfg, teacher, evaluation_splits(cfg, config["teacher_meta"]), device=device,
+                          faults=Faults(**config["faults"]))
     run_path = Path(config["run_path"])
     saved = checkpoint_folders(run_path)
     if saved:
@@ -125,7 +126,7 @@ def train_and_report(distiller: Distiller, config: dict[str, Any], run, run_path
     cfg = distiller.cfg
     live = worker_metrics(config, rank=0)
     while distiller.epoch < cfg.epochs:
-        if distiller.epoch == cfg.fault_at_epoch and not resumed:
+        if distiller.faults.fails(distiller.epoch, resumed):
             raise InjectedFault(f"fault_at_epoch={distiller.epoch}: the trial fails on purpose (test-only switch)")
         metrics = distiller.train_epoch()
         live.export(metrics, distiller.rank_metrics, cfg.memory_capacity, cfg.iters_per_epoch * cfg.kd_steps,
