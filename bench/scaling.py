@@ -31,6 +31,7 @@ import ray
 import torch
 
 from lrra import distributed
+from lrra.collectives import RAY_TRAIN_COLLECTIVES
 from lrra.config import parse_assignments, preset
 from lrra.distributed import build_trainer
 from lrra.models import build_classifier
@@ -84,10 +85,10 @@ def time_acquisition_collective(config: dict) -> dict[str, float]:
     """Ray Train function: epoch times with and without the acquisition all-reduce, alternating."""
     distiller = distributed.worker_distiller(config)
     distiller.train_epoch()  # fills the memory: every later student step is the full LRRA update
-    without = dataclasses.replace(distributed.RAY_TRAIN_COLLECTIVES, mean_over_ranks=None)
+    without = dataclasses.replace(RAY_TRAIN_COLLECTIVES, mean_over_ranks=None)
     times: dict[str, list[float]] = {"with": [], "without": []}
     for _ in range(config["repeats"]):
-        for label, collectives in (("with", distributed.RAY_TRAIN_COLLECTIVES), ("without", without)):
+        for label, collectives in (("with", RAY_TRAIN_COLLECTIVES), ("without", without)):
             distiller.collectives = collectives
             times[label].append(distiller.train_epoch()["perf/epoch_s"])
     return {f"epoch_s_{label}": statistics.median(t) for label, t in times.items()}

@@ -1,22 +1,9 @@
 """Ray Train layer: the LRRA Distiller on N workers (docs/design.md §4).
 
 Each worker runs the plain per-rank loop of lrra/train.py; Ray adds the context (rank, world
-size), the device, ``ray.train.report`` and checkpoints in Ray storage. The student and the
-generator are *not* wrapped in DistributedDataParallel, which can differentiate neither
-through ``torch.autograd.grad`` nor twice: each rank computes its gradients locally and
-``average_gradients`` all-reduces them, flattened into one buffer, before every optimizer step.
-
-BatchNorm running statistics are averaged at the end of every epoch, so all ranks
-hold the same model when rank 0 evaluates and when the checkpoint is written.
-
-Per rank: its own latent stream (seed + rank) and memory shard. For retention orders 1 and 2
-the acquisition gradient is averaged across ranks inside the LRRA step (``mean_over_ranks``, a
-collective autograd differentiates through), so N workers take the step of one process on the
-union of their B x N images.
-
-A checkpoint is one Ray checkpoint directory that every rank writes into (Ray merges them):
-``state.pt`` (rank 0: ``Distiller.state_dict()``), ``rank_<r>.pt`` (rank r's memory shard and
-random streams) and, at the last epoch, ``best_student.pt`` (a teacher-format file).
+size), the device, ``ray.train.report`` and checkpoints in Ray storage. The collectives that keep
+the ranks in step without DistributedDataParallel are lrra/collectives.py; the files of a
+checkpoint, lrra/run_checkpoints.py.
 
 The checks that run before any of this (workers, storage, address, cluster size) live in
 lrra/preflight.py.
@@ -28,29 +15,25 @@ import logging
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as differentiable
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
-from torch import nn
 
+from lrra.collectives import RAY_TRAIN_COLLECTIVES
 from lrra.config import LRRAConfig
 from lrra.fault_injection import Faults, InjectedFault
 from lrra.live_metrics import DISTILL_SEARCH, WorkerMetrics
 from lrra.metric_names import DIVERGED_KEY
 from lrra.preflight import (
-    DistributedSetupError,
     check_address,
     check_cluster_fits,
     check_fault_switch,
@@ -58,6 +41,14 @@ from lrra.preflight import (
     check_workers,
     start_ray,
     worker_resources,
+)
+from lrra.run_checkpoints import (
+    BEST_STUDENT_FILE,
+    CHECKPOINTS_KEPT,
+    checkpoint_due,
+    restore_from_directory,
+    save,
+    write_teacher_file,
 )
 from lrra.runner import (
     Log,
@@ -69,15 +60,10 @@ from lrra.runner import (
     student_metadata,
 )
 from lrra.splits import evaluation_splits
-from lrra.teacher import prepare_teacher, save_teacher
+from lrra.teacher import prepare_teacher
 from lrra.teacher_files import teacher_from_payload, teacher_payload
-from lrra.train import Collectives, Distiller, NonFiniteLossError
+from lrra.train import Distiller, NonFiniteLossError
 
-STATE_FILE = "state.pt"
-BEST_STUDENT_FILE = "best_student.pt"
-# Only the latest checkpoint is needed to resume (the best student travels inside it); keep one
-# spare so that a checkpoint being replaced is never the only one.
-CHECKPOINTS_KEPT = 2
 # Key of each epoch's report (not of MLflow's metrics): the node rank 0 trains on, for the search's view.
 RANK0_NODE = "rank0_node_ip"
 
@@ -86,82 +72,6 @@ if TYPE_CHECKING:
 
 # In a worker, Ray Train tees print() into its logger (each line would show twice): log instead.
 logger = logging.getLogger(__name__)
-
-
-def rank_file(rank: int) -> str:
-    return f"rank_{rank}.pt"
-
-
-# ----------------------------------------------------------------------------------------
-# Collectives (torch.distributed only; they run inside the Ray Train worker group).
-
-
-def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
-    """Average same-dtype tensors across ranks, in place, with a single all_reduce.
-
-    One flat buffer instead of one call per tensor: a ResNet has ~100 parameter tensors and
-    each collective has a fixed latency. Every rank must pass the same shapes in the same order.
-    """
-    if not tensors:
-        return
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for tensor, averaged in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
-        tensor.copy_(averaged.view_as(tensor))
-
-
-def mean_over_ranks(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The mean over ranks of each tensor, as new tensors autograd differentiates through.
-
-    The LRRA step's ``mean_over_ranks``: the backward of this all-reduce all-reduces the incoming
-    gradients, so rank r's retention loss reaches every rank's acquisition Hessian, exactly as
-    one process would differentiate the mean over the union of the batches. One flat buffer.
-    """
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    with warnings.catch_warnings():
-        # Deprecated in favour of torch.distributed._functional_collectives, a private module whose
-        # all_reduce is differentiable only in recent torch releases; this one is, in all we support.
-        warnings.simplefilter("ignore", FutureWarning)
-        flat = differentiable.all_reduce(flat) / dist.get_world_size()
-    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
-
-
-def average_gradients(params: list[nn.Parameter]) -> None:
-    """Distiller's ``sync_grads``: replace each gradient by its mean over ranks."""
-    for p in params:
-        if p.grad is None:
-            # Every rank must send the same flat layout; a missing gradient is a zero one.
-            p.grad = torch.zeros_like(p)
-    all_reduce_mean_([p.grad for p in params])
-
-
-def average_float_buffers(module: nn.Module) -> None:
-    """Distiller's ``sync_buffers``: average BatchNorm running statistics over ranks.
-
-    Integer buffers (num_batches_tracked) advance identically on every rank and are left alone.
-    """
-    all_reduce_mean_([b for b in module.buffers() if b.is_floating_point()])
-
-
-def reduce_rank_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Average the per-rank losses and speeds; images/s is summed (the global throughput).
-
-    Other metrics pass through unchanged. Every rank returns the same losses, so every rank
-    takes the same decision on a non-finite one.
-    """
-    per_rank: list[dict[str, Any]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(per_rank, {k: v for k, v in metrics.items() if k.startswith(("loss/", "perf/"))})
-    reduced = dict(metrics)
-    for key in per_rank[0]:
-        values = [m[key] for m in per_rank]
-        reduced[key] = sum(values) if key == "perf/images_per_s" else sum(values) / len(values)
-    reduced["perf/workers"] = len(per_rank)
-    return reduced
-
-
-# ----------------------------------------------------------------------------------------
-# The per-worker function.
 
 
 def train_loop_config(cfg: LRRAConfig, teacher_payload: Any,
@@ -179,10 +89,6 @@ def run_loop_config(cfg: LRRAConfig, teacher_payload: Any, teacher_meta: dict[st
     """``train_loop_config`` plus where the run keeps its files and how its live metrics are tagged."""
     return {**train_loop_config(cfg, teacher_payload, teacher_meta, tracking),
             "run_path": f"{storage_path.rstrip('/')}/{name}", "metric_tags": {"search": search, "trial": name}}
-
-
-RAY_TRAIN_COLLECTIVES = Collectives(average_gradients=average_gradients, mean_over_ranks=mean_over_ranks,
-                                    average_buffers=average_float_buffers, reduce_metrics=reduce_rank_metrics)
 
 
 def use_assigned_cpus() -> None:
@@ -210,34 +116,6 @@ def restore(distiller: Distiller, checkpoint: ray.train.Checkpoint) -> None:
     """Load the shared state and this rank's own shard from a checkpoint written by save()."""
     with checkpoint.as_directory() as directory:
         restore_from_directory(distiller, Path(directory), dist.get_world_size(), checkpoint.path)
-
-
-def restore_from_directory(distiller: Distiller, directory: Path, world: int, shown_as: str) -> None:
-    """``restore`` from a local checkpoint directory, for a run of ``world`` ranks."""
-    written_by = len(list(directory.glob("rank_*.pt")))
-    if written_by != world:
-        raise DistributedSetupError(
-            f"checkpoint {shown_as} holds the memory shards and random streams of {written_by} "
-            f"workers but this run has {world}; resume it with --workers {written_by}")
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    rank_state = torch.load(directory / rank_file(distiller.rank), map_location="cpu", weights_only=True)
-    distiller.load_state_dict(state, rank_state)
-
-
-def save(distiller: Distiller, directory: Path, teacher_meta: dict[str, Any]) -> None:
-    """Write this rank's part of a checkpoint; Ray merges the ranks' directories."""
-    torch.save(distiller.rank_state_dict(), directory / rank_file(distiller.rank))
-    if distiller.rank != 0:
-        return
-    torch.save(distiller.state_dict(), directory / STATE_FILE)
-    if distiller.epoch == distiller.cfg.epochs:
-        save_teacher(distiller.best_student_model(), student_metadata(distiller, teacher_meta),
-                     directory / BEST_STUDENT_FILE)
-
-
-def checkpoint_due(cfg: LRRAConfig, finished_epochs: int) -> bool:
-    every = cfg.checkpoint_every
-    return finished_epochs == cfg.epochs or (every > 0 and finished_epochs % every == 0)
 
 
 def maybe_inject_fault(faults: Faults, epoch: int, rank: int, resumed: bool) -> None:
@@ -389,17 +267,6 @@ def keeping_the_best_if_diverged(distiller: Distiller, config: dict[str, Any], r
         if run is not None:
             run.tag_failure(message)
         raise RunDiverged(message, {}) from error
-
-
-def write_teacher_file(model: nn.Module, meta: dict[str, Any], path: str) -> None:
-    """save_teacher to a local path or a storage URI (s3://, gs://)."""
-    if "://" not in path:
-        save_teacher(model, meta, path)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        local = save_teacher(model, meta, Path(folder) / BEST_STUDENT_FILE)
-        fs, target = pyarrow.fs.FileSystem.from_uri(path)
-        pyarrow.fs.copy_files(str(local), target, destination_filesystem=fs)
 
 
 # ----------------------------------------------------------------------------------------

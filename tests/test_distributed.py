@@ -18,12 +18,13 @@ from ray.train import RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from lrra import distributed, fault_injection
+from lrra import collectives, distributed, fault_injection
 from lrra.cli import main
 from lrra.config import ConfigError, preset
 from lrra.meta import student_objective, student_update
 from lrra.metric_names import DIVERGED_KEY
 from lrra.models import build_classifier
+from lrra.preflight import DistributedSetupError
 from lrra.runner import RunDiverged
 from lrra.teacher import load_teacher
 
@@ -79,7 +80,7 @@ def probe_ranks(config: dict) -> None:
         student = tiny_mlp()
         student_update(student, torch.optim.SGD(student.parameters(), lr=0.1), *rank_batches(rank),
                        meta_lr=META_LR, weight_decay=WEIGHT_DECAY, retention_order=order,
-                       sync_grads=distributed.average_gradients, mean_over_ranks=distributed.mean_over_ranks)
+                       sync_grads=collectives.average_gradients, mean_over_ranks=collectives.mean_over_ranks)
         grads[order] = [p.grad for p in student.parameters()]
 
     distiller = distributed.worker_distiller(config)
@@ -210,7 +211,7 @@ def test_worker_failure_resumes_from_the_last_checkpoint(two_rank_probe, convnet
 def test_more_workers_than_the_cluster_can_place_fail_fast(ray_cluster, tmp_path, workers, use_gpu):
     storage = tmp_path / "storage"
     expected = rf"--workers {workers} asks for .* the Ray cluster has"
-    with pytest.raises(distributed.DistributedSetupError, match=expected):
+    with pytest.raises(DistributedSetupError, match=expected):
         distributed.run_distributed(preset("digits"), workers=workers, use_gpu=use_gpu, storage_path=str(storage))
     assert not storage.exists()
 

@@ -33,22 +33,18 @@ import torch
 
 from lrra.config import LRRAConfig
 from lrra.distributed import (
-    CHECKPOINTS_KEPT,
     RANK0_NODE,
-    STATE_FILE,
-    checkpoint_due,
     keep_best_student,
     keeping_the_best_if_diverged,
     log_a_finished_runs_student,
     rank0_tracking,
-    restore_from_directory,
-    save,
     tag_node,
     use_assigned_cpus,
     worker_metrics,
 )
 from lrra.fault_injection import Faults, InjectedFault
 from lrra.metric_names import DIVERGED_KEY
+from lrra.run_checkpoints import CHECKPOINTS_KEPT, STATE_FILE, checkpoint_due, restore_from_directory, save
 from lrra.runner import RunDiverged, format_progress
 from lrra.splits import evaluation_splits
 from lrra.teacher_files import teacher_from_payload
