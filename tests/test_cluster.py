@@ -21,7 +21,7 @@ import pytest
 
 from lrra.config import ConfigError
 from tests.services import free_port
-from tune import cluster, head, search
+from tune import cluster, head, runtime, search
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -241,7 +241,7 @@ def test_an_autoscaling_cluster_with_no_gpu_node_yet_gets_gpu_trials(tmp_path):
     capacity = cluster.read_capacity(ROOT / "cluster.yaml")
     def fitted(*flags: str):
         plan = search.new_plan(search.build_parser().parse_args(["--preset", "digits", *flags]), str(tmp_path))
-        return search.fit_resources(plan, capacity)  # no Ray: the capacity alone decides
+        return runtime.fit_resources(plan, capacity)  # no Ray: the capacity alone decides
 
     plan = fitted("--num-samples", "32")
     assert plan.gpus_per_worker == 1.0 and plan.cpus_per_worker == 1.0
@@ -252,7 +252,7 @@ def test_an_autoscaling_cluster_with_no_gpu_node_yet_gets_gpu_trials(tmp_path):
     too_big = search.new_plan(search.build_parser().parse_args(["--preset", "digits", "--gpus-per-worker", "8"]),
                               str(tmp_path))
     with pytest.raises(ConfigError, match=r"one worker needs \{'CPU': 1.0, 'GPU': 8.0\} but no node type"):
-        search.fit_resources(too_big, capacity)
+        runtime.fit_resources(too_big, capacity)
 
 
 def test_a_bad_autoscaling_config_is_named(tmp_path):

@@ -23,7 +23,7 @@ from ray.tune import ExperimentAnalysis
 
 from lrra import fault_injection, tracking
 from tests.services import search_command
-from tune import search, search_tracking, space
+from tune import runtime, search, search_tracking, space
 from tune.study import STOP_REASON, TUNE_TRIAL_ID
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -470,10 +470,10 @@ def test_a_plan_holds_absolute_paths(tmp_path, monkeypatch):
     (None, 1, 8, 1.0),  # GPUs (or an autoscaling cluster): a CPU per worker
 ])
 def test_free_cpus_are_shared_out_over_the_trials_that_run_at_once(free_cpus, workers, samples, expected):
-    assert search.share_cpus(free_cpus, workers, samples) == expected
+    assert runtime.share_cpus(free_cpus, workers, samples) == expected
 
 
 def test_a_worker_never_gets_more_cpus_than_one_node_has():
-    assert search.share_cpus(2, 1, 1, largest_node=1) == 1.0  # two 1-CPU nodes, one trial
-    assert search.share_cpus(16, 1, 2, largest_node=4) == 4.0  # four 4-CPU nodes, two trials
-    assert search.share_cpus(16, 1, 2, largest_node=16) == 8.0
+    assert runtime.share_cpus(2, 1, 1, largest_node=1) == 1.0  # two 1-CPU nodes, one trial
+    assert runtime.share_cpus(16, 1, 2, largest_node=4) == 4.0  # four 4-CPU nodes, two trials
+    assert runtime.share_cpus(16, 1, 2, largest_node=16) == 8.0

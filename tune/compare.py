@@ -53,7 +53,7 @@ from tune.compare_variants import (
 )
 from tune.plan import SearchPlan, filesystem
 from tune.report import ProgressLines, config_key, say, write_parquet
-from tune.search import (
+from tune.runtime import (
     add_resource_arguments,
     check_resource_arguments,
     cluster_tags,

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 import time
 from pathlib import Path
 
-import optuna
 import pandas as pd
 import pyarrow.fs
 import ray
@@ -33,13 +31,21 @@ from lrra import tracking
 from lrra.cli import USER_ERRORS
 from lrra.config import PRESETS, ConfigError, LRRAConfig, parse_assignments, preset
 from lrra.metric_names import VALIDATION_METRIC
-from lrra.preflight import DistributedSetupError, check_address, check_cluster_fits, check_storage, start_ray
+from lrra.preflight import check_address, check_storage
 from lrra.runner import default_run_name
 from lrra.teacher import prepare_teacher
 from lrra.teacher_files import teacher_payload
 from tune import cluster
 from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, filesystem, load_plan, save_plan
 from tune.report import ProgressLines, print_summary, say, write_parquet
+from tune.runtime import (
+    add_resource_arguments,
+    check_resource_arguments,
+    cluster_tags,
+    fit_resources,
+    quiet_libraries,
+    start_search_ray,
+)
 from tune.scheduler import BaselineSparingASHA, baseline_numbers
 from tune.search_tracking import SEARCH_EXPERIMENT, SearchTracker, run_status, tracked_search
 from tune.space import (
@@ -62,7 +68,7 @@ from tune.study import (
     settle_unfinished,
     trial_rows,
 )
-from tune.trial import TrialSetup, trainable, trains_in_process, worker_resources
+from tune.trial import TrialSetup, trainable, trains_in_process
 
 DEFAULT_STORAGE = "runs/search"
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C: the search can be continued with --resume
@@ -113,33 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue an interrupted search (default NAME: the latest one under --storage-path) "
                             "with its saved settings; finished trials are kept, unfinished ones continue")
     return parser
-
-
-def add_resource_arguments(group: argparse._ArgumentGroup) -> None:
-    """The flags that size a trial and how many run at once: shared by the search and tune/compare.py."""
-    group.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial (default: 1)")
-    group.add_argument("--cpus-per-worker", type=float,
-                       help="CPUs (and torch threads) per worker (default: on CPUs, the free CPUs shared out over "
-                            "the trials that run at once, at least 1; with GPUs, 1)")
-    group.add_argument("--gpus-per-worker", type=float,
-                       help="GPUs per worker (default: 1 when the cluster has GPUs, else 0)")
-    group.add_argument("--max-concurrent-trials", type=int, metavar="N",
-                       help="run at most N trials at once (default: as many as the cluster's CPUs/GPUs fit)")
-    group.add_argument("--driver-cpus", type=float, default=0.0,
-                       help="CPUs reserved for each trial's own process, which only waits on its Ray Train run "
-                            "(default: 0, so every CPU goes to the workers that train; a one-worker trial on a "
-                            "local Ray trains in its own process, with its worker's CPUs)")
-
-
-def check_resource_arguments(args: argparse.Namespace) -> None:
-    for flag, value in (("--workers-per-trial", args.workers_per_trial),
-                        ("--max-concurrent-trials", args.max_concurrent_trials)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} {value}: must be >= 1")
-    for flag, value in (("--cpus-per-worker", args.cpus_per_worker), ("--driver-cpus", args.driver_cpus),
-                        ("--gpus-per-worker", args.gpus_per_worker)):
-        if value is not None and value < 0:
-            raise ConfigError(f"{flag} {value}: must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------
@@ -236,63 +215,6 @@ def resumed_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
     return plan
 
 
-# ----------------------------------------------------------------------------------------
-# Ray side.
-
-
-def start_search_ray(target: cluster.RayTarget) -> None:
-    # Ray's dashboard stays on: Ray Train frees a stopped trial's workers through the state API it
-    # serves. Workers' logs stay in Ray's session folder: the driver prints one line per trial event.
-    try:
-        start_ray(target.address, logging_level="WARNING", log_to_driver=False)
-    except DistributedSetupError as err:
-        raise DistributedSetupError(cluster.join_failure(target, err.__context__ or err)) from None
-    say(cluster.describe(target, ray.nodes(), ray.cluster_resources()))
-
-
-def fit_resources(plan: SearchPlan, capacity: cluster.Capacity | None = None) -> SearchPlan:
-    """Resolve the GPU default and derive how many trials run at once from the free resources
-    (on an autoscaling cluster: from what it can grow to, tune/cluster.py)."""
-    if plan.gpus_per_worker is None:
-        gpus = (capacity.total if capacity else ray.cluster_resources()).get("GPU", 0)
-        plan.gpus_per_worker = 1.0 if gpus > 0 else 0.0
-    if plan.cpus_per_worker is None:
-        sized_here = capacity is None and plan.gpus_per_worker == 0  # else a CPU per worker, Ray not asked
-        free_cpus = ray.available_resources().get("CPU", 0) if sized_here else None
-        largest_node = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]),
-                           default=0) if sized_here else 0
-        plan.cpus_per_worker = share_cpus(free_cpus, plan.workers_per_trial, plan.most_at_once, largest_node)
-    if capacity is not None:
-        cluster.fit_to_capacity(plan, capacity, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
-    else:
-        check_cluster_fits(plan.workers_per_trial, worker_resources(plan.cpus_per_worker, plan.gpus_per_worker))
-        free = ray.available_resources()
-        need = {k: v for k, v in plan.trial_resources().items() if v > 0} | cluster.driver_resources(free)
-        plan.max_concurrent_trials = min(int(free.get(k, 0) // v) for k, v in need.items())
-        if plan.max_concurrent_trials < 1:
-            have = {k: free.get(k, 0) for k in need}
-            raise DistributedSetupError(f"one trial needs {need} (its driver plus {plan.workers_per_trial} worker(s)) "
-                                        f"but the cluster has {have} free; lower --workers-per-trial/--driver-cpus")
-    plan.max_concurrent_trials = min(plan.max_concurrent_trials, plan.most_at_once)
-    return plan
-
-
-def share_cpus(free_cpus: float | None, workers_per_trial: int, trials: int, largest_node: float = 0) -> float:
-    """CPUs per worker that keep every free CPU busy: as many trials at once as there are trials
-    and CPUs for one worker each, then the CPUs left over shared out among their workers.
-
-    2 CPUs and 8 trials: 2 trials at a time, 1 CPU (one torch thread) each. 16 CPUs and 8 trials:
-    8 trials, 2 each. A worker's CPUs are one node's, so never more than ``largest_node`` offers
-    (when known): two 1-CPU nodes and one trial give 1. With GPUs (``free_cpus`` None) a worker's
-    CPU only feeds its GPU: 1.
-    """
-    if not free_cpus:
-        return 1.0
-    at_once = max(1, min(trials, int(free_cpus // workers_per_trial)))
-    share = max(1, int(free_cpus // (at_once * workers_per_trial)))
-    return float(min(share, max(1, int(largest_node))) if largest_node else share)
-
-
 def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
     cfg = plan.cfg
     searcher = StudySearch(plan.space, storage=storage, study_name=plan.study_name, seed=cfg.seed,
@@ -348,13 +270,6 @@ def search_params(plan: SearchPlan, teacher_meta: dict) -> dict:
             **{f"space.{name}": knob.describe() for name, knob in plan.space.items()}}
 
 
-def cluster_tags() -> dict[str, str]:
-    """The Ray cluster this (part of the) search ran on; tags, since a resumed search may run elsewhere."""
-    resources = ray.cluster_resources()
-    return {"lrra.cluster.nodes": str(len([n for n in ray.nodes() if n["Alive"]])),
-            "lrra.cluster.cpus": f"{resources.get('CPU', 0):g}", "lrra.cluster.gpus": f"{resources.get('GPU', 0):g}"}
-
-
 def has_tune_state(experiment_path: str) -> bool:
     """Whether Tune saved its experiment state (trials, searcher) there: Tune writes the tuner's own
     file before it, so Tuner.can_restore alone says yes to a search killed in between."""
@@ -406,16 +321,6 @@ def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, track
             f"  python tune/search.py --resume {plan.name} --storage-path {plan.storage_path}")
         return EXIT_INTERRUPTED
     return 0
-
-
-# ----------------------------------------------------------------------------------------
-
-
-def quiet_libraries() -> None:
-    """Optuna's and MLflow's INFO lines (a study created, tables set up) say nothing the progress
-    lines do not; their warnings and errors still show."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
