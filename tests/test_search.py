@@ -56,7 +56,9 @@ def assert_study_matches_results(study: optuna.Study, rows: list[dict], trials: 
         row = by_number[trial.number]
         assert row["tune_trial_id"] == trial.user_attrs[TUNE_TRIAL_ID]
         assert row["state"] == trial.state.name
-        assert row["final_val_acc"] == pytest.approx(trial.value)  # Optuna's value is validation accuracy
+        # Optuna's value: a completed trial's kept (best-epoch) student, a stopped one's last epoch.
+        kept = row["best_val_acc"] if trial.state == TrialState.COMPLETE else row["final_val_acc"]
+        assert kept == pytest.approx(trial.value)
         # A completed trial's chosen student is scored once on the test split, reported beside it.
         assert (row["test_acc"] is not None) == (trial.state == TrialState.COMPLETE)
         assert row["epochs"] == max(trial.intermediate_values)
@@ -352,6 +354,19 @@ def test_a_trial_asked_after_the_last_snapshot_is_taken_over_by_the_next_tune_tr
     trials = asked_trials(searcher)
     assert [t.user_attrs[TUNE_TRIAL_ID] for t in trials] == ["a", "c"]
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+
+
+def test_a_completed_trials_value_is_its_kept_students_the_champions_figure(new_searcher):
+    """The best epoch's student is the one kept and registered: Optuna's value is its validation
+    accuracy, not the last epoch's, while the intermediate values stay each epoch's."""
+    searcher = new_searcher()
+    searcher.suggest("a")
+    searcher.on_trial_result("a", epoch_result(1, 0.5))
+    searcher.on_trial_result("a", epoch_result(2, 0.6))
+    searcher.on_trial_complete("a", {**epoch_result(3, 0.55), "val/best_student_acc": 0.6})
+    (trial,) = asked_trials(searcher)
+    assert trial.state == TrialState.COMPLETE and trial.value == pytest.approx(0.6)
+    assert trial.intermediate_values == {1: 0.5, 2: 0.6, 3: 0.55}
 
 
 def test_a_diverged_trial_fails_with_its_best_accuracy_kept(new_searcher, tmp_path):

@@ -37,7 +37,7 @@ from lrra.config import ConfigError
 from lrra.metric_names import BEST_VALIDATION_METRIC, DIVERGED_KEY, TEST_METRIC, VALIDATION_METRIC
 from tune.space import Space
 
-METRIC_NAME = "val/student_acc (last epoch)"  # Optuna's name for the value: the champion reads the best epoch
+METRIC_NAME = "val/best_student_acc (the student kept)"  # Optuna's name for a completed trial's value
 TEST_ACC = "test_acc"                  # user attribute holding it
 EPOCHS_DONE = "epochs_done"            # reported by tune/trial.py; ASHA's time attribute
 TUNE_TRIAL_ID = "tune_trial_id"        # user attribute: the Tune trial behind an Optuna trial
@@ -100,7 +100,8 @@ class StudySearch(OptunaSearch):
         super().__init__(space={name: knob.distribution() for name, knob in space.items()}, metric=VALIDATION_METRIC,
                          mode="max", points_to_evaluate=points_to_evaluate, sampler=sampler,
                          study_name=study_name, storage=storage)
-        # The value Optuna stores is VALIDATION_METRIC at the trial's last epoch; the dashboard names its axis so.
+        # A completed trial's value is its kept student's validation accuracy, the figure the champion
+        # carries (intermediate values: each epoch's, which ASHA reads); the dashboard names its axis so.
         with warnings.catch_warnings():  # "experimental since 3.2": nothing the person searching can act on
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self._ot_study.set_metric_names([METRIC_NAME])
@@ -173,7 +174,9 @@ class StudySearch(OptunaSearch):
             # Tune calls this for a trial that ends before its last epoch only when the scheduler
             # stops it; the time budget and Ctrl-C stop trials without it (see settle_unfinished).
             return EARLY_STOPPED, TrialState.PRUNED, None
-        return COMPLETED, TrialState.COMPLETE, result[VALIDATION_METRIC]
+        # The best epoch's student is the one kept, so TPE learns what the search delivers. A pruned
+        # trial's value is its last epoch's (Optuna's rule: it takes no value of ours).
+        return COMPLETED, TrialState.COMPLETE, result.get(BEST_VALIDATION_METRIC, result[VALIDATION_METRIC])
 
 
 def stored_trials(storage: RDBStorage, study_name: str) -> list[FrozenTrial]:
