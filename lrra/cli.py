@@ -1,4 +1,4 @@
-"""Command line: ``python -m lrra {teacher,check,distill,eval,export} [...]``."""
+"""Command line: ``python -m lrra {teacher,check,distill,eval,fields,export} [...]``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from lrra.config import PRESETS, ConfigError, parse_assignments, preset
+from lrra.cli_args import add_subject_arguments, flag_fields, set_fields
+from lrra.config import ConfigError, describe, preset
 from lrra.data import DatasetUnavailableError
 from lrra.runner import RunDiverged, distill_local, stderr_log
 from lrra.teacher import TeacherError, default_teacher_path, prepare_teacher, save_teacher, train_teacher
@@ -21,31 +22,24 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3  # a loss went non-finite; the best student so far was kept and is in the JSON line
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="mnist", help=f"one of {sorted(PRESETS)} (default: mnist)")
-    parser.add_argument("--data-dir", help="dataset root (default: ./data)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override any config field, e.g. --set meta_lr=0.5 (repeatable)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lrra", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    set_help = "override any config field, e.g. --set meta_lr=0.5"
     teacher = sub.add_parser("teacher", help="train a teacher on the preset's real training data")
-    _common(teacher)
-    teacher.add_argument("--epochs", type=int, help="teacher epochs (default: the preset's)")
+    add_subject_arguments(teacher, preset_default="mnist", set_help=set_help,
+                          epochs_help="teacher epochs (default: the preset's)")
     teacher.add_argument("--out", help="output file (default: data/teachers/<dataset>-<arch>-...pt)")
 
     check = sub.add_parser("check", help="read a teacher and score it on the validation split, nothing else")
-    _common(check)
-    check.add_argument("--teacher", help="teacher file (see teacher_format); default: the cached one")
-    check.set_defaults(epochs=None)
+    add_subject_arguments(check, preset_default="mnist", set_help=set_help,
+                          teacher_help="teacher file (see teacher_format); default: the cached one")
 
     distill = sub.add_parser("distill", help="data-free distillation of the teacher into the student")
-    _common(distill)
-    distill.add_argument("--teacher", help="teacher file; default: train and cache one")
-    distill.add_argument("--epochs", type=int, help="distillation epochs (default: the preset's)")
+    add_subject_arguments(distill, preset_default="mnist", set_help=set_help,
+                          teacher_help="teacher file; default: train and cache one",
+                          epochs_help="distillation epochs (default: the preset's)")
     distill.add_argument("--out", help="run folder (default: runs/distill/<preset>-<time>)")
     distill.add_argument("--resume", help="checkpoint.pt of an earlier run to continue")
     ray_train = distill.add_argument_group("Ray Train (with --workers N >= 1)")
@@ -61,11 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     _tracking_uri(distill)
 
     evaluate = sub.add_parser("eval", help="test accuracy of a logged student (an MLflow model URI)")
-    _common(evaluate)
+    add_subject_arguments(evaluate, preset_default="mnist", set_help=set_help)
     evaluate.add_argument("--model", required=True,
                           help="MLflow model URI, e.g. models:/lrra-mnist-student@champion")
     _tracking_uri(evaluate)
-    evaluate.set_defaults(epochs=None)  # config_from_args reads it
+
+    fields = sub.add_parser("fields", help="every config field, its value in the preset and what it does")
+    add_subject_arguments(fields, preset_default="mnist", set_help=set_help)
 
     export = sub.add_parser("export", help="write a student as a torch.export archive, ONNX or TorchScript")
     export.add_argument("student", help="a run folder, a student file (best_student.pt) or an MLflow model URI "
@@ -84,14 +80,8 @@ def _tracking_uri(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    overrides = parse_assignments(args.overrides)
-    if args.data_dir:
-        overrides["data_dir"] = args.data_dir
-    if args.epochs is not None:
-        overrides["teacher_epochs" if args.command == "teacher" else "epochs"] = str(args.epochs)
-    if getattr(args, "teacher", None):
-        overrides["teacher_path"] = args.teacher
-    return preset(args.preset, **overrides)
+    epochs_field = "teacher_epochs" if args.command == "teacher" else "epochs"
+    return preset(args.preset, **set_fields(args), **flag_fields(args, epochs_field))
 
 
 def checked_tracking_uri(args: argparse.Namespace) -> str | None:
@@ -162,6 +152,14 @@ def run_export(args: argparse.Namespace) -> dict:
             "mean": meta.get("mean"), "std": meta.get("std")}
 
 
+def format_fields(cfg) -> str:
+    """One line per config field: name, value, docstring (what --set can change)."""
+    values = cfg.to_dict()
+    width = max(map(len, values))
+    return "\n".join(f"{name:<{width}}  {values[name]!r:<14}  {' '.join(doc.split())}"
+                     for name, doc in describe().items())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -169,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(run_export(args)))
             return 0
         cfg = config_from_args(args)
+        if args.command == "fields":
+            print(format_fields(cfg))
+            return 0
         resume = getattr(args, "resume", None)
         if resume is not None and not Path(resume).is_file():
             raise FileNotFoundError(f"--resume: checkpoint {resume} does not exist")

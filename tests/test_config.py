@@ -142,3 +142,32 @@ def test_a_bad_fault_switch_names_the_variable(text):
 def test_a_config_written_with_the_old_fault_fields_still_loads():
     old = {**preset("digits").to_dict(), "fault_at_epoch": -1, "nan_at_epoch": -1}  # checkpoints, search plans
     assert LRRAConfig.from_dict(old) == preset("digits")
+
+
+# ----------------------------------------------------------------------------------------
+# The flags every command shares, and `python -m lrra fields`.
+
+
+def test_the_commands_share_one_reading_of_the_subject_flags():
+    import argparse
+
+    from lrra.cli_args import add_subject_arguments, flag_fields, set_fields
+
+    parser = argparse.ArgumentParser()
+    add_subject_arguments(parser, preset_default="mnist", set_help="x", teacher_help="t", epochs_help="e")
+    args = parser.parse_args(["--teacher", "t.pt", "--data-dir", "d", "--epochs", "7", "--set", "meta_lr=0.3",
+                              "--set", "seed=2"])
+    assert set_fields(args) == {"meta_lr": "0.3", "seed": "2"}
+    assert flag_fields(args) == {"teacher_path": "t.pt", "data_dir": "d", "epochs": "7"}
+    assert flag_fields(args, epochs_field="teacher_epochs")["teacher_epochs"] == "7"
+
+
+def test_fields_lists_every_field_with_the_presets_value(capsys):
+    from lrra.cli import main
+
+    assert main(["fields", "--preset", "digits", "--set", "meta_lr=0.3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(describe())
+    meta_lr = next(line for line in lines if line.startswith("meta_lr "))
+    assert "0.3" in meta_lr and " ".join(describe()["meta_lr"].split()) in meta_lr
+    assert main(["fields", "--set", "bogus=1"]) == 2

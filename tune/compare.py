@@ -31,7 +31,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from lrra import tracking
 from lrra.cli import USER_ERRORS
-from lrra.config import PRESETS, ConfigError, LRRAConfig, parse_assignments, preset
+from lrra.cli_args import add_subject_arguments, flag_fields, set_fields
+from lrra.config import ConfigError, LRRAConfig, preset
 from lrra.metric_names import DIVERGED_KEY, TEST_METRIC, VALIDATION_METRIC
 from lrra.preflight import check_address, check_storage
 from lrra.runner import default_run_name
@@ -73,12 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python tune/compare.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("what to compare")
-    what.add_argument("--preset", help=f"one of {sorted(PRESETS)} (default: mnist)")
-    what.add_argument("--teacher", help="teacher file (default: the cached one, trained first if missing)")
-    what.add_argument("--data-dir", help="dataset and teacher cache root (default: ./data)")
-    what.add_argument("--epochs", type=int, help="distillation epochs per trial (default: the preset's)")
-    what.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                      help="set a field of the base config every variant starts from (repeatable)")
+    add_subject_arguments(what, preset_default=None, preset_help="default: mnist",
+                          set_help="set a field of the base config every variant starts from",
+                          teacher_help="teacher file (default: the cached one, trained first if missing)",
+                          epochs_help="distillation epochs per trial (default: the preset's)")
     what.add_argument("--variants", help=f"built-in variants, comma-separated, from {list(BUILT_IN)} (default: "
                                          "all of them, unless --variant or --from-search is given)")
     what.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE,...",
@@ -112,15 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def choose_variants(args: argparse.Namespace) -> tuple[LRRAConfig, list[Variant], str | None]:
     """The base config, the variants and, with --from-search, the search's name for the record."""
-    overrides = parse_assignments(args.overrides)
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise ConfigError(f"--epochs {args.epochs}: must be >= 1")
-        overrides["epochs"] = str(args.epochs)
-    if args.data_dir:
-        overrides["data_dir"] = args.data_dir
-    if args.teacher:
-        overrides["teacher_path"] = args.teacher
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError(f"--epochs {args.epochs}: must be >= 1")
+    overrides = {**set_fields(args), **flag_fields(args)}
     variants: list[Variant] = []
     if args.from_search:
         plan, variants = top_configurations(args.search_storage, args.from_search, args.top_k)

@@ -29,7 +29,8 @@ from ray.tune.experiment import Trial
 
 from lrra import tracking
 from lrra.cli import USER_ERRORS
-from lrra.config import PRESETS, ConfigError, LRRAConfig, parse_assignments, preset
+from lrra.cli_args import add_subject_arguments, flag_fields, set_fields
+from lrra.config import ConfigError, LRRAConfig, preset
 from lrra.metric_names import VALIDATION_METRIC
 from lrra.preflight import check_address, check_storage
 from lrra.runner import default_run_name
@@ -78,12 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python tune/search.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("what to search")
-    what.add_argument("--preset", help=f"one of {sorted(PRESETS)} (default: mnist; digits with --smoke-test)")
-    what.add_argument("--teacher", help="teacher file (default: the cached one, trained first if missing)")
-    what.add_argument("--data-dir", help="dataset and teacher cache root (default: ./data)")
-    what.add_argument("--epochs", type=int, help="distillation epochs per trial (default: the preset's)")
-    what.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                      help="set a base config field; setting a searched knob fixes it (repeatable)")
+    add_subject_arguments(what, preset_default=None, preset_help="default: mnist; digits with --smoke-test",
+                          set_help="set a base config field; setting a searched knob fixes it",
+                          teacher_help="teacher file (default: the cached one, trained first if missing)",
+                          epochs_help="distillation epochs per trial (default: the preset's)")
     what.add_argument("--bound", action="append", default=[], metavar="KNOB=LOW:HIGH",
                       help="change a knob's range, or its choices with KNOB=A,B (repeatable)")
     what.add_argument("--space-file",
@@ -154,16 +153,12 @@ def new_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
     check_positive(args)
     smoke = SMOKE_TEST if args.smoke_test else {}
     preset_name = args.preset or smoke.get("preset", "mnist")
-    overrides = parse_assignments(args.overrides)
+    overrides = set_fields(args)
     fixed = set(overrides)  # before the flags below: only --set fixes a knob
     if smoke:
         overrides.setdefault("iters_per_epoch", str(smoke["iters_per_epoch"]))
-    if args.epochs or smoke:
-        overrides["epochs"] = str(args.epochs or smoke["epochs"])
-    if args.data_dir:
-        overrides["data_dir"] = args.data_dir
-    if args.teacher:
-        overrides["teacher_path"] = args.teacher
+        overrides["epochs"] = str(smoke["epochs"])
+    overrides.update(flag_fields(args))
     # Resolved here, once: a trial runs in a Ray session folder that changes with every Ray start,
     # and MLflow refuses to change a logged param of the run that a resumed trial continues.
     cfg = preset(preset_name, **overrides).with_absolute_paths()
