@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import mlflow.pytorch
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -89,6 +90,13 @@ def client(sqlite_store):
 # A distill run
 
 
+def image_steps(client: MlflowClient, run_id: str) -> list[int]:
+    """The steps (epochs, from 1) at which the run logged its generated-image grid (key "generated")."""
+    files = [f.path for f in client.list_artifacts(run_id, "images")]
+    return sorted(int(path.split("+step+")[1].split("+")[0]) for path in files
+                  if path.startswith(f"images/{tracking.IMAGE_KEY}+step+") and path.endswith(".png"))
+
+
 def check_distill_run(client: MlflowClient, result: dict) -> None:
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
@@ -103,8 +111,9 @@ def check_distill_run(client: MlflowClient, result: dict) -> None:
     assert run.data.metrics["test/best_student_acc"] == result["test_acc"] is not None
     if importlib.util.find_spec("psutil"):  # MLflow's system metrics need it; without it they are skipped
         assert any(name.startswith("system/cpu") for name in run.data.metrics)
-    images = [f.path for f in client.list_artifacts(run.info.run_id, "images")]
-    assert images == ["images/epoch_001.png", "images/epoch_003.png"]  # the first and the last epoch
+    assert image_steps(client, run.info.run_id) == [1, 3]  # the first and the last epoch
+    contexts = {i.tags[0].value: i.dataset.name for i in run.inputs.dataset_inputs}
+    assert sorted(contexts) == ["test", "validation"] and contexts["validation"].startswith("digits validation (")
     [output] = run.outputs.model_outputs
     model = client.get_logged_model(output.model_id)
     assert model.experiment_id == run.info.experiment_id and result["model_uri"] == f"models:/{model.model_id}"
@@ -381,6 +390,30 @@ def test_image_grid_is_uint8_and_leaves_the_generator_and_rng_alone():
     assert (grid == tracking.generated_image_grid(generator, 32, [0.3], [0.4], samples=64)).all()
 
 
+class ConstantTeacher(torch.nn.Module):
+    """Gives every image the same class."""
+
+    def __init__(self, label: int) -> None:
+        super().__init__()
+        self.label = label
+
+    def forward(self, x):
+        return torch.nn.functional.one_hot(torch.full((len(x),), self.label), 10).float()
+
+
+def test_image_grid_tiles_carry_the_teachers_labels():
+    torch.manual_seed(0)
+    generator = build_generator(32, 8, 1, 16)
+    sevens = tracking.generated_image_grid(generator, 32, [0.3], [0.4], samples=64, teacher=ConstantTeacher(7))
+    ones = tracking.generated_image_grid(generator, 32, [0.3], [0.4], samples=64, teacher=ConstantTeacher(1))
+    tile = 32  # 8-pixel samples upscaled 4x to carry a label
+    assert sevens.dtype.name == "uint8" and sevens.shape == ones.shape == (8 * (tile + 1) + 1,) * 2 + (3,)
+    rows, cols = np.nonzero((sevens != ones).any(axis=2))
+    assert len(rows) > 0  # the labels differ...
+    within = ((rows - 1) % (tile + 1) < tile // 2) & ((cols - 1) % (tile + 1) < tile // 2)
+    assert within.all()  # ...only in each tile's top-left corner, where its label is written
+
+
 def toy_study(trials: int, vary: bool = True) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
@@ -499,7 +532,7 @@ def test_smoke_search_logs_parent_children_plots_and_a_champion(finished_smoke_s
             assert logged == list(range(1, epochs + 1))
         else:  # stopped after its first epoch's report; it may have logged the next before it was killed
             assert logged == list(range(1, len(logged) + 1)) and 1 <= len(logged) < epochs
-        assert "images/epoch_001.png" in [f.path for f in client.list_artifacts(run.info.run_id, "images")]
+        assert 1 in image_steps(client, run.info.run_id)
         assert run.data.params["epochs"] == str(epochs)
 
     logged = [r for r in children if tracking.TAG_MODEL_URI in r.data.tags]

@@ -15,7 +15,7 @@ lives with the search, in tune/search_tracking.py. The LRRA core (config to trai
 imports MLflow; this package is imported only where something is tracked.
 """
 
-from lrra.tracking.epochs import RunTracker, generated_image_grid, log_epoch_metrics
+from lrra.tracking.epochs import IMAGE_KEY, RunTracker, generated_image_grid, log_epoch_metrics
 from lrra.tracking.registry import (
     CHAMPION_ALIAS,
     VERSION_ACCURACY_TAG,
@@ -57,9 +57,9 @@ from lrra.tracking.student import evaluate_logged_student
 from lrra.tracking.targets import RunTarget, distill_target, tracked_distill, tracked_run, tracked_worker
 
 __all__ = [
-    "CHAMPION_ALIAS", "FAILED", "FINISHED", "KILLED", "RUNNING", "TAG_FAILURE", "TAG_KIND", "TAG_MODEL_URI",
-    "TAG_OPTUNA_TRIAL", "TAG_TRIAL_ID", "VERSION_ACCURACY_TAG", "RunTarget", "RunTracker", "TrackingError",
-    "champion_accuracy", "check_tracking_uri", "connect", "distill_target", "end_run", "ended_run",
+    "CHAMPION_ALIAS", "FAILED", "FINISHED", "IMAGE_KEY", "KILLED", "RUNNING", "TAG_FAILURE", "TAG_KIND",
+    "TAG_MODEL_URI", "TAG_OPTUNA_TRIAL", "TAG_TRIAL_ID", "VERSION_ACCURACY_TAG", "RunTarget", "RunTracker",
+    "TrackingError", "champion_accuracy", "check_tracking_uri", "connect", "distill_target", "end_run", "ended_run",
     "ending_with_block", "ensure_experiment", "evaluate_logged_student", "generated_image_grid",
     "log_epoch_metrics", "log_params", "new_run", "open_distill_run", "open_run", "open_trial_run",
     "register_champion", "registered_model_name", "resolve_tracking_uri", "run_status_for", "settle_champion",

@@ -7,7 +7,9 @@ ends that run around the training.
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,12 +20,15 @@ from torch import nn
 
 from lrra.config import LRRAConfig
 from lrra.data import dataset_info
+from lrra.splits import EvaluationSplits
 from lrra.tracking.runs import TAG_MODEL_URI, end_run, tag_failure
 from lrra.tracking.student import log_student_model
 from lrra.train import Distiller
 
 IMAGE_EVERY = 5                                  # epochs between two generated-image grids
 IMAGE_GRID_SAMPLES = 64
+IMAGE_KEY = "generated"                          # the grids' key: MLflow shows them by step (epoch)
+LABELLED_TILE = 32                               # tiles are upscaled to at least this side to carry a label
 
 
 class RunTracker:
@@ -46,11 +51,13 @@ class RunTracker:
         epoch = int(metrics["epoch"])
         if epoch <= self.logged_through:
             return
+        if self.logged_through < 0 and distiller.evaluation is not None:  # a fresh run: once
+            log_evaluation_inputs(self.client, self.run_id, self.cfg, distiller.evaluation)
         log_epoch_metrics(self.client, self.run_id, metrics)
         if image_due(epoch, self.cfg.epochs):
             grid = generated_image_grid(distiller.generator, self.cfg.latent_dim, self.mean, self.std,
-                                        seed=self.cfg.seed)
-            self.client.log_image(self.run_id, grid, artifact_file=image_artifact(epoch))
+                                        seed=self.cfg.seed, teacher=distiller.teacher)
+            self.client.log_image(self.run_id, grid, key=IMAGE_KEY, step=epoch + 1)  # steps count epochs from 1
         self.logged_through = epoch
 
     def has_logged_student(self) -> bool:
@@ -86,6 +93,22 @@ def log_epoch_metrics(client: MlflowClient, run_id: str, metrics: dict[str, floa
     client.log_batch(run_id, metrics=[Metric(key, float(value), now, done) for key, value in values.items()])
 
 
+def log_evaluation_inputs(client: MlflowClient, run_id: str, cfg: LRRAConfig, evaluation: EvaluationSplits) -> None:
+    """The real images of the run, as MLflow dataset inputs: validation (it chooses) and test (it
+    reports), each with its size and rule in the name. The student trains on generated images only."""
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = LocalArtifactDatasetSource(str(Path(cfg.data_dir).absolute())).to_json()
+    inputs = []
+    for context, split in (("validation", evaluation.validation), ("test", evaluation.test)):
+        name = f"{cfg.dataset} {context} ({len(split)} images, {evaluation.rule})"
+        digest = hashlib.sha256(f"{cfg.dataset}|{evaluation.rule}|{context}|{len(split)}".encode()).hexdigest()[:8]
+        dataset = Dataset(name=name, digest=digest, source_type="local", source=source)
+        inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
+    client.log_inputs(run_id, datasets=inputs)
+
+
 def normalisation(meta: dict[str, Any], cfg: LRRAConfig) -> tuple[list[float], list[float]]:
     """(mean, std) the teacher was trained with: from its metadata, else the dataset's known values."""
     if "mean" in meta and "std" in meta:
@@ -96,8 +119,10 @@ def normalisation(meta: dict[str, Any], cfg: LRRAConfig) -> tuple[list[float], l
 
 @torch.no_grad()
 def generated_image_grid(generator: nn.Module, latent_dim: int, mean: list[float], std: list[float],
-                         samples: int = IMAGE_GRID_SAMPLES, seed: int = 0) -> np.ndarray:
-    """An [H, W, 3] uint8 grid of generator samples, de-normalised to pixels.
+                         samples: int = IMAGE_GRID_SAMPLES, seed: int = 0,
+                         teacher: nn.Module | None = None) -> np.ndarray:
+    """An [H, W, 3] uint8 grid of generator samples, de-normalised to pixels; with ``teacher``, each
+    tile (upscaled to at least LABELLED_TILE pixels) carries the class the teacher gives it.
 
     The same latents every call (own RNG, seeded), so successive grids show the same samples
     evolving. A copy samples in train mode, as the student sees the images, without touching
@@ -106,22 +131,38 @@ def generated_image_grid(generator: nn.Module, latent_dim: int, mean: list[float
     sampler = copy.deepcopy(generator).train()
     device = next(sampler.parameters()).device
     z = torch.randn(samples, latent_dim, generator=torch.Generator().manual_seed(seed)).to(device)
-    images = sampler(z).float().cpu()
+    normalised = sampler(z)
+    labels = teacher(normalised).argmax(1).tolist() if teacher is not None else None
+    images = normalised.float().cpu()
     images = images * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+    if labels is not None and images.shape[-1] < LABELLED_TILE:  # room for a readable label
+        images = torch.nn.functional.interpolate(images, scale_factor=-(-LABELLED_TILE // images.shape[-1]),
+                                                 mode="nearest")
     from torchvision.utils import make_grid  # late: see lrra/dataset_files.py on torchvision's import cost
 
-    grid = make_grid(images.clamp(0, 1), nrow=int(samples ** 0.5), padding=1)
-    return (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    per_row = int(samples ** 0.5)
+    grid = make_grid(images.clamp(0, 1), nrow=per_row, padding=1)
+    pixels = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return pixels if labels is None else with_labels(pixels, labels, images.shape[-1], per_row)
+
+
+def with_labels(grid: np.ndarray, labels: list[int], tile: int, per_row: int) -> np.ndarray:
+    """``grid`` with each tile's label written in its top-left corner, white on a black box."""
+    from PIL import Image, ImageDraw  # Pillow comes with torchvision
+
+    image = Image.fromarray(grid)
+    draw = ImageDraw.Draw(image)
+    for index, label in enumerate(labels):
+        x, y = 1 + (index % per_row) * (tile + 1), 1 + (index // per_row) * (tile + 1)
+        box = draw.textbbox((x + 1, y), str(label))
+        draw.rectangle((x, y, box[2] + 1, box[3] + 1), fill=(0, 0, 0))
+        draw.text((x + 1, y), str(label), fill=(255, 255, 255))
+    return np.asarray(image)
 
 
 def image_due(epoch: int, epochs: int, every: int = IMAGE_EVERY) -> bool:
     """The first epoch, every ``every``-th, and the last."""
     return epoch % every == 0 or epoch == epochs - 1
-
-
-def image_artifact(epoch: int) -> str:
-    """The grid of 0-based ``epoch``, named by its 1-based number as everywhere else."""
-    return f"images/epoch_{epoch + 1:03d}.png"
 
 
 def start_system_metrics(run_id: str, tracking_uri: str):
