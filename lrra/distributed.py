@@ -79,9 +79,10 @@ def train_loop_config(cfg: LRRAConfig, teacher_payload: Any,
     """What every worker receives. The teacher travels by value (Ray's object store), not as a
     path: on a multi-node cluster a driver-side file does not exist on the workers. Its payload
     (lrra.teacher_files.teacher_payload) is a state_dict, or a compiled teacher's file bytes.
-    ``tracking`` says where rank 0 logs to MLflow (None: nowhere)."""
+    ``tracking`` says where rank 0 logs to MLflow (None: nowhere). The tests' faults, if any, are
+    read from this process's environment, checked, and travel with it."""
     return {"cfg": cfg.to_dict(), "teacher_payload": teacher_payload, "teacher_meta": teacher_meta,
-            "tracking": tracking, "faults": Faults.from_environment().to_dict()}
+            "tracking": tracking, "faults": check_fault_switch(cfg).to_dict()}
 
 
 def run_loop_config(cfg: LRRAConfig, teacher_payload: Any, teacher_meta: dict[str, Any],

@@ -32,10 +32,6 @@ def rank_file(rank: int) -> str:
     return f"rank_{rank}.pt"
 
 
-# ----------------------------------------------------------------------------------------
-# The per-worker function.
-
-
 def restore_from_directory(distiller: Distiller, directory: Path, world: int, shown_as: str) -> None:
     """``restore`` from a local checkpoint directory, for a run of ``world`` ranks."""
     written_by = len(list(directory.glob("rank_*.pt")))

@@ -23,8 +23,9 @@ from tests.services import USELESS_TRIAL, mlflow_server, search_command
 ROOT = Path(__file__).resolve().parent.parent
 
 # ----------------------------------------------------------------------------------------
-# Two test processes (`.ci/run`: pytest-xdist's -n 2). Most integration tests spend their time
-# waiting for Ray, MLflow and Optuna processes to start, which the other test process fills.
+# Two test processes (`.ci/run`: pytest-xdist's -n 2). The tests are mostly busy starting Ray,
+# MLflow and Optuna processes, so on two cores the second process gains about a quarter
+# (docs/testing.md), not a half.
 
 SMOKE_SEARCH_READERS = {"test_search.py", "test_tracking.py", "test_viewing_tools.py"}
 

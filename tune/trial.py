@@ -27,7 +27,6 @@ import ray.tune
 
 from lrra.config import LRRAConfig
 from lrra.distributed import build_trainer, run_loop_config
-from lrra.preflight import check_fault_switch
 from lrra.tracking import RunTarget
 from tune.cluster import driver_resources
 from tune.epoch_report import EpochReport
@@ -74,7 +73,6 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     cfg = LRRAConfig.from_dict({**setup.config, **knobs})
     tracking = setup.tracking.for_trial(trial_id, config.get(OPTUNA_NUMBER)) if setup.tracking else None
     if setup.in_process:
-        check_fault_switch(cfg)
         run_in_trial_process(run_loop_config(cfg, setup.teacher_payload, setup.teacher_meta, tracking,
                                              storage_path=setup.train_path, name=trial_id, search=setup.search_name),
                              gpu=setup.gpus_per_worker > 0)
