@@ -1,8 +1,10 @@
-"""One flat configuration for an LRRA distillation run, and its named presets.
+"""One flat configuration for an LRRA distillation run: its fields, their parsing, presets by name.
 
 The same object feeds the CLI (``--set field=value``), the Tune search space, MLflow params
 and the checkpoint. Every field has a one-line docstring (the string under it); ``describe()``
-reads them back for ``--help``-style listings.
+reads them back for ``--help``-style listings. The rules each field must satisfy are in
+lrra/config_validation.py, the presets' values in lrra/presets.py, and what may change when a
+run resumes in lrra/config_resume.py.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ import ast
 import dataclasses
 import inspect
 import itertools
-import math
 import os
 import re
 from dataclasses import dataclass, fields
 from typing import Any
+
+from lrra.config_validation import check_fields
+from lrra.presets import PRESETS
 
 
 class ConfigError(ValueError):
@@ -148,75 +152,14 @@ class LRRAConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    # ------------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Check every field; raise one ConfigError naming the first bad field."""
-        from lrra.external_models import PREFIXES, ExternalArchitectureError, check_external_name
-        from lrra.models import ARCHITECTURES  # late import: models imports nothing from here
-
+        """Check every field against lrra/config_validation.py's rules; raise one ConfigError
+        naming the first bad field."""
         def need(ok: bool, name: str, allowed: str) -> None:
             if not ok:
                 raise ConfigError(f"config field '{name}' = {getattr(self, name)!r} is invalid: {allowed}")
 
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type in ("int", "float") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                need(math.isfinite(value), f.name, "must be a finite number")
-        need(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}")
-        need(bool(self.dataset), "dataset", "a torchvision class name, 'digits' or 'imagefolder:PATH'")
-        for name in ("num_classes", "epochs", "iters_per_epoch", "batch_size", "latent_dim",
-                     "generator_width", "kd_steps", "memory_push_every", "memory_push_size",
-                     "replay_batches", "teacher_epochs", "teacher_batch_size", "eval_batch_size"):
-            need(getattr(self, name) >= 1, name, "must be an integer >= 1")
-        need(self.num_classes >= 2, "num_classes", "must be >= 2")
-        need(self.image_size >= 8, "image_size", "must be an integer >= 8 (pixels)")
-        need(self.channels in (1, 3), "channels", "must be 1 or 3")
-        for name in ("teacher_arch", "student_arch"):
-            arch = getattr(self, name)
-            if arch.startswith(PREFIXES):
-                try:
-                    check_external_name(arch)
-                except ExternalArchitectureError as err:
-                    need(False, name, str(err))
-            else:
-                need(arch in ARCHITECTURES, name, f"one of {sorted(ARCHITECTURES)}, torchvision:NAME or timm:NAME")
-        need(self.teacher_format in TEACHER_FORMATS, "teacher_format", f"one of {list(TEACHER_FORMATS)}")
-        for name in ("input_mean", "input_std"):
-            try:
-                values = per_channel(getattr(self, name))
-            except ValueError:
-                values = None
-            need(values is not None, name, "comma-separated numbers, one per channel, e.g. 0.5 or 0.485,0.456,0.406")
-            need(values == () or len(values) == self.channels, name,
-                 f"one number per channel: channels={self.channels}, got {len(values)}")
-        need(all(v > 0 for v in per_channel(self.input_std)), "input_std", "every value must be > 0")
-        need(bool(self.input_mean) == bool(self.input_std), "input_std" if self.input_mean else "input_mean",
-             "input_mean and input_std are set together (or both left empty)")
-        need(self.gen_steps >= 0, "gen_steps", "must be an integer >= 0")
-        for name in ("student_lr", "generator_lr", "teacher_lr"):
-            need(getattr(self, name) > 0, name, "must be > 0")
-        for name in ("student_momentum", "weight_decay", "meta_lr", "w_oh", "w_ie", "w_a", "w_adv", "w_bn",
-                     "student_clip_norm", "generator_clip_norm"):
-            need(getattr(self, name) >= 0, name, "must be >= 0")
-        need(self.student_momentum < 1, "student_momentum", "must be in [0, 1)")
-        need(0 <= self.student_ema < 1, "student_ema", "must be in [0, 1) (0 = no moving average)")
-        need(0 <= self.synthetic_shift < self.image_size // 2, "synthetic_shift",
-             f"must be an integer in [0, {self.image_size // 2}) pixels (0 = off)")
-        need(self.retention_order in (0, 1, 2), "retention_order",
-             "0 (replay only), 1 (first order) or 2 (second order)")
-        need(self.memory_capacity >= 0, "memory_capacity", "must be an integer >= 0 (0 = no memory)")
-        need(self.retention_weight >= 0, "retention_weight", "must be >= 0 (0 = replay only)")
-        need(self.retention_warmup_epochs >= 0, "retention_warmup_epochs",
-             "must be an integer >= 0 (0 = retention from the first epoch)")
-        need(self.replay_batch_size >= 0, "replay_batch_size",
-             "must be an integer >= 0 (0 = replay_batches whole pushes)")
-        need(self.replay_batch_size == 0 or self.replay_batches == 1, "replay_batch_size",
-             f"set either replay_batch_size or replay_batches (now {self.replay_batches}), not both")
-        need(self.memory_push_size <= self.batch_size, "memory_push_size",
-             f"must be <= batch_size ({self.batch_size}): a push is a slice of one fresh batch")
-        need(self.checkpoint_every >= 0, "checkpoint_every", "must be an integer >= 0")
-        need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-             "device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        check_fields(self, need)
 
     # ------------------------------------------------------------------------------------
     @property
@@ -255,17 +198,6 @@ class LRRAConfig:
         values = {k: v for k, v in values.items() if k not in RETIRED_FIELDS}
         check_field_names(values)
         return cls(**{k: coerce(k, v) for k, v in values.items()})
-
-
-TEACHER_FORMATS = ("auto", "lrra", "export", "torchscript", "state_dict", "pickle")
-
-
-def per_channel(text: str) -> tuple[float, ...]:
-    """'0.485, 0.456,0.406' -> (0.485, 0.456, 0.406); '' -> (). ValueError for anything else."""
-    values = tuple(float(part) for part in text.split(",")) if text.strip() else ()
-    if not all(math.isfinite(v) for v in values):
-        raise ValueError(text)
-    return values
 
 
 FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in fields(LRRAConfig)}
@@ -313,56 +245,6 @@ def describe() -> dict[str, str]:
     return docs
 
 
-# ----------------------------------------------------------------------------------------
-# Presets. Each is a set of overrides on the dataclass defaults.
-#
-# mnist is the embedded default (LeNet-5 -> LeNet-5-half, the classic pair of DAFL and its
-# successors), sized to finish in minutes on a laptop CPU. cifar100 is the authors' reference
-# configuration (docs/design.md §3); cifar10, svhn and tiny-imagenet reuse it with their data.
-_REFERENCE = dict(
-    teacher_arch="resnet34", student_arch="resnet18", channels=3, image_size=32,
-    batch_size=512, latent_dim=1000, generator_width=128, gen_steps=1, kd_steps=10,
-    iters_per_epoch=72, epochs=400, student_lr=0.1, student_momentum=0.9, weight_decay=5e-4,
-    generator_lr=0.02, meta_lr=0.9, retention_order=2, memory_capacity=10, memory_push_every=5,
-    memory_push_size=64, replay_batches=1, w_oh=1.0, w_ie=5.0, w_a=0.1, w_adv=1.0,
-    teacher_epochs=200, teacher_lr=0.1, teacher_batch_size=128,
-    w_bn=0.0,  # the authors' generator has no BatchNorm prior
-)
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "mnist": dict(
-        dataset="MNIST", num_classes=10, image_size=32, channels=1,
-        teacher_arch="lenet5", student_arch="lenet5_half",
-        # Sized for two CPU cores (~7 min a run on one thread). Chosen on validation across MNIST, its
-        # robustness variants and the glyph datasets (docs/results/presets.md): alpha 0.1, since LeNet
-        # has no BatchNorm to absorb the reference's 0.9; no memory, which beat LRRA's at this budget;
-        # a generator at 3e-4, since at 1e-3 it outran the student on letters (-17 points) and greek
-        # (-2), and at 1e-4 it was too slow for rotated digits (-10).
-        batch_size=128, latent_dim=100, generator_width=32, gen_steps=1, kd_steps=5,
-        iters_per_epoch=20, epochs=30, student_lr=0.05, generator_lr=3e-4, meta_lr=0.1,
-        memory_capacity=0, memory_push_every=1, memory_push_size=16,
-        teacher_epochs=10, teacher_lr=1e-3, teacher_batch_size=128,
-    ),
-    "cifar10": dict(_REFERENCE, dataset="CIFAR10", num_classes=10),
-    "cifar100": dict(_REFERENCE, dataset="CIFAR100", num_classes=100),
-    "svhn": dict(_REFERENCE, dataset="SVHN", num_classes=10),
-    "tiny-imagenet": dict(_REFERENCE, dataset="imagefolder:tiny-imagenet-200", num_classes=200,
-                          image_size=64),
-    # Seconds-fast: scikit-learn's bundled 8x8 digits, small conv nets; the --smoke-test preset.
-    # Chosen on validation (docs/results/presets.md): no memory, latent 100, a slow generator, and
-    # 25 short epochs (~30 s on one thread), so that tests and searches cutting epochs stay short.
-    # Its ConvNet teacher has BatchNorm, so the BatchNorm prior (w_bn, default 1) applies.
-    "digits": dict(
-        dataset="digits", num_classes=10, image_size=8, channels=1,
-        teacher_arch="convnet", student_arch="convnet_half",
-        batch_size=64, latent_dim=100, generator_width=32, gen_steps=1, kd_steps=5,
-        iters_per_epoch=20, epochs=25, student_lr=0.1, generator_lr=1e-4, meta_lr=0.1,
-        memory_capacity=0, memory_push_every=1, memory_push_size=16, eval_batch_size=512,
-        teacher_epochs=30, teacher_lr=3e-3, teacher_batch_size=64,
-    ),
-}
-
-
 def preset(name: str, **overrides: Any) -> LRRAConfig:
     """The named preset, with optional field overrides (CLI strings are coerced)."""
     if name not in PRESETS:
@@ -373,35 +255,9 @@ def preset(name: str, **overrides: Any) -> LRRAConfig:
     return LRRAConfig(**values)
 
 
-# What may differ between a checkpoint and the run that resumes it. Everything else is the run's
-# identity: resuming with another learning rate, memory or loss weight would silently mix two
-# configurations. Paths may move (another machine, another Ray session's working folder);
-# ``epochs`` may grow, and the cosine schedule is rebuilt for the new length.
 # Fields that older checkpoints and search plans hold, read and ignored: the tests' fault switches,
 # now in lrra/fault_injection.py.
 RETIRED_FIELDS = frozenset({"fault_at_epoch", "nan_at_epoch"})
-
-RESUMABLE_CHANGES = {
-    "epochs": "may grow (the cosine schedule continues over the new length from the epoch reached)",
-    "checkpoint_every": "how often checkpoints are written",
-    "eval_batch_size": "evaluation batching only",
-    "device": "where the run computes",
-    "data_dir": "where the same dataset is found",
-    "teacher_path": "where the same teacher is found",
-}
-
-
-def check_resumable(saved: LRRAConfig, new: LRRAConfig, epochs_done: int) -> None:
-    """ConfigError naming every field that keeps ``new`` from continuing a checkpoint of ``saved``."""
-    differing = [f"{name} (checkpoint {getattr(saved, name)!r}, now {getattr(new, name)!r})"
-                 for name in FIELD_TYPES
-                 if name not in RESUMABLE_CHANGES and getattr(saved, name) != getattr(new, name)]
-    if differing:
-        raise ConfigError(f"cannot resume: {', '.join(differing)} differ from the checkpoint's configuration; "
-                          f"only {', '.join(RESUMABLE_CHANGES)} may change on resume")
-    if new.epochs < epochs_done:
-        raise ConfigError(f"cannot resume: config field 'epochs' = {new.epochs} is below the {epochs_done} "
-                          "epochs the checkpoint has already run")
 
 
 def parse_assignments(items: list[str]) -> dict[str, str]:
@@ -415,5 +271,4 @@ def parse_assignments(items: list[str]) -> dict[str, str]:
     return out
 
 
-__all__ = ["ConfigError", "LRRAConfig", "PRESETS", "RESUMABLE_CHANGES", "check_resumable", "preset", "describe",
-           "parse_assignments"]
+__all__ = ["ConfigError", "LRRAConfig", "preset", "describe", "parse_assignments"]

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lrra.config import LRRAConfig, per_channel
+from lrra.config import LRRAConfig
+from lrra.config_validation import per_channel
 from lrra.data import dataset_info
 from lrra.external_models import TappedClassifier, load_exported, load_torchscript
 from lrra.models import build_classifier

@@ -4,14 +4,14 @@ Each epoch runs ``iters_per_epoch`` iterations of a generator phase and a studen
 pushes fresh images into the replay memory, evaluates the student on the real test set and
 hands the metrics to ``on_epoch``. Ray, MLflow and Optuna stay outside: the loop takes hooks
 (``Collectives`` for the ranks of a distributed run, ``on_epoch``) so the same code runs alone,
-under Ray Train and in tests.
+under Ray Train and in tests. The Distiller's checkpoint state is in lrra/distiller_state.py,
+accuracy scoring in lrra/scoring.py and the learning-rate schedule in lrra/schedule.py.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import Dataset, TensorDataset
 
 from lrra.batchnorm_prior import BatchNormPrior
-from lrra.config import ConfigError, LRRAConfig, check_resumable
+from lrra.config import LRRAConfig
+from lrra.distiller_state import CheckpointState
 from lrra.fault_injection import NO_FAULTS, Faults
 from lrra.losses import generator_loss, generator_loss_terms
 from lrra.memory import ReplayMemory
@@ -34,6 +34,8 @@ from lrra.meta import GradSync, RankMean, student_update
 from lrra.metric_names import BEST_VALIDATION_METRIC, TEST_METRIC, VALIDATION_METRIC
 from lrra.models import build_classifier, build_generator
 from lrra.phase_clock import PhaseClock
+from lrra.schedule import cosine_schedule
+from lrra.scoring import accuracy, resolve_device
 from lrra.splits import EvaluationSplits
 
 EpochCallback = Callable[[dict[str, float], "Distiller"], None]
@@ -45,10 +47,6 @@ class NonFiniteLossError(RuntimeError):
     Raised on every rank of a distributed run alike: the check reads the rank-reduced losses.
     The Distiller still holds the best student of the epochs before (``best_student_model``).
     """
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint cannot be read or does not belong to this run; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -67,45 +65,11 @@ class Collectives:
     reduce_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None
 
 
-def cosine_factor(epoch: int, epochs: int) -> float:
-    """The student's learning-rate multiplier at ``epoch``: cosine from 1 down to 0 over ``epochs``."""
-    return 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
+class Distiller(CheckpointState):
+    """Student, generator, their optimisers, the replay memory and the RNG streams of one rank.
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"config field 'device' = {name!r} but CUDA is not available here; use 'cpu' or 'auto'")
-    return torch.device(name)
-
-
-def iterate_batches(dataset: Dataset, batch_size: int):
-    """(images, labels) batches in order; slices tensors directly when it can (fast path)."""
-    if isinstance(dataset, TensorDataset):
-        images, labels = dataset.tensors
-        for start in range(0, len(images), batch_size):
-            yield images[start:start + batch_size], labels[start:start + batch_size]
-    else:
-        yield from torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, dataset: Dataset, device: torch.device, batch_size: int = 1024) -> float:
-    """Top-1 accuracy in eval mode (restores the previous train/eval mode)."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for images, labels in iterate_batches(dataset, batch_size):
-        logits = model(images.to(device))
-        correct += (logits.argmax(dim=1).cpu() == labels).sum().item()
-        total += len(labels)
-    model.train(was_training)
-    return correct / max(total, 1)
-
-
-class Distiller:
-    """Student, generator, their optimisers, the replay memory and the RNG streams of one rank."""
+    Checkpointing (``state_dict``, ``rank_state_dict``, ``load_state_dict``) comes from CheckpointState.
+    """
 
     def __init__(self, cfg: LRRAConfig, teacher: nn.Module, evaluation: EvaluationSplits | None = None, *,
                  device: torch.device | None = None, rank: int = 0,
@@ -134,7 +98,7 @@ class Distiller:
 
         self.opt_student = torch.optim.SGD(self.student.parameters(), lr=cfg.student_lr,
                                            momentum=cfg.student_momentum, weight_decay=cfg.weight_decay)
-        self.sched_student = self._cosine_schedule(cfg.epochs)
+        self.sched_student = cosine_schedule(self.opt_student, cfg.epochs)
         # betas (0.5, 0.999): the usual choice for adversarially trained generators.
         self.opt_generator = torch.optim.Adam(self.generator.parameters(), lr=cfg.generator_lr,
                                               betas=(0.5, 0.999))
@@ -160,11 +124,6 @@ class Distiller:
         self.rank_metrics: dict[str, float] = {}
         self.clock = PhaseClock(self.device)
         self._latest_fresh: torch.Tensor | None = None
-
-    def _cosine_schedule(self, epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
-        # Closed form (not CosineAnnealingLR's recursion), so that a resumed run whose epochs were
-        # extended continues on the cosine of its new length from the epoch it reached.
-        return torch.optim.lr_scheduler.LambdaLR(self.opt_student, lambda epoch: cosine_factor(epoch, epochs))
 
     # ------------------------------------------------------------------------------------
     def _autocast(self):
@@ -329,66 +288,6 @@ class Distiller:
                 on_epoch(metrics, self)
         return metrics
 
-    # ------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue bit for bit: weights, optimisers, memory, RNGs, epoch."""
-        return {
-            "config": self.cfg.to_dict(),
-            "epoch": self.epoch,
-            "student": self.student.state_dict(),
-            "student_average": self.student_average.state_dict() if self.student_average is not None else None,
-            "generator": self.generator.state_dict(),
-            "opt_student": self.opt_student.state_dict(),
-            "opt_generator": self.opt_generator.state_dict(),
-            "sched_student": self.sched_student.state_dict(),
-            "accuracies": list(self.accuracies),
-            "best_accuracy": self.best_accuracy,
-            "best_epoch": self.best_epoch,
-            "best_student": self.best_student,
-            "test_accuracy": self.test_accuracy,
-            "last_metrics": dict(self.last_metrics),
-            "rank_state": self.rank_state_dict(),
-        }
-
-    def rank_state_dict(self) -> dict[str, Any]:
-        """The part that differs between ranks: memory shard and random streams."""
-        return {
-            "memory": self.memory.state_dict(),
-            "latent_rng": self.latent_rng.get_state(),
-            "replay_rng": self.replay_rng.get_state(),
-            "torch_rng": torch.get_rng_state(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any], rank_state: dict[str, Any] | None = None) -> None:
-        """Continue from ``state`` (and this rank's ``rank_state``).
-
-        The run's configuration must be the checkpoint's, except the fields that
-        ``lrra.config.check_resumable`` allows to change; a longer ``epochs`` rebuilds the
-        cosine schedule for the new length from the epoch reached.
-        """
-        check_resumable(LRRAConfig.from_dict(state["config"]), self.cfg, state["epoch"])
-        self.epoch = state["epoch"]
-        self.student.load_state_dict(state["student"])
-        if self.student_average is not None:
-            self.student_average.load_state_dict(state["student_average"])
-        self.generator.load_state_dict(state["generator"])
-        self.opt_student.load_state_dict(state["opt_student"])
-        self.opt_generator.load_state_dict(state["opt_generator"])
-        self.sched_student.load_state_dict(state["sched_student"])
-        # The optimiser holds the checkpoint's rate; with another ``epochs`` the schedule says otherwise.
-        for group, base_lr in zip(self.opt_student.param_groups, self.sched_student.base_lrs, strict=True):
-            group["lr"] = base_lr * cosine_factor(self.epoch, self.cfg.epochs)
-        self.accuracies = list(state["accuracies"])
-        self.best_accuracy, self.best_epoch = state["best_accuracy"], state["best_epoch"]
-        self.best_student = state["best_student"]
-        self.last_metrics = dict(state.get("last_metrics", {}))
-        self.test_accuracy = state.get("test_accuracy")
-        rank_state = rank_state if rank_state is not None else state["rank_state"]
-        self.memory.load_state_dict(rank_state["memory"], self.device)
-        self.latent_rng.set_state(rank_state["latent_rng"])
-        self.replay_rng.set_state(rank_state["replay_rng"])
-        torch.set_rng_state(rank_state["torch_rng"])
-
     def summary(self) -> dict[str, Any]:
         """The run's accuracy record so far: validation final, best (and when) and mean over
         epochs, and the test accuracy of the best student once scored."""
@@ -419,29 +318,3 @@ def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator) 
     cols = (dx + torch.arange(w, device=images.device)).unsqueeze(1)   # [n, 1, w]
     shifted = padded[torch.arange(n, device=images.device).view(n, 1, 1), :, rows, cols]  # [n, h, w, c]
     return shifted.permute(0, 3, 1, 2)
-
-
-def save_checkpoint(state: dict[str, Any], path) -> None:
-    """Write atomically: a crash mid-write never leaves a truncated checkpoint behind."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-CHECKPOINT_KEYS = ("config", "epoch", "student", "generator", "opt_student", "opt_generator", "sched_student",
-                   "accuracies", "best_accuracy", "best_epoch", "best_student", "rank_state")
-
-
-def load_checkpoint(path) -> dict[str, Any]:
-    """A checkpoint written by save_checkpoint; CheckpointError (one line) for anything else."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
-    except Exception as err:  # noqa: BLE001 - truncated, not a zip, pickled code: all mean "not ours"
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"checkpoint {path} is not a readable LRRA checkpoint ({first_line})") from None
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} is not an LRRA distill checkpoint (missing {missing})")
-    return state

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from lrra.config import PRESETS, preset
+from lrra.config import preset
 from lrra.models import build_classifier, build_generator
+from lrra.presets import PRESETS
 from lrra.splits import TEST_HALF, EvaluationSplits
 from lrra.train import Distiller
 

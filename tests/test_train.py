@@ -11,11 +11,13 @@ from lrra import fault_injection
 from lrra.cli import EXIT_DIVERGED, main
 from lrra.config import preset
 from lrra.data import load_split
+from lrra.distiller_state import load_checkpoint, save_checkpoint
 from lrra.fault_injection import NO_FAULTS, Faults
 from lrra.runner import default_run_name
+from lrra.schedule import cosine_factor
 from lrra.splits import evaluation_splits
 from lrra.teacher import load_teacher
-from lrra.train import Distiller, NonFiniteLossError, cosine_factor, load_checkpoint, save_checkpoint
+from lrra.train import Distiller, NonFiniteLossError
 
 
 def digits_run(teacher_path, faults=NO_FAULTS, **overrides):

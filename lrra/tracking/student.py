@@ -15,10 +15,10 @@ from mlflow.models import infer_signature
 from torch import nn
 
 from lrra.config import LRRAConfig
+from lrra.scoring import accuracy, resolve_device
 from lrra.splits import evaluation_splits
 from lrra.tracking.runs import TAG_KIND, TAG_MODEL_URI
 from lrra.tracking.store import TrackingError
-from lrra.train import accuracy, resolve_device
 
 STUDENT_MODEL_NAME = "student"
 
