@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from lrra.library_hooks import batch_norm_base
 from lrra.losses import kd_loss
 
 GradSync = Callable[[list[torch.nn.Parameter]], None]
@@ -53,7 +54,8 @@ def _functional_forward(model: nn.Module, params: dict[str, torch.Tensor], x: to
 def _rows_are_independent(model: nn.Module) -> bool:
     """True when each output row depends on its input row alone, as without BatchNorm (which
     normalises with the statistics of the whole batch it is given)."""
-    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    batch_norm = batch_norm_base()
+    return not any(isinstance(m, batch_norm) for m in model.modules())
 
 
 def student_objective(student: nn.Module, x_new: torch.Tensor, y_new: torch.Tensor,

@@ -15,8 +15,8 @@ import pytest
 import ray
 import ray.autoscaler
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
 
+from lrra.library_hooks import ray_prepare_cluster_config, ray_validate_cluster_config
 from tune import head
 from tune.cluster import DRIVER_RESOURCE
 
@@ -32,8 +32,8 @@ def load() -> dict:
 def ray_checks(config: dict) -> dict:
     """What `ray up` checks before it calls the provider; returns the prepared config."""
     jsonschema.validate(config, SCHEMA)
-    prepared = prepare_config(copy.deepcopy(config))
-    validate_config(prepared)
+    prepared = ray_prepare_cluster_config(copy.deepcopy(config))
+    ray_validate_cluster_config(prepared)
     return prepared
 
 
@@ -117,4 +117,4 @@ def test_the_head_commands_write_settings_that_tune_head_accepts():
 
 def test_the_fake_autoscaling_config_of_the_tests_passes_rays_monitor_checks():
     """Ray's monitor validates tests/fake_autoscaling.yaml as it stands (no defaults are merged)."""
-    validate_config(yaml.safe_load((ROOT / "tests" / "fake_autoscaling.yaml").read_text()))
+    ray_validate_cluster_config(yaml.safe_load((ROOT / "tests" / "fake_autoscaling.yaml").read_text()))

@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from lrra import metric_names, tracking
 from lrra.cli import main
 from lrra.config import preset
+from lrra.library_hooks import ray_detected_cpus
 from lrra.models import build_generator
 from lrra.teacher import load_teacher
 from tests.services import free_port, search_command
@@ -514,7 +515,7 @@ def test_smoke_search_logs_parent_children_plots_and_a_champion(finished_smoke_s
     assert {f"space.{name}": knob.describe() for name, knob in plan.space.items()}.items() <= parent.data.params.items()
     # What Ray detects on this one machine (cgroup limits included), as the search's local Ray did.
     assert parent.data.tags["lrra.cluster.nodes"] == "1"
-    assert float(parent.data.tags["lrra.cluster.cpus"]) == ray._private.utils.get_num_cpus()
+    assert float(parent.data.tags["lrra.cluster.cpus"]) == ray_detected_cpus()
     assert sorted(f.path for f in client.list_artifacts(parent.info.run_id, "plots")) == [
         "plots/optimization_history.html", "plots/parallel_coordinate.html", "plots/param_importances.html",
         "plots/validation_per_epoch.html"]

@@ -21,6 +21,7 @@ from typing import Any
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from lrra.library_hooks import asha_uncount_stop
 from tune.study import OPTUNA_NUMBER
 
 
@@ -42,6 +43,6 @@ class BaselineSparingASHA(ASHAScheduler):
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)  # records the rung either way
         if decision == TrialScheduler.STOP and self.is_spared(trial):
-            self._num_stopped -= 1  # ASHA counted it as stopped
+            asha_uncount_stop(self)  # ASHA counted it as stopped
             return TrialScheduler.CONTINUE
         return decision

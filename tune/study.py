@@ -34,6 +34,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from lrra.config import ConfigError
+from lrra.library_hooks import optuna_search_study, optuna_search_trials
 from lrra.metric_names import BEST_VALIDATION_METRIC, DIVERGED_KEY, TEST_METRIC, VALIDATION_METRIC
 from tune.space import Space
 
@@ -100,43 +101,57 @@ class StudySearch(OptunaSearch):
         super().__init__(space={name: knob.distribution() for name, knob in space.items()}, metric=VALIDATION_METRIC,
                          mode="max", points_to_evaluate=points_to_evaluate, sampler=sampler,
                          study_name=study_name, storage=storage)
+        # The storage itself, not the study's cache of it: reads see what any driver stored.
+        self.study_storage = storage
+        self._study_id = storage.get_study_id_from_name(study_name)
+        self._trial_ids: dict[int, int] = {}  # Optuna number -> the storage's trial id (never changes)
+        self._told: set[str] = set()  # Tune trials whose Optuna trial is finished
+        study = optuna_search_study(self)
         # A completed trial's value is its kept student's validation accuracy, the figure the champion
         # carries (intermediate values: each epoch's, which ASHA reads); the dashboard names its axis so.
         with warnings.catch_warnings():  # "experimental since 3.2": nothing the person searching can act on
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self._ot_study.set_metric_names([METRIC_NAME])
+            study.set_metric_names([METRIC_NAME])
         for key, value in (attributes or {}).items():
-            self._ot_study.set_user_attr(key, value)
+            study.set_user_attr(key, value)
 
     def suggest(self, trial_id: str) -> dict | None:
         orphan = self._orphan()
         if orphan is not None:
             self._adopt(trial_id, orphan)
         config = super().suggest(trial_id)
-        ot_trial = self._ot_trials[trial_id]
+        ot_trial = optuna_search_trials(self)[trial_id]
         ot_trial.set_user_attr(TUNE_TRIAL_ID, trial_id)
         return {**config, OPTUNA_NUMBER: ot_trial.number}
 
     def _orphan(self) -> FrozenTrial | None:
         """The oldest RUNNING trial of the study that belongs to no Tune trial this searcher knows."""
-        known = set(self._ot_trials)
-        running = self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        known = set(optuna_search_trials(self))
+        running = optuna_search_study(self).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         return next((t for t in running if t.user_attrs.get(TUNE_TRIAL_ID) not in known), None)
 
     def _adopt(self, trial_id: str, orphan: FrozenTrial) -> None:
         # Same params and Optuna number: the planned trial runs again under a new Tune trial id.
         earlier = [*orphan.user_attrs.get(EARLIER_TUNE_IDS, []), orphan.user_attrs.get(TUNE_TRIAL_ID)]
-        self._storage.set_trial_user_attr(orphan._trial_id, EARLIER_TUNE_IDS, [i for i in earlier if i])
-        self._ot_trials[trial_id] = optuna.Trial(self._ot_study, orphan._trial_id)
+        stored_id = self._stored_id(orphan.number)
+        self.study_storage.set_trial_user_attr(stored_id, EARLIER_TUNE_IDS, [i for i in earlier if i])
+        optuna_search_trials(self)[trial_id] = optuna.Trial(optuna_search_study(self), stored_id)
+
+    def _stored_id(self, number: int) -> int:
+        """The storage's id of the study's trial ``number`` (Optuna's trials keep theirs private)."""
+        if number not in self._trial_ids:
+            self._trial_ids[number] = self.study_storage.get_trial_id_from_study_id_trial_number(
+                self._study_id, number)
+        return self._trial_ids[number]
 
     def _live_trial(self, trial_id: str) -> FrozenTrial | None:
         """The stored trial behind ``trial_id``, or None when it is finished (an earlier driver told
         it): a finished trial must not be written again."""
-        if trial_id in self._completed_trials:
+        if trial_id in self._told:
             return None
-        stored = self._storage.get_trial(self._ot_trials[trial_id]._trial_id)
+        stored = self.study_storage.get_trial(self._stored_id(optuna_search_trials(self)[trial_id].number))
         if stored.state.is_finished():
-            self._completed_trials.add(trial_id)
+            self._told.add(trial_id)
             return None
         return stored
 
@@ -148,7 +163,7 @@ class StudySearch(OptunaSearch):
         # The stored values, not a counter: a restored searcher's counter may lag the study.
         if stored is None or epoch in stored.intermediate_values:
             return
-        self._ot_trials[trial_id].report(result[VALIDATION_METRIC], step=epoch)
+        optuna_search_trials(self)[trial_id].report(result[VALIDATION_METRIC], step=epoch)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self._live_trial(trial_id) is None:
@@ -157,12 +172,12 @@ class StudySearch(OptunaSearch):
         if state != TrialState.FAIL:
             # A result that makes the scheduler stop a trial reaches on_trial_complete only.
             self.on_trial_result(trial_id, result)
-        ot_trial = self._ot_trials[trial_id]
+        ot_trial = optuna_search_trials(self)[trial_id]
         ot_trial.set_user_attr(STOP_REASON, reason)
         if state == TrialState.COMPLETE and result.get(TEST_METRIC) is not None:
             ot_trial.set_user_attr(TEST_ACC, result[TEST_METRIC])
-        self._ot_study.tell(ot_trial, value, state=state, skip_if_finished=True)
-        self._completed_trials.add(trial_id)
+        optuna_search_study(self).tell(ot_trial, value, state=state, skip_if_finished=True)
+        self._told.add(trial_id)
 
     def outcome(self, result: dict | None, error: bool) -> tuple[str, TrialState, float | None]:
         """(stop reason, Optuna state, value) of a trial that ends with ``result``."""
@@ -210,7 +225,8 @@ def finished_results(study: optuna.Study) -> dict[str, dict[str, Any]]:
     return results
 
 
-def settle_unfinished(study: optuna.Study, resumable: set[str], known: set[str], reason: str) -> int:
+def settle_unfinished(study: optuna.Study, storage: RDBStorage, resumable: set[str], known: set[str],
+                      reason: str) -> int:
     """Close the study's RUNNING trials that no Tune trial will continue; returns how many.
 
     Tune ends trials without telling the searcher in two cases: the time budget runs out (the
@@ -219,15 +235,18 @@ def settle_unfinished(study: optuna.Study, resumable: set[str], known: set[str],
     every other RUNNING trial is closed: with ``reason`` when Tune knows its trial (``known``),
     else as ABANDONED (asked after Tune's last state save by a killed driver, and not taken over
     by a resumed one). PRUNED with its last accuracy when it reported any, else FAIL.
+    ``storage``: the study's storage (Optuna keeps a study's own private).
     """
     settled = 0
+    study_id = storage.get_study_id_from_name(study.study_name)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         tune_id = trial.user_attrs.get(TUNE_TRIAL_ID)
         if tune_id in resumable:
             continue
         ran = bool(trial.intermediate_values)
         # Optuna's public set_user_attr lives on a live Trial; this one belongs to no running code.
-        study._storage.set_trial_user_attr(trial._trial_id, STOP_REASON, reason if tune_id in known else ABANDONED)
+        storage.set_trial_user_attr(storage.get_trial_id_from_study_id_trial_number(study_id, trial.number),
+                                    STOP_REASON, reason if tune_id in known else ABANDONED)
         study.tell(trial.number, state=TrialState.PRUNED if ran else TrialState.FAIL)
         settled += 1
     return settled
