@@ -74,7 +74,7 @@ def main() -> None:
         args.preset, args.epochs, args.repeats = "digits", args.epochs or 2, 1
     cfg = preset(args.preset, **({"epochs": args.epochs} if args.epochs else {}))
     args.epochs, args.data_dir = cfg.epochs, str(Path(cfg.data_dir).absolute())
-    _, _, teacher_path = obtain_teacher(cfg, log=lambda m: print(m, file=sys.stderr))
+    _, _, teacher_path = obtain_teacher(cfg)
     teacher = str(Path(teacher_path).absolute())
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONUNBUFFERED="1")
 

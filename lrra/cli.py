@@ -1,4 +1,9 @@
-"""Command line: ``python -m lrra {teacher,check,distill,eval,fields,export} [...]``."""
+"""Command line: ``lrra {teacher,check,distill,search,compare,eval,export,fields,cluster-head} [...]``.
+
+``lrra`` and ``python -m lrra`` are the same command. ``search``, ``compare`` and ``cluster-head``
+hand their arguments to tune/search.py, tune/compare.py and tune/head.py, which also run as
+scripts (``python tune/search.py`` is the same as ``lrra search``).
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,21 @@ import json
 import sys
 from pathlib import Path
 
+from lrra import logs
 from lrra.cli_args import add_subject_arguments, flag_fields, set_fields
 from lrra.config import ConfigError, describe, preset
 from lrra.data import DatasetUnavailableError
-from lrra.runner import RunDiverged, distill_local, stderr_log
+from lrra.runner import RunDiverged, distill_local
 from lrra.teacher import TeacherError, default_teacher_path, prepare_teacher, save_teacher, train_teacher
 
 RAY_STORAGE = "runs/ray"
+
+# Subcommands whose parser and main live in the tune package (imported only when named).
+TUNE_COMMANDS = {
+    "search": ("tune.search", "search the distillation knobs with Ray Tune and Optuna (python tune/search.py)"),
+    "compare": ("tune.compare", "compare variants over seeds on one teacher (python tune/compare.py)"),
+    "cluster-head": ("tune.head", "start a cluster head's MLflow server and settings (python tune/head.py)"),
+}
 
 # Errors caused by the user's input: print one line, exit 2, no traceback.
 USER_ERRORS = (ConfigError, TeacherError, DatasetUnavailableError, FileNotFoundError)
@@ -23,7 +36,8 @@ EXIT_DIVERGED = 3  # a loss went non-finite; the best student so far was kept an
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m lrra", description=__doc__)
+    parser = argparse.ArgumentParser(prog="lrra", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     set_help = "override any config field, e.g. --set meta_lr=0.5"
@@ -54,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     ray_train.add_argument("--address", help="Ray cluster to join (default: start a local Ray)")
     _tracking_uri(distill)
 
+    _tune_command(sub, "search")
+    _tune_command(sub, "compare")
+
     evaluate = sub.add_parser("eval", help="test accuracy of a logged student (an MLflow model URI)")
     add_subject_arguments(evaluate, preset_default="mnist", set_help=set_help)
     evaluate.add_argument("--model", required=True,
@@ -70,7 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="export: torch.export archive (.pt2, default); onnx (needs lrra[export]); torchscript")
     export.add_argument("--out", help="output file (default: student.pt2/.onnx/.ts beside the student, or here)")
     _tracking_uri(export)
+    _tune_command(sub, "cluster-head")
     return parser
+
+
+def _tune_command(sub, name: str) -> None:
+    """Listed in lrra's --help; its arguments go to its own module's parser (see main)."""
+    sub.add_parser(name, help=TUNE_COMMANDS[name][1], add_help=False)
 
 
 def _tracking_uri(parser: argparse.ArgumentParser) -> None:
@@ -126,7 +149,7 @@ def run_distill(cfg, args: argparse.Namespace, resume: str | None):
 
     return run_distributed(cfg, workers=args.workers, use_gpu=args.gpu, storage_path=args.storage or RAY_STORAGE,
                            name=args.name, max_failures=args.max_failures, address=args.address,
-                           tracking_uri=checked_tracking_uri(args), log=stderr_log)
+                           tracking_uri=checked_tracking_uri(args))
 
 
 def run_export(args: argparse.Namespace) -> dict:
@@ -144,9 +167,9 @@ def run_export(args: argparse.Namespace) -> dict:
     out = Path(args.out) if args.out else folder / f"student{FORMATS[args.format]}"
     export_student(model, meta, args.format, out)
     difference = check_round_trip(model, meta, args.format, out)
-    stderr_log(f"wrote {out} ({args.format}); loaded back, its logits are within {difference:.1e} of the "
-               f"student's (tolerance {TOLERANCE:g}); input: [N, {meta['channels']}, {meta['image_size']}, "
-               f"{meta['image_size']}] normalised with mean {meta.get('mean')} and std {meta.get('std')}")
+    logs.core.info(f"wrote {out} ({args.format}); loaded back, its logits are within {difference:.1e} of the "
+                   f"student's (tolerance {TOLERANCE:g}); input: [N, {meta['channels']}, {meta['image_size']}, "
+                   f"{meta['image_size']}] normalised with mean {meta.get('mean')} and std {meta.get('std')}")
     return {"student": args.student, "format": args.format, "out": str(out), "max_logit_difference": difference,
             "arch": meta["arch"], "image_size": meta["image_size"], "channels": meta["channels"],
             "mean": meta.get("mean"), "std": meta.get("std")}
@@ -160,7 +183,17 @@ def format_fields(cfg) -> str:
                      for name, doc in describe().items())
 
 
+def run_tune_command(name: str, argv: list[str]) -> int:
+    import importlib
+
+    module = importlib.import_module(TUNE_COMMANDS[name][0])
+    return module.main(argv) or 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in TUNE_COMMANDS:
+        return run_tune_command(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "export":
@@ -174,13 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         if resume is not None and not Path(resume).is_file():
             raise FileNotFoundError(f"--resume: checkpoint {resume} does not exist")
         if args.command == "teacher":
-            model, meta = train_teacher(cfg, log=stderr_log)
+            model, meta = train_teacher(cfg)
             path = save_teacher(model, meta, args.out or default_teacher_path(cfg))
             result = {"teacher": str(path), **meta}
         elif args.command == "eval":
             result = run_eval(cfg, args)
         elif args.command == "check":
-            _, meta, path, evaluation = prepare_teacher(cfg, log=stderr_log)
+            _, meta, path, evaluation = prepare_teacher(cfg)
             result = {"teacher": str(path), "teacher_acc": meta["val_accuracy"], "test_accuracy": meta["test_accuracy"],
                       "format": meta["format"], "arch": meta["arch"], "image_size": meta["image_size"],
                       "channels": meta["channels"], "mean": meta["mean"], "std": meta["std"],
@@ -188,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = run_distill(cfg, args, resume)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        logs.core.error(f"error: {err}")
         return EXIT_BAD_INPUT
     except RunDiverged as diverged:
-        print(f"error: {diverged}", file=sys.stderr)
+        logs.core.error(f"error: {diverged}")
         print(json.dumps(diverged.result))
         return EXIT_DIVERGED
     print(json.dumps(result))

@@ -4,15 +4,22 @@
 from __future__ import annotations
 
 import argparse
+import shutil
+import textwrap
 
-from lrra.config import PRESETS, parse_assignments
+from lrra.config import describe, parse_assignments
+from lrra.presets import PRESETS
 
 ArgumentTarget = argparse.ArgumentParser | argparse._ArgumentGroup
 
 
 def add_subject_arguments(target: ArgumentTarget, *, preset_default: str | None, preset_help: str = "",
                           set_help: str, teacher_help: str | None = None, epochs_help: str | None = None) -> None:
-    """--preset, --data-dir and --set; --teacher and --epochs where their help is given."""
+    """--preset, --data-dir and --set; --teacher and --epochs where their help is given. A parser
+    (not a group) also gets every config field in its --help (``config_fields_help``)."""
+    if isinstance(target, argparse.ArgumentParser):
+        target.epilog = config_fields_help()
+        target.formatter_class = argparse.RawDescriptionHelpFormatter
     target.add_argument("--preset", default=preset_default,
                         help=f"one of {sorted(PRESETS)} ({preset_help or f'default: {preset_default}'})")
     if teacher_help:
@@ -21,7 +28,20 @@ def add_subject_arguments(target: ArgumentTarget, *, preset_default: str | None,
     if epochs_help:
         target.add_argument("--epochs", type=int, help=epochs_help)
     target.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                        help=f"{set_help} (repeatable; every field: python -m lrra fields)")
+                        help=f"{set_help} (repeatable; every field is listed below)")
+
+
+def config_fields_help() -> str:
+    """Every config field with its docstring, for the --help of each command that takes --set."""
+    docs = describe()
+    name_width = max(map(len, docs))
+    text_width = max(40, min(shutil.get_terminal_size().columns, 120) - name_width - 4)
+    lines = ["config fields (--set FIELD=VALUE; their values in a preset: lrra fields --preset NAME):"]
+    for name, doc in docs.items():
+        wrapped = textwrap.wrap(" ".join(doc.split()), text_width, break_on_hyphens=False) or [""]
+        lines.append(f"  {name:<{name_width}}  {wrapped[0]}")
+        lines.extend(f"  {'':<{name_width}}  {line}" for line in wrapped[1:])
+    return "\n".join(lines)
 
 
 def set_fields(args: argparse.Namespace) -> dict[str, str]:

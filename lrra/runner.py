@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import json
 import secrets
-import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from lrra.config import LRRAConfig, check_resumable
+from lrra import logs
+from lrra.config import LRRAConfig
+from lrra.config_resume import check_resumable
+from lrra.distiller_state import load_checkpoint, save_checkpoint
 from lrra.fault_injection import Faults
 from lrra.metric_names import BEST_VALIDATION_METRIC, TEST_METRIC, VALIDATION_METRIC
 from lrra.teacher import prepare_teacher, save_teacher
-from lrra.train import Distiller, NonFiniteLossError, load_checkpoint, save_checkpoint
+from lrra.train import Distiller, NonFiniteLossError
 
-Log = Callable[[str], None]
 # (cfg, teacher meta, teacher path) -> a context holding an experiment-tracking run, e.g.
 # lrra.tracking.tracked_distill; it gets on_epoch(metrics, distiller) and log_student(model, meta).
 TrackRun = Callable[[LRRAConfig, dict[str, Any], Path], AbstractContextManager[Any]]
@@ -33,10 +34,6 @@ class RunDiverged(RuntimeError):
     def __init__(self, message: str, result: dict[str, Any]) -> None:
         super().__init__(message)
         self.result = result
-
-
-def stderr_log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def format_progress(metrics: dict[str, float], epochs: int) -> str:
@@ -94,7 +91,7 @@ def default_run_dir(cfg: LRRAConfig) -> Path:
 
 
 def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: str | Path | None = None,
-                  log: Log = stderr_log, track: TrackRun | None = None) -> dict[str, Any]:
+                  track: TrackRun | None = None) -> dict[str, Any]:
     """Distil in this process; write checkpoint.pt, metrics.jsonl and best_student.pt to out_dir.
 
     With ``track``, the run is also logged there (metrics, images, the best student).
@@ -106,19 +103,19 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
     checkpoint = load_checkpoint(resume) if resume is not None else None
     if checkpoint is not None:  # a checkpoint of another run fails before the teacher is even read
         check_resumable(LRRAConfig.from_dict(checkpoint["config"]), cfg, checkpoint["epoch"])
-    teacher, teacher_meta, teacher_path, evaluation = prepare_teacher(cfg, log=log)
+    teacher, teacher_meta, teacher_path, evaluation = prepare_teacher(cfg)
     distiller = Distiller(cfg, teacher, evaluation, faults=faults)
     if checkpoint is not None:
         distiller.load_state_dict(checkpoint)
-        log(f"resumed from {resume} at epoch {distiller.epoch}")
+        logs.core.info(f"resumed from {resume} at epoch {distiller.epoch}")
 
     out = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"distilling {cfg.teacher_arch} -> {cfg.student_arch} on {cfg.dataset}; writing to {out}\n"
-        f"  {evaluation.describe()}")
+    logs.core.info(f"distilling {cfg.teacher_arch} -> {cfg.student_arch} on {cfg.dataset}; writing to {out}\n"
+                   f"  {evaluation.describe()}")
 
     def on_epoch(metrics: dict[str, float], d: Distiller) -> None:
-        log(format_progress(metrics, cfg.epochs))
+        logs.core.info(format_progress(metrics, cfg.epochs))
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
         finished = d.epoch == cfg.epochs

@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lrra import logs
 from lrra.batchnorm_prior import BatchNormPrior
 from lrra.config import ConfigError, LRRAConfig
 from lrra.data import dataset_info, load_split
 from lrra.models import build_classifier
+from lrra.scoring import accuracy, resolve_device
 from lrra.splits import EvaluationSplits, evaluation_splits, teacher_training_split
 from lrra.teacher_files import (
     TeacherError,
@@ -33,7 +35,6 @@ from lrra.teacher_files import (
     input_contract,
     read_teacher,
 )
-from lrra.train import accuracy, resolve_device
 
 __all__ = ["TeacherError", "check_teacher_meta", "load_teacher", "obtain_teacher", "prepare_teacher",
            "save_teacher", "train_teacher"]
@@ -104,7 +105,7 @@ def augment(images: torch.Tensor, how: Augmentation) -> torch.Tensor:
     return out
 
 
-def train_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any]]:
+def train_teacher(cfg: LRRAConfig) -> tuple[nn.Module, dict[str, Any]]:
     """Supervised training of ``cfg.teacher_arch`` on the real training split of ``cfg.dataset``,
     less the validation holdout of lrra/splits.py (recorded in the metadata as ``validation``)."""
     device = resolve_device(cfg.device)
@@ -139,8 +140,8 @@ def train_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any]
             optimizer.step()
         scheduler.step()
         acc = accuracy(model, test_set, device, cfg.eval_batch_size)
-        log(f"teacher epoch {epoch + 1}/{cfg.teacher_epochs}: loss {loss.item():.4f}  test acc {acc:.4f}  "
-            f"({time.perf_counter() - start:.0f}s)")
+        logs.core.info(f"teacher epoch {epoch + 1}/{cfg.teacher_epochs}: loss {loss.item():.4f}  "
+                       f"test acc {acc:.4f}  ({time.perf_counter() - start:.0f}s)")
     meta = {
         "arch": cfg.teacher_arch, "dataset": cfg.dataset, "num_classes": cfg.num_classes,
         "channels": cfg.channels, "image_size": cfg.image_size,
@@ -171,7 +172,7 @@ def load_teacher(path: str | os.PathLike, cfg: LRRAConfig) -> tuple[nn.Module, d
     return model, meta
 
 
-def obtain_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any], Path]:
+def obtain_teacher(cfg: LRRAConfig) -> tuple[nn.Module, dict[str, Any], Path]:
     """The configured teacher, or the cached one, or a freshly trained and cached one."""
     if cfg.teacher_path:
         model, meta = load_teacher(cfg.teacher_path, cfg)
@@ -179,11 +180,11 @@ def obtain_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any
     path = default_teacher_path(cfg)
     if path.is_file():
         model, meta = load_teacher(path, cfg)
-        log(f"using cached teacher {path} (test accuracy {meta['test_accuracy']:.4f})")
+        logs.core.info(f"using cached teacher {path} (test accuracy {meta['test_accuracy']:.4f})")
         return model, meta, path
-    log(f"no teacher given: training {cfg.teacher_arch} on {cfg.dataset} for {cfg.teacher_epochs} epochs "
-        f"(cached at {path})")
-    model, meta = train_teacher(cfg, log=log)
+    logs.core.info(f"no teacher given: training {cfg.teacher_arch} on {cfg.dataset} for {cfg.teacher_epochs} "
+                   f"epochs (cached at {path})")
+    model, meta = train_teacher(cfg)
     save_teacher(model, meta, path)
     return model, {"format": "lrra", **meta}, path
 
@@ -228,19 +229,19 @@ def check_student_takes_contract(cfg: LRRAConfig) -> None:
                           "pick a student for this image size, e.g. convnet_half") from None
 
 
-def prepare_teacher(cfg: LRRAConfig, log=print) -> tuple[nn.Module, dict[str, Any], Path, EvaluationSplits]:
+def prepare_teacher(cfg: LRRAConfig) -> tuple[nn.Module, dict[str, Any], Path, EvaluationSplits]:
     """Everything a run needs of its teacher before distilling: the model (loaded, or trained and
     cached), its metadata with its validation score, its file, and the run's evaluation splits."""
     check_student_takes_contract(cfg)
-    model, meta, path = obtain_teacher(cfg, log=log)
+    model, meta, path = obtain_teacher(cfg)
     evaluation = evaluation_splits(cfg, meta)
     meta = check_teacher(model, meta, evaluation, cfg, str(path))
     if cfg.w_bn > 0 and not BatchNormPrior(model).available:
-        log(f"the {meta['format']} teacher shows no BatchNorm layers: the BatchNorm-statistics prior (w_bn) "
-            "is off for this run")
+        logs.core.info(f"the {meta['format']} teacher shows no BatchNorm layers: the BatchNorm-statistics prior "
+                       "(w_bn) is off for this run")
     if not getattr(model, "has_features", True) and cfg.w_a > 0:
-        log(f"the {meta['format']} teacher's penultimate features cannot be read: the generator's activation "
-            "term (w_a) is off for this run")
-    log(f"teacher {path} ({meta['format']}, {meta['arch']}): validation accuracy {meta['val_accuracy']:.4f}, "
-        f"test {meta['test_accuracy']:.4f}")
+        logs.core.info(f"the {meta['format']} teacher's penultimate features cannot be read: the generator's "
+                       "activation term (w_a) is off for this run")
+    logs.core.info(f"teacher {path} ({meta['format']}, {meta['arch']}): validation accuracy "
+                   f"{meta['val_accuracy']:.4f}, test {meta['test_accuracy']:.4f}")
     return model, meta, path, evaluation

@@ -86,7 +86,7 @@ def _deterministic_threads():
 def digits_teacher(tmp_path_factory):
     """(path, meta) of a real convnet teacher on scikit-learn's digits."""
     cfg = preset("digits", data_dir=str(tmp_path_factory.mktemp("data")))
-    model, meta = train_teacher(cfg, log=lambda _: None)
+    model, meta = train_teacher(cfg)
     path = save_teacher(model, meta, tmp_path_factory.mktemp("teacher") / "digits-teacher.pt")
     return path, meta
 

@@ -55,7 +55,7 @@ def planted_search(tmp_path_factory):
     # these are digits, so their teacher trains as the digits preset's does.
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(teacher_module.AUGMENTATIONS, "imagefolder:", teacher_module.NO_AUGMENTATION)
-        teacher, meta = train_teacher(cfg, log=lambda _: None)
+        teacher, meta = train_teacher(cfg)
     teacher_path = save_teacher(teacher, meta, root / "teacher.pt")
 
     storage = tmp_path_factory.mktemp("search")

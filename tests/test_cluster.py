@@ -267,9 +267,9 @@ def test_on_a_cluster_whose_settings_name_its_autoscaler_config_the_search_knows
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
     monkeypatch.setattr(cluster, "answers", lambda address: True)  # no cluster needed to decide
     args = search.build_parser().parse_args([])
-    target = cluster.prepare(args, [], search.build_parser, lambda _: None)
+    target = cluster.prepare(args, [], search.build_parser)
     assert target.address == "10.0.0.9:6379" and target.capacity.total["GPU"] == 16
     assert cluster.trial_max_failures(target) == cluster.CLUSTER_TRIAL_MAX_FAILURES
     monkeypatch.setenv("RAY_ADDRESS", "local")
-    local = cluster.prepare(args, [], search.build_parser, lambda _: None)
+    local = cluster.prepare(args, [], search.build_parser)
     assert local.capacity is None and cluster.trial_max_failures(local) == 0

@@ -2,8 +2,10 @@
 
 import pytest
 
-from lrra.config import PRESETS, ConfigError, LRRAConfig, check_resumable, describe, parse_assignments, preset
+from lrra.config import ConfigError, LRRAConfig, describe, parse_assignments, preset
+from lrra.config_resume import check_resumable
 from lrra.fault_injection import ENV, NO_FAULTS, Faults
+from lrra.presets import PRESETS
 
 BAD_VALUES = [
     ("student_lr", -0.1, "must be > 0"),
@@ -171,3 +173,32 @@ def test_fields_lists_every_field_with_the_presets_value(capsys):
     meta_lr = next(line for line in lines if line.startswith("meta_lr "))
     assert "0.3" in meta_lr and " ".join(describe()["meta_lr"].split()) in meta_lr
     assert main(["fields", "--set", "bogus=1"]) == 2
+
+
+@pytest.mark.parametrize("command", [["distill"], ["search"], ["compare"]])
+def test_help_shows_every_config_fields_docstring(command, capsys):
+    from lrra.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())  # the docstrings are wrapped
+    for name, doc in describe().items():
+        assert f"{name} {' '.join(doc.split())}" in help_text, name
+
+
+def test_one_lrra_command_runs_the_search_comparison_and_head_commands(capsys):
+    from lrra.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    for command in ("teacher", "check", "distill", "search", "compare", "eval", "export", "fields", "cluster-head"):
+        assert f"    {command} " in listed, command
+    # the tune commands get their own arguments: a bad one is their parser's error, not lrra's
+    with pytest.raises(SystemExit) as exit_:
+        main(["search", "--num-samples", "many"])
+    assert exit_.value.code == 2 and "usage: python tune/search.py" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["cluster-head", "--help"])
+    assert "settings" in capsys.readouterr().out

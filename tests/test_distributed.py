@@ -178,7 +178,7 @@ def test_worker_failure_resumes_from_the_last_checkpoint(two_rank_probe, convnet
     cfg = preset("digits", **DIGITS, teacher_path=str(teacher_path), data_dir=str(tmp_path))
     log = tmp_path / "reports.jsonl"
     summary = distributed.run_distributed(cfg, workers=2, storage_path=str(tmp_path / "storage"), name="fault",
-                                          max_failures=1, callbacks=[ReportLog(log)], log=lambda _: None)
+                                          max_failures=1, callbacks=[ReportLog(log)])
 
     records = [json.loads(line) for line in log.read_text().splitlines()]
     failures = [r for r in records if "failed_ranks" in r]
@@ -263,7 +263,7 @@ def test_a_diverging_ray_train_run_keeps_its_best_student(ray_cluster, convnet_t
     log = tmp_path / "reports.jsonl"
     with pytest.raises(RunDiverged, match="non-finite loss at epoch 2") as caught:
         distributed.run_distributed(cfg, workers=2, storage_path=str(tmp_path / "storage"), name="nan",
-                                    callbacks=[ReportLog(log)], log=lambda _: None)
+                                    callbacks=[ReportLog(log)])
     reports = [json.loads(line)["metrics"] for line in log.read_text().splitlines()]
     # Epochs 0 and 1, then the last good epoch once more from both ranks, marked diverged.
     assert [r[0]["epoch"] for r in reports] == [0, 1, 1]
@@ -281,10 +281,10 @@ def test_a_finished_run_started_again_reports_its_end_without_training(ray_clust
     _, _, teacher_path = convnet_teacher
     cfg = preset("digits", **DIGITS, teacher_path=str(teacher_path), data_dir=str(tmp_path))
     storage = str(tmp_path / "storage")
-    first = distributed.run_distributed(cfg, workers=2, storage_path=storage, name="done", log=lambda _: None)
+    first = distributed.run_distributed(cfg, workers=2, storage_path=storage, name="done")
     log = tmp_path / "again.jsonl"
     again = distributed.run_distributed(cfg, workers=2, storage_path=storage, name="done",
-                                        callbacks=[ReportLog(log)], log=lambda _: None)
+                                        callbacks=[ReportLog(log)])
     reports = [json.loads(line)["metrics"] for line in log.read_text().splitlines()]
     assert len(reports) == 1 and reports[0][0]["epoch"] == DIGITS["epochs"] - 1
     assert reports[0][0]["val/best_student_acc"] == first["best_val_acc"]

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from lrra.config import PRESETS, preset
+from lrra.config import preset
 from lrra.models import build_classifier
+from lrra.presets import PRESETS
 from lrra.train import Distiller
 from tests.test_meta import ALPHA, WD, TinyMLP, batches, reference_gradient
 
@@ -66,7 +67,6 @@ def test_a_one_worker_ray_train_run_with_nccl(tmp_path, digits_teacher):
     from lrra.distributed import run_distributed
 
     cfg = preset("digits", epochs=2, teacher_path=str(digits_teacher[0]), data_dir=str(tmp_path / "data"))
-    summary = run_distributed(cfg, workers=1, use_gpu=True, storage_path=str(tmp_path / "runs"), name="nccl",
-                              log=lambda _: None)
+    summary = run_distributed(cfg, workers=1, use_gpu=True, storage_path=str(tmp_path / "runs"), name="nccl")
     assert summary["epochs"] == 2 and summary["best_val_acc"] > 0.2
     assert (tmp_path / "runs" / "nccl" / "best_student.pt").is_file()

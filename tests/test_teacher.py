@@ -38,7 +38,7 @@ def images_seen_in_training(preset_name: str, monkeypatch) -> torch.Tensor:
     recorder = InputRecorder(10, 3)
     monkeypatch.setattr(teacher, "build_classifier", lambda arch, classes, channels: recorder)
     cfg = preset(preset_name, teacher_epochs=1, teacher_batch_size=16, device="cpu")
-    teacher.train_teacher(cfg, log=lambda _: None)
+    teacher.train_teacher(cfg)
     return torch.cat(recorder.seen)
 
 

@@ -22,9 +22,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray._common.utils import get_default_ray_temp_dir, get_ray_address_file
-
+from lrra import logs
 from lrra.config import ConfigError
+from lrra.library_hooks import ray_address_file, use_ray_token_if_available
 from lrra.preflight import connect_error
 
 SETTINGS_ENV = "LRRA_CLUSTER_SETTINGS"       # another settings file than the default one
@@ -75,7 +75,7 @@ def choose_ray(flag_address: str | None, environ: Mapping[str, str] = os.environ
         return RayTarget(None, "local")
     if env_address:
         return RayTarget(env_address, "RAY_ADDRESS")
-    address_file = Path(get_ray_address_file(temp_dir or get_default_ray_temp_dir()))
+    address_file = ray_address_file(temp_dir)
     if address_file.is_file():
         recorded = address_file.read_text().strip()
         if recorded and alive(recorded):
@@ -148,7 +148,7 @@ def describe(target: RayTarget, nodes: list[dict], resources: dict[str, float]) 
 
 
 def prepare(args: argparse.Namespace, argv: list[str] | None,
-            build_parser: Callable[[], argparse.ArgumentParser], log: Callable[[str], None]) -> RayTarget:
+            build_parser: Callable[[], argparse.ArgumentParser]) -> RayTarget:
     """Choose the Ray (nothing started) and, on a cluster, fill the left-out options from its settings."""
     target = choose_ray(args.address)
     if target.source == "RAY_ADDRESS" and not answers(target.address):
@@ -159,19 +159,15 @@ def prepare(args: argparse.Namespace, argv: list[str] | None,
         settings = read_settings(path)
         used = apply_settings(args, settings, given_options(build_parser, argv))
         if used:
-            log(f"cluster settings from {path}: "
-                + ", ".join(f"{SETTING_FLAGS[key]} {value}" for key, value in used.items()))
+            logs.search.info(f"cluster settings from {path}: "
+                             + ", ".join(f"{SETTING_FLAGS[key]} {value}" for key, value in used.items()))
         if AUTOSCALING_KEY in settings:
             target = RayTarget(target.address, target.source, read_capacity(Path(settings[AUTOSCALING_KEY])))
     if target.is_cluster and target.source not in ("--address", "RAY_ADDRESS"):
         # What ray.init(address="auto") does for a cluster it finds on this node: use the node's Ray
         # token if there is one. An address given explicitly never gets the token unasked (Ray's
         # rule: it could be anyone's server); RAY_AUTH_MODE=token asks for it.
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available,
-        )
-
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+        use_ray_token_if_available()
     return target
 
 

@@ -29,9 +29,9 @@ import ray.tune
 from ray.tune import ResultGrid, RunConfig, TuneConfig, Tuner
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from lrra import tracking
+from lrra import logs, tracking
 from lrra.cli import USER_ERRORS
-from lrra.cli_args import add_subject_arguments, flag_fields, set_fields
+from lrra.cli_args import add_subject_arguments, config_fields_help, flag_fields, set_fields
 from lrra.config import ConfigError, LRRAConfig, preset
 from lrra.metric_names import DIVERGED_KEY, TEST_METRIC, VALIDATION_METRIC
 from lrra.preflight import check_address, check_storage
@@ -53,7 +53,7 @@ from tune.compare_variants import (
     trial_points,
 )
 from tune.plan import SearchPlan, filesystem
-from tune.report import ProgressLines, config_key, say, write_parquet
+from tune.report import ProgressLines, config_key, write_parquet
 from tune.runtime import (
     add_resource_arguments,
     check_resource_arguments,
@@ -66,12 +66,15 @@ from tune.search_tracking import end_trial_runs, run_status
 from tune.study import COMPLETED, DIVERGED, ERROR
 from tune.trial import TrialSetup, trainable, trains_in_process
 
+logger = logs.compare
+
 DEFAULT_STORAGE = "runs/compare"
 DEFAULT_SEARCH_STORAGE = "runs/search"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python tune/compare.py", description=__doc__,
+                                     epilog=config_fields_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("what to compare")
     add_subject_arguments(what, preset_default=None, preset_help="default: mnist",
@@ -118,7 +121,8 @@ def choose_variants(args: argparse.Namespace) -> tuple[LRRAConfig, list[Variant]
     if args.from_search:
         plan, variants = top_configurations(args.search_storage, args.from_search, args.top_k)
         if args.preset:
-            say(f"note: --from-search {args.from_search} compares on that search's base config; ignoring --preset")
+            logger.info(f"note: --from-search {args.from_search} compares on that search's base config; "
+                        "ignoring --preset")
         base = plan.cfg.replace(**overrides)
     else:
         base = preset(args.preset or "mnist", **overrides)
@@ -249,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     started_ray = not ray.is_initialized()  # a caller's Ray (tests share one) is used and left running
     try:
-        target = cluster.prepare(args, argv, build_parser, say)
+        target = cluster.prepare(args, argv, build_parser)
         if args.address:
             check_address(args.address)
         check_resource_arguments(args)
@@ -261,21 +265,21 @@ def main(argv: list[str] | None = None) -> int:
         plan = comparison_plan(args, base, points, check_storage(args.storage_path))
         tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri)
         tracking.check_tracking_uri(tracking_uri)
-        teacher, teacher_meta, teacher_path, splits = prepare_teacher(base, log=say)
+        teacher, teacher_meta, teacher_path, splits = prepare_teacher(base)
         plan.config["teacher_path"] = str(Path(teacher_path).absolute())
         if started_ray:
             start_search_ray(target)
     except USER_ERRORS as err:
-        say(f"error: {err}")
+        logger.error(f"error: {err}")
         return 2
 
     try:
         plan = fit_resources(plan, target.capacity)
-        say(f"comparison {plan.name}: {len(variants)} variant(s) x {len(seeds)} seed(s) {seeds} = {len(points)} "
-            f"trial(s) of {base.epochs} epochs on {base.subject}, {plan.max_concurrent_trials} at a time; reference "
-            f"{reference}; {TEST_NAME}\n{splits.describe()}\nvariants:\n"
-            + "\n".join(f"  {v.name:<14} {', '.join(f'{k}={val}' for k, val in v.changes.items())}"
-                        for v in variants))
+        logger.info(f"comparison {plan.name}: {len(variants)} variant(s) x {len(seeds)} seed(s) {seeds} = "
+                    f"{len(points)} trial(s) of {base.epochs} epochs on {base.subject}, {plan.max_concurrent_trials} "
+                    f"at a time; reference {reference}; {TEST_NAME}\n{splits.describe()}\nvariants:\n"
+                    + "\n".join(f"  {v.name:<14} {', '.join(f'{k}={val}' for k, val in v.changes.items())}"
+                                for v in variants))
         client = tracking.connect(tracking_uri)
         params = {"preset": base.preset, "epochs": base.epochs, "seeds": ",".join(map(str, seeds)),
                   "reference": reference, "test": TEST_NAME, "from_search": search_name or "",
@@ -295,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         with tracking.ended_run(client, parent_run_id):
             return run_comparison(plan, setup, labels, reference, client, parent_run_id)
     except USER_ERRORS as err:
-        say(f"error: {err}")
+        logger.error(f"error: {err}")
         return 2
     finally:
         if started_ray:

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from lrra.config import PRESETS
+from lrra import logs
+from lrra.presets import PRESETS
 from lrra.tracking import TrackingError
 from lrra.tracking.store import check_server
 from tune.cluster import settings_path
@@ -61,7 +62,7 @@ def write_settings(args: argparse.Namespace) -> Path:
     partial = path.with_suffix(".json.tmp")
     partial.write_text(json.dumps(settings, indent=2) + "\n")
     partial.replace(path)  # a search starting now reads the old file or the new one, never half of one
-    print(f"wrote {path}: {json.dumps(settings)}")
+    logs.search.info(f"wrote {path}: {json.dumps(settings)}")
     return path
 
 
@@ -100,7 +101,7 @@ def start_mlflow(_: argparse.Namespace) -> None:
         if process.poll() is not None or time.monotonic() > deadline:
             sys.exit(f"mlflow server did not come up at {uri}; see {log_file}")
         time.sleep(1)
-    print(f"mlflow server at {uri} (pid {process.pid}, log {log_file})")
+    logs.search.info(f"mlflow server at {uri} (pid {process.pid}, log {log_file})")
 
 
 def main(argv: list[str] | None = None) -> None:

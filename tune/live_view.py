@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
+from lrra import logs
+
 RUNNING, COMPLETED, STOPPED, FAILED = "running", "completed", "stopped", "failed"
 
 
@@ -77,13 +79,17 @@ class TrialBoard:
 
 
 class LineView:
-    """One plain line per event on ``stream``: no colours, the same on a terminal and in a log file."""
+    """One plain line per event, through the search's logger (or on ``stream``): no colours, the same
+    on a terminal and in a log file."""
 
     def __init__(self, stream: TextIO | None = None) -> None:
         self.stream = stream
 
     def show(self, board: TrialBoard, line: str) -> None:
-        print(line, file=self.stream or sys.stderr, flush=True)
+        if self.stream is None:
+            logs.search.info(line)
+        else:
+            print(line, file=self.stream, flush=True)
 
     def close(self) -> None:
         pass

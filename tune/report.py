@@ -15,7 +15,6 @@ from ray.tune.experimental.output import ProgressReporter as TuneProgressReporte
 from lrra.distributed import RANK0_NODE
 from lrra.live_metrics import search_metrics
 from lrra.metric_names import BEST_VALIDATION_METRIC, DIVERGED_KEY, VALIDATION_METRIC
-from lrra.runner import stderr_log as say  # noqa: F401 - tune/search.py says its lines through this
 from tune.live_view import COMPLETED as COMPLETED_STATE
 from tune.live_view import FAILED, STOPPED, TrialBoard, view_for
 from tune.plan import SearchPlan, filesystem

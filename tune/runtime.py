@@ -9,12 +9,14 @@ import logging
 import optuna
 import ray
 
+from lrra import logs
 from lrra.config import ConfigError
 from lrra.preflight import DistributedSetupError, check_cluster_fits, start_ray
 from tune import cluster
 from tune.plan import SearchPlan
-from tune.report import say
 from tune.trial import worker_resources
+
+logger = logs.search
 
 
 def add_resource_arguments(group: argparse._ArgumentGroup) -> None:
@@ -51,7 +53,7 @@ def start_search_ray(target: cluster.RayTarget) -> None:
         start_ray(target.address, logging_level="WARNING", log_to_driver=False)
     except DistributedSetupError as err:
         raise DistributedSetupError(cluster.join_failure(target, err.__context__ or err)) from None
-    say(cluster.describe(target, ray.nodes(), ray.cluster_resources()))
+    logger.info(cluster.describe(target, ray.nodes(), ray.cluster_resources()))
 
 
 def fit_resources(plan: SearchPlan, capacity: cluster.Capacity | None = None) -> SearchPlan:

@@ -21,7 +21,6 @@ Multi-worker trials, and every trial on a cluster, keep the TorchTrainer (tune/t
 
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 from pathlib import Path
@@ -31,6 +30,7 @@ import ray
 import ray.tune
 import torch
 
+from lrra import logs
 from lrra.config import LRRAConfig
 from lrra.distributed import (
     RANK0_NODE,
@@ -51,7 +51,7 @@ from lrra.teacher_files import teacher_from_payload
 from lrra.train import Distiller
 from tune.study import EPOCHS_DONE
 
-logger = logging.getLogger(__name__)
+logger = logs.search  # in a trial's process, through the logging Ray sets up there (see below)
 CHECKPOINT_NAME = re.compile(r"checkpoint_epoch_(\d{4})")
 
 
@@ -78,6 +78,7 @@ def write_checkpoint(distiller: Distiller, run_path: Path, teacher_meta: dict[st
 
 def run_in_trial_process(config: dict[str, Any], *, gpu: bool) -> None:
     """Train one trial here; ``config`` is lrra.distributed.run_loop_config's."""
+    logs.defer_to_process_logging()
     use_assigned_cpus()
     cfg = LRRAConfig.from_dict(config["cfg"])
     device = torch.device("cuda") if gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
