@@ -7,8 +7,10 @@ statistics look, to the teacher, like its training data; the prior is the distan
     L_bn = sum over BatchNorm layers l of ||mu_l(x) - running_mean_l||_2 + ||sigma2_l(x) - running_var_l||_2
 
 between the batch statistics of the layer's input and the stored ones. Forward hooks on the
-teacher's BatchNorm modules read the inputs; only ``nn.Module`` teachers have modules to hook (a
-compiled teacher, or one without BatchNorm, has no prior).
+teacher's BatchNorm modules read the inputs. A torch.export teacher has no such modules, but
+lrra/external_models.py puts a BatchNormInputTap (holding the running statistics) before each
+of its batch-norm calls, and those are hooked the same way. A TorchScript teacher, or one
+without BatchNorm, has no prior.
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lrra.external_models import BatchNormInputTap
+from lrra.library_hooks import batch_norm_base
+
 
 class BatchNormPrior:
     def __init__(self, teacher: nn.Module) -> None:
+        batch_norm = batch_norm_base()
         self.layers = [m for m in teacher.modules()
-                       if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+                       if (isinstance(m, batch_norm) and m.track_running_stats) or isinstance(m, BatchNormInputTap)]
         self._terms: list[torch.Tensor] | None = None  # None: not recording
         for layer in self.layers:
             layer.register_forward_hook(self._record)

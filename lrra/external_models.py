@@ -9,7 +9,10 @@ get the same interface here:
   input of the last ``nn.Linear`` gives the features.
 * torch.export archives: the graph's last ``aten.linear`` call gives them, through a small module
   inserted into the graph that records its input. An archive exported for one fixed batch size
-  is run in chunks of that size.
+  is run in chunks of that size. The input of every batch-norm call is tapped the same way, with
+  the call's running statistics beside it, so DeepInversion's prior (lrra/batchnorm_prior.py)
+  works for exported teachers as for modules (archives with a free batch dimension only: a chunk
+  padded to a fixed batch would add zeros to the statistics).
 * TorchScript archives expose no reliable hook: the features are None, and the activation term
   is switched off (the run says so).
 """
@@ -107,6 +110,39 @@ class _FeatureTap(nn.Module):
         return x
 
 
+class BatchNormInputTap(nn.Module):
+    """Inserted before a batch-norm call of an exported graph: passes the call's input on, and holds
+    the call's running statistics, so that the BatchNorm prior can hook it as it hooks a layer."""
+
+    def __init__(self, running_mean: torch.Tensor, running_var: torch.Tensor) -> None:
+        super().__init__()
+        self.running_mean, self.running_var = running_mean, running_var
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+# Batch-norm calls in exported graphs (eval-mode exports may show either); both take
+# (input, weight, bias, running_mean, running_var, ...).
+_BATCH_NORM_CALLS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit_no_training.default)
+
+
+def tap_batch_norm_inputs(graph_module: torch.fx.GraphModule) -> int:
+    """Put a BatchNormInputTap before each batch-norm call that has running statistics; returns how many."""
+    calls = [node for node in graph_module.graph.nodes
+             if node.op == "call_function" and node.target in _BATCH_NORM_CALLS
+             and all(isinstance(arg, torch.fx.Node) and arg.op == "get_attr" for arg in node.args[3:5])]
+    for index, call in enumerate(calls):
+        mean, var = (graph_module.get_buffer(arg.target) for arg in call.args[3:5])
+        name = f"lrra_batch_norm_tap_{index}"
+        graph_module.add_submodule(name, BatchNormInputTap(mean, var))
+        source = call.args[0]
+        with graph_module.graph.inserting_before(call):
+            tapped = graph_module.graph.call_module(name, (source,))
+        call.replace_input_with(source, tapped)
+    return len(calls)
+
+
 class CompiledClassifier(nn.Module):
     """A torch.export or TorchScript classifier; ``batch`` is the one batch size it accepts (None: any)."""
 
@@ -159,7 +195,9 @@ def load_exported(data: bytes) -> CompiledClassifier:
         with graph_module.graph.inserting_after(features):
             tapped = graph_module.graph.call_module("lrra_feature_tap", (features,))
         linears[-1].replace_input_with(features, tapped)
-        graph_module.recompile()
+    if batch is None:
+        tap_batch_norm_inputs(graph_module)
+    graph_module.recompile()
     return CompiledClassifier(graph_module, batch, tap)
 
 

@@ -37,3 +37,35 @@ def test_the_generator_step_adds_the_weighted_prior_and_logs_it():
     plain = Distiller(cfg.replace(w_bn=0.0), teacher).generator_step()  # the same seed: the same first batch
     assert "gen_bn_statistics" not in plain
     assert torch.allclose(others, plain["generator"], atol=1e-5)
+
+
+def _exported(net: nn.Module, example: torch.Tensor, dynamic_batch: bool) -> bytes:
+    import io
+
+    shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    buffer = io.BytesIO()
+    torch.export.save(torch.export.export(net, (example,), dynamic_shapes=shapes), buffer)
+    return buffer.getvalue()
+
+
+def test_an_exported_teacher_gets_the_same_prior_as_its_module():
+    from lrra.external_models import load_exported
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6),
+                        nn.Flatten(), nn.Linear(6 * 2 * 2, 3)).eval()
+    for layer in (net[1], net[4]):
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+    x = torch.randn(8, 1, 6, 6)
+    exported = load_exported(_exported(net, x, dynamic_batch=True))
+    module_prior, exported_prior = BatchNormPrior(net), BatchNormPrior(exported)
+    assert exported_prior.available and len(exported_prior.layers) == 2
+    with module_prior.recording() as expected:
+        net(x)
+    with exported_prior.recording() as terms:
+        logits, features = exported(x, return_features=True)
+    assert torch.allclose(logits, net(x), atol=1e-5) and features.shape == (8, 24)
+    assert torch.allclose(torch.stack(terms), torch.stack(expected), atol=1e-5)
+    # exported for one fixed batch, chunks are padded with zeros: no prior rather than a wrong one
+    assert not BatchNormPrior(load_exported(_exported(net, x, dynamic_batch=False))).available
