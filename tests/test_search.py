@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from ray.tune import ExperimentAnalysis
 
 from lrra import fault_injection, tracking
+from lrra.metric_names import TEST_METRIC
 from tests.services import search_command
 from tune import runtime, search, search_tracking, space
 from tune.study import STOP_REASON, TUNE_TRIAL_ID
@@ -134,6 +135,11 @@ def test_the_time_budget_cuts_the_running_trial_and_the_records_say_so(tmp_path,
     assert sorted(run.data.tags[tracking.TAG_TRIAL_ID] for run in children) == sorted(r["tune_trial_id"] for r in rows)
     assert all(run.info.status == tracking.KILLED for run in children)
     assert all(run.data.tags[search_tracking.TAG_STOP_REASON] == "time budget" for run in children)
+    # each cut trial's kept student is restored from its last checkpoint, scored on test once and
+    # logged to its run, so that the search still has a champion
+    assert all(tracking.TAG_MODEL_URI in run.data.tags and TEST_METRIC in run.data.metrics for run in children)
+    assert all(row["test_acc"] is not None for row in rows)
+    assert "MLflow: registered lrra-digits-student" in done.stderr
 
 
 @pytest.mark.slow
@@ -302,7 +308,7 @@ def new_searcher(tmp_path):
 
 def asked_trials(searcher) -> list:
     """The study's trials that were asked (points enqueued but not yet asked are WAITING)."""
-    study = optuna.load_study(study_name="s", storage=searcher._storage)
+    study = optuna.load_study(study_name="s", storage=searcher.study_storage)
     return [t for t in study.trials if t.state != TrialState.WAITING]
 
 
@@ -356,6 +362,22 @@ def test_a_trial_asked_after_the_last_snapshot_is_taken_over_by_the_next_tune_tr
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
 
 
+def test_settling_closes_the_running_trials_that_no_tune_trial_continues(new_searcher, tmp_path):
+    from tune.study import settle_unfinished
+
+    searcher = new_searcher()
+    for tune_id in ("a", "b", "c"):
+        searcher.suggest(tune_id)
+    searcher.on_trial_result("a", epoch_result(1, 0.3))
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'optuna.db'}")  # as run_search does
+    # The time budget ended "a" and "c"; "c" will resume; "b" was asked after Tune's last save.
+    assert settle_unfinished(study, searcher.study_storage, {"c"}, {"a", "c"}, "time budget") == 2
+    by_tune_id = {t.user_attrs[TUNE_TRIAL_ID]: t for t in asked_trials(searcher)}
+    assert (by_tune_id["a"].state, by_tune_id["a"].user_attrs[STOP_REASON]) == (TrialState.PRUNED, "time budget")
+    assert (by_tune_id["b"].state, by_tune_id["b"].user_attrs[STOP_REASON]) == (TrialState.FAIL, "abandoned")
+    assert by_tune_id["c"].state == TrialState.RUNNING and STOP_REASON not in by_tune_id["c"].user_attrs
+
+
 def test_a_completed_trials_value_is_its_kept_students_the_champions_figure(new_searcher):
     """The best epoch's student is the one kept and registered: Optuna's value is its validation
     accuracy, not the last epoch's, while the intermediate values stay each epoch's."""
@@ -382,11 +404,11 @@ def test_a_diverged_trial_fails_with_its_best_accuracy_kept(new_searcher, tmp_pa
     searcher.on_trial_complete("a", last)
     searcher.suggest("b")  # the search goes on
 
-    study = optuna.load_study(study_name="s", storage=searcher._storage)
+    study = optuna.load_study(study_name="s", storage=searcher.study_storage)
     trial = study.trials[0]
     assert trial.state == TrialState.FAIL and trial.user_attrs[STOP_REASON] == "diverged"
     assert trial.intermediate_values == {1: 0.3, 2: 0.25}
-    row = trial_rows(study, list(searcher._space), str(tmp_path))[0]
+    row = trial_rows(study, list(trial.distributions), str(tmp_path))[0]  # the knobs: every one was asked
     assert (row["stop_reason"], row["best_val_acc"], row["epochs"]) == ("diverged", 0.3, 2)
     assert ending(last, epochs=3) == "diverged at epoch 3 (non-finite loss), best acc 0.3000"
     assert search.trial_outcomes([row])["a"] == (tracking.FAILED, "diverged")
@@ -407,7 +429,8 @@ def test_a_diverged_trial_run_ends_failed_although_its_worker_finished_it(tmp_pa
 
 
 def test_every_preset_has_a_space_that_contains_its_own_configuration():
-    from lrra.config import PRESETS, preset
+    from lrra.config import preset
+    from lrra.presets import PRESETS
 
     for name in PRESETS:
         cfg = preset(name)

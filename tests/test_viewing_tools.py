@@ -104,10 +104,24 @@ def test_mlflow_ui_serves_the_parent_and_child_runs_of_a_finished_search(finishe
         assert all(re.fullmatch(r"trial-\d{2} · \w+", child["mlflow.runName"]) for child in children)
         assert {child["mlflow.runName"].split(" · ")[1] for child in children} == {
             child["lrra.trial_id"] for child in children}
+        # each trial's description says how it ended and which student it kept
+        assert all(child["mlflow.note.content"].startswith(f"Ended: {child['lrra.stop_reason']}, after ")
+                   and "Kept student: epoch " in child["mlflow.note.content"] for child in children)
         # the parent run is the search's summary: the champion and how the trials ended
         metrics = {m["key"]: m["value"] for m in parents[0]["data"]["metrics"]}
         assert metrics["search/best_val_acc"] > 0 and sum(
             value for key, value in metrics.items() if key.startswith("search/trials_")) == 3
         assert "**Champion: trial-" in tags[runs.index(parents[0])]["mlflow.note.content"]
+        # the printed address opens a shared view of this search's trials, with the accuracies in view
+        view = re.search(r"then http://127.0.0.1:5000/(#/experiments/(\d+)/runs\?viewStateShareKey=([\w-]+))",
+                         search.done.stdout)
+        assert view and view.group(2) == experiment["experiment"]["experiment_id"]
+        experiment_tags = {t["key"]: t["value"] for t in get_json(
+            f"{url}/api/2.0/mlflow/experiments/get?experiment_id={view.group(2)}")["experiment"]["tags"]}
+        state = json.loads(experiment_tags[f"mlflow.sharedViewState.{view.group(3)}"])
+        assert state["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent_id}'"
+        assert state["orderByKey"] == "metrics.`val/best_student_acc`" and state["orderByAsc"] is False
+        assert {"metrics.`val/best_student_acc`", "metrics.`test/best_student_acc`", "params.`meta_lr`",
+                "tags.`lrra.stop_reason`"} <= set(state["selectedColumns"])
         with urllib.request.urlopen(url, timeout=10) as page:
             assert page.status == 200 and b"mlflow" in page.read().lower()

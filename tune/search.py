@@ -27,9 +27,9 @@ import ray.cloudpickle
 from ray.tune import ExperimentAnalysis, RunConfig, TuneConfig, Tuner
 from ray.tune.experiment import Trial
 
-from lrra import tracking
+from lrra import logs, tracking
 from lrra.cli import USER_ERRORS
-from lrra.cli_args import add_subject_arguments, flag_fields, set_fields
+from lrra.cli_args import add_subject_arguments, config_fields_help, flag_fields, set_fields
 from lrra.config import ConfigError, LRRAConfig, preset
 from lrra.metric_names import VALIDATION_METRIC
 from lrra.preflight import check_address, check_storage
@@ -37,8 +37,9 @@ from lrra.runner import default_run_name
 from lrra.teacher import prepare_teacher
 from lrra.teacher_files import teacher_payload
 from tune import cluster
+from tune.cut_trials import keep_cut_students
 from tune.plan import BUDGETS, CLUSTER_BUDGET, SMOKE_TEST, SearchPlan, filesystem, load_plan, save_plan
-from tune.report import ProgressLines, print_summary, say, write_parquet
+from tune.report import ProgressLines, print_summary, write_parquet
 from tune.runtime import (
     add_resource_arguments,
     check_resource_arguments,
@@ -71,12 +72,15 @@ from tune.study import (
 )
 from tune.trial import TrialSetup, trainable, trains_in_process
 
+logger = logs.search
+
 DEFAULT_STORAGE = "runs/search"
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C: the search can be continued with --resume
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python tune/search.py", description=__doc__,
+                                     epilog=config_fields_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     what = parser.add_argument_group("what to search")
     add_subject_arguments(what, preset_default=None, preset_help="default: mnist; digits with --smoke-test",
@@ -171,8 +175,8 @@ def new_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
     note_excluded_preset(space, cfg)
     num_samples = args.num_samples or smoke.get("num_samples", budget.num_samples)
     if len(points) > num_samples:
-        say(f"note: --num-samples {num_samples} runs only the first {num_samples} of the {len(points)} points "
-            "to evaluate first (the preset's, its counterpart, then --point)")
+        logger.info(f"note: --num-samples {num_samples} runs only the first {num_samples} of the {len(points)} points "
+                    "to evaluate first (the preset's, its counterpart, then --point)")
         points = points[:num_samples]
 
     default_time_budget = smoke.get("time_budget_s", budget.time_budget_s)
@@ -193,8 +197,8 @@ def note_excluded_preset(space, cfg: LRRAConfig) -> None:
     excluded = excluded_by_bounds(space, cfg)
     if excluded:
         knobs = ", ".join(f"{name}={value} outside {space[name].describe()}" for name, value in excluded.items())
-        say(f"note: the bounds exclude the preset's own configuration ({knobs}): "
-            "its trial and its counterpart are not run")
+        logger.info(f"note: the bounds exclude the preset's own configuration ({knobs}): "
+                    "its trial and its counterpart are not run")
 
 
 def resumed_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
@@ -206,7 +210,7 @@ def resumed_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
                "--smoke-test": args.smoke_test, "--name": args.name, "--study-storage": args.study_storage}
     ignored = [flag for flag, value in shaping.items() if value]
     if ignored:
-        say(f"note: --resume continues {plan.name} with its saved settings; ignoring {', '.join(ignored)}")
+        logger.info(f"note: --resume continues {plan.name} with its saved settings; ignoring {', '.join(ignored)}")
     return plan
 
 
@@ -255,7 +259,9 @@ def trial_outcomes(rows: list[dict]) -> dict[str, tuple[str, str]]:
 def search_params(plan: SearchPlan, teacher_meta: dict) -> dict:
     """The parent run's params: what the search fixed when it started (the same on --resume)."""
     cfg = plan.cfg
-    return {"preset": cfg.preset, "dataset": cfg.dataset, "teacher_arch": cfg.teacher_arch,
+    # The teacher as read (a user's file says its own architecture and format), not the preset's default.
+    return {"preset": cfg.preset, "dataset": cfg.dataset, "teacher_arch": teacher_meta.get("arch", cfg.teacher_arch),
+            "teacher.format": teacher_meta.get("format", "lrra"),
             "student_arch": cfg.student_arch, "epochs": cfg.epochs, "teacher.path": cfg.teacher_path,
             "teacher.test_accuracy": teacher_meta["test_accuracy"], "num_samples": plan.num_samples,
             "time_budget_s": plan.time_budget_s, "grace_period": plan.grace_period,
@@ -283,8 +289,8 @@ def resumed_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
     if not has_tune_state(plan.experiment_path):
         # Killed before Tune saved anything: nothing ran to its end yet, so start over; the
         # study keeps the trials already asked, and StudySearch takes them over.
-        say(f"note: {plan.experiment_path} holds no Tune state yet (the search stopped while starting); "
-            "starting it over with its saved settings")
+        logger.info(f"note: {plan.experiment_path} holds no Tune state yet (the search stopped while starting); "
+                    "starting it over with its saved settings")
         return new_tuner(plan, setup, storage)
     setup = dataclasses.replace(setup, finished=finished_results(load_study(plan.study_storage, plan.study_name)))
     return Tuner.restore(plan.experiment_path, trainable=trainable(setup, plan.driver_cpus),
@@ -302,18 +308,20 @@ def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, track
     study = load_study(*study_args)
     known = tune_trials(plan.experiment_path)
     resumable = unfinished(known)  # empty unless the search was interrupted
-    settle_unfinished(study, resumable, set(known), TIME_BUDGET)
+    settle_unfinished(study, storage, resumable, set(known), TIME_BUDGET)
     rows = trial_rows(study, list(plan.space), plan.train_path)
+    keep_cut_students(tracker.client, tracker.run_id, rows, plan.cfg, list(plan.space), setup.teacher_payload,
+                      setup.teacher_meta)
     write_parquet(rows, plan.results_path)
     print_summary(rows, plan, wall_s, runs_view=tracker.runs_view())
     champion = tracker.finish(study, pd.DataFrame(rows), trial_outcomes(rows), plan.cfg,
                               interrupted=bool(resumable))
     if champion is not None:
-        say(f"MLflow: registered {champion['name']} version {champion['version']}"
-            + (" as the new champion" if champion["champion"] else "; the champion stays"))
+        logger.info(f"MLflow: registered {champion['name']} version {champion['version']}"
+                    + (" as the new champion" if champion["champion"] else "; the champion stays"))
     if resumable:
-        say(f"\ninterrupted with {len(resumable)} trial(s) unfinished; continue with:\n"
-            f"  python tune/search.py --resume {plan.name} --storage-path {plan.storage_path}")
+        logger.info(f"\ninterrupted with {len(resumable)} trial(s) unfinished; continue with:\n"
+                    f"  python tune/search.py --resume {plan.name} --storage-path {plan.storage_path}")
         return EXIT_INTERRUPTED
     return 0
 
@@ -323,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     resume = args.resume is not None
     try:
-        target = cluster.prepare(args, argv, build_parser, say)  # which Ray; a cluster's settings as defaults
+        target = cluster.prepare(args, argv, build_parser)  # which Ray; a cluster's settings as defaults
         if args.address:
             check_address(args.address)  # seconds, not ray.init's minutes of retries
         storage_path = check_storage(args.storage_path)
@@ -335,24 +343,24 @@ def main(argv: list[str] | None = None) -> int:
         cfg = plan.cfg
         # Before anything is written: a teacher that does not fit or scores near chance fails now. Trains
         # and caches a teacher if none is given; fails early without the data.
-        teacher, teacher_meta, teacher_path, splits = prepare_teacher(cfg, log=say)
+        teacher, teacher_meta, teacher_path, splits = prepare_teacher(cfg)
         storage = open_storage(plan.study_storage)
         plan.config["teacher_path"] = str(Path(teacher_path).absolute())  # a resume uses this very teacher
         start_search_ray(target)
     except USER_ERRORS as err:
-        say(f"error: {err}")
+        logger.error(f"error: {err}")
         return 2
 
     try:
         if not resume:
             plan = fit_resources(plan, target.capacity)
             save_plan(plan)
-        say(f"search {plan.name}: {plan.num_samples} trial(s) of {cfg.epochs} epochs on {cfg.preset}, "
-            f"{plan.max_concurrent_trials} at a time, {plan.workers_per_trial} worker(s) each "
-            f"({plan.cpus_per_worker:g} CPU(s), {plan.gpus_per_worker:g} GPU(s) per worker); "
-            f"time budget {f'{plan.time_budget_s / 60:g} min' if plan.time_budget_s else 'none'}; "
-            f"teacher {teacher_path} (validation acc {teacher_meta['val_accuracy']:.4f})\n{splits.describe()}; "
-            f"every choice reads validation\nknobs:\n{describe_space(plan.space)}")
+        logger.info(f"search {plan.name}: {plan.num_samples} trial(s) of {cfg.epochs} epochs on {cfg.preset}, "
+                    f"{plan.max_concurrent_trials} at a time, {plan.workers_per_trial} worker(s) each "
+                    f"({plan.cpus_per_worker:g} CPU(s), {plan.gpus_per_worker:g} GPU(s) per worker); "
+                    f"time budget {f'{plan.time_budget_s / 60:g} min' if plan.time_budget_s else 'none'}; "
+                    f"teacher {teacher_path} (validation acc {teacher_meta['val_accuracy']:.4f})\n{splits.describe()}; "
+                    f"every choice reads validation\nknobs:\n{describe_space(plan.space)}")
         with tracked_search(tracking_uri, plan.experiment_path, search_params(plan, teacher_meta),
                             resume=resume, run_name=plan.name, tags=cluster_tags()) as tracker:
             setup = TrialSetup(config=plan.config, teacher_payload=teacher_payload(teacher, teacher_meta, teacher_path),
@@ -364,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                                in_process=trains_in_process(plan.workers_per_trial, target.is_cluster))
             return run_search(plan, setup, storage, resume, tracker)
     except USER_ERRORS as err:
-        say(f"error: {err}")
+        logger.error(f"error: {err}")
         return 2
     finally:
         ray.shutdown()

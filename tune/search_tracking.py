@@ -7,6 +7,7 @@ again by the ``mlflow.parentRunId`` tag once its trials are over.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tempfile
 from collections.abc import Iterator
@@ -67,6 +68,7 @@ class SearchTracker:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
         self.trial_target = RunTarget(tracking_uri, parent_run_id=self.run_id)
+        self.knobs = [name.removeprefix("space.") for name in params if name.startswith("space.")]
         self.interrupted = False
 
     def finish(self, study, frame, outcomes: dict[str, tuple[str, str]], cfg: LRRAConfig,
@@ -88,9 +90,11 @@ class SearchTracker:
         return register_best_student(self.client, self.run_id, registered_model_name(cfg))
 
     def runs_view(self) -> str:
-        """Where the MLflow UI shows this search's runs (a path under the UI's address)."""
+        """Where the MLflow UI shows this search's trials as a training comparison (a path under the
+        UI's address): the shared view of ``share_trials_view``."""
         experiment_id = self.client.get_run(self.run_id).info.experiment_id
-        return f"#/experiments/{experiment_id}/runs"
+        key = share_trials_view(self.client, experiment_id, self.run_id, self.knobs)
+        return f"#/experiments/{experiment_id}/runs?viewStateShareKey={key}"
 
     def end(self, error: BaseException | None = None) -> None:
         """End the parent run, and any child run still RUNNING (KILLED): nothing stays RUNNING."""
@@ -124,13 +128,37 @@ def open_search_run(client: MlflowClient, search_id: str, params: dict[str, Any]
 
 NOTE = "mlflow.note.content"  # the run's description in the MLflow UI (Markdown)
 
+# The MLflow UI's "share view": an experiment tag of this prefix holds the runs table's state as
+# JSON, and the URL's ?viewStateShareKey=KEY opens the table in that state (its Share button
+# writes the same). Without it, the table opens on Created/Dataset/Duration/Source/Models columns,
+# the trials folded under their parent and no metric in view.
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+TRIALS_VIEW_METRICS = (BEST_VALIDATION_METRIC, TEST_METRIC, "val/best_epoch", "epoch")
+
+
+def share_trials_view(client: MlflowClient, experiment_id: str, parent_run_id: str, knobs: list[str]) -> str:
+    """Save the runs table of one search's trials as a shared view; returns its key.
+
+    Only this search's child runs, best validation first, with the validation and test accuracy of
+    the student each kept, its epoch, the epochs run, each searched knob and why the trial ended.
+    """
+    columns = ([f"metrics.`{name}`" for name in TRIALS_VIEW_METRICS] + [f"tags.`{TAG_STOP_REASON}`"]
+               + [f"params.`{knob}`" for knob in knobs])
+    state = {"searchFilter": f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'",
+             "orderByKey": f"metrics.`{BEST_VALIDATION_METRIC}`", "orderByAsc": False,
+             "selectedColumns": columns}
+    key = "lrra-" + hashlib.sha256(parent_run_id.encode()).hexdigest()[:12]
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(state))
+    return key
+
 
 def search_description(params: dict[str, Any]) -> str:
     """What was searched, on which teacher and data: the parent run's description."""
     knobs = [name.removeprefix("space.") for name in params if name.startswith("space.")]
     return (f"LRRA search of {len(knobs)} knob(s) ({', '.join(knobs)}) over {params.get('num_samples')} trial(s) "
             f"of {params.get('epochs')} epochs: preset {params.get('preset')}, dataset {params.get('dataset')}, "
-            f"{params.get('teacher_arch')} teacher ({params.get('teacher.path') or 'trained here'}) to a "
+            f"{params.get('teacher_arch')} teacher ({params.get('teacher.format', 'lrra')} file "
+            f"{params.get('teacher.path') or 'trained here'}) to a "
             f"{params.get('student_arch')} student. Each trial is a child run named trial-NN · TUNE_ID (NN: the "
             "Optuna trial number). Trials are compared on validation accuracy; test accuracy only reports.")
 
@@ -184,8 +212,19 @@ def end_trial_runs(client: MlflowClient, parent_run_id: str, outcomes: dict[str,
         status, reason = outcomes.get(run.data.tags.get(TAG_TRIAL_ID), (KILLED, None))
         if reason is not None:
             client.set_tag(run.info.run_id, TAG_STOP_REASON, reason)
+            client.set_tag(run.info.run_id, NOTE, trial_description(run.data.metrics, reason))
         if run.info.status != status and (reason is not None or run.info.status == RUNNING):
             client.set_terminated(run.info.run_id, status)
+
+
+def trial_description(metrics: dict[str, float], reason: str) -> str:
+    """A trial run's description: how it ended, and the student it kept (what the champion is chosen from)."""
+    text = f"Ended: {reason}, after {int(metrics.get('epoch', 0))} epoch(s)."
+    if BEST_VALIDATION_METRIC in metrics:
+        text += (f" Kept student: epoch {int(metrics.get('val/best_epoch', 0)) + 1}, validation accuracy "
+                 f"{metrics[BEST_VALIDATION_METRIC]:.4f}")
+        text += f", test accuracy {metrics[TEST_METRIC]:.4f}." if TEST_METRIC in metrics else " (not scored on test)."
+    return text
 
 
 # ----------------------------------------------------------------------------------------
