@@ -227,3 +227,21 @@ def test_a_search_distils_an_exported_teacher_in_its_trials(teachers, tmp_path):
     [row] = pq.read_table(tmp_path / "exported" / "results.parquet").to_pylist()
     assert row["stop_reason"] == "completed" and row["epochs"] == 2 and math.isfinite(row["best_val_acc"])
     assert list((tmp_path / "exported" / "train" / row["tune_trial_id"]).glob("checkpoint_epoch_*/best_student.pt"))
+
+
+def test_the_examples_teacher_checks_with_the_flags_it_prints(tmp_path, capsys):
+    """examples/own_teacher.py, the docs' plain-PyTorch teacher: the flags it prints are its contract."""
+    import shlex
+    import subprocess
+    import sys
+
+    out = tmp_path / "digits-bn-net.pt2"
+    done = subprocess.run([sys.executable, "examples/own_teacher.py", "--arch", "bn-net", "--dataset", "digits",
+                           "--epochs", "8", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    flags = shlex.split(done.stdout.strip().splitlines()[-1])
+    assert flags[:2] == ["--teacher", str(out)] and "dataset=digits" in flags
+    assert main(["check", "--preset", "digits", *flags]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["format"] == "export" and result["image_size"] == 28 and result["teacher_acc"] > 0.5
