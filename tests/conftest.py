@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # MLflow and Optuna processes, so on two cores the second process gains about a quarter
 # (docs/testing.md), not a half.
 
-SMOKE_SEARCH_READERS = {"test_search.py", "test_tracking.py", "test_viewing_tools.py"}
+SMOKE_SEARCH_READERS = {"test_search.py", "test_tracking_search.py", "test_viewing_tools.py"}
 
 
 def test_group(nodeid: str) -> str:
@@ -258,3 +258,29 @@ def kill_search(tmp_path):
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
         kill_session(driver.pid, grace_s=0)
+
+
+# ----------------------------------------------------------------------------------------
+# MLflow stores of the tracking tests (tests/test_tracking.py, tests/test_tracking_search.py)
+
+
+@pytest.fixture(scope="module")
+def fast_system_metrics():
+    # MLflow samples every 10 s by default: longer than these runs.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
+        yield
+
+
+@pytest.fixture(scope="module")
+def sqlite_store(tmp_path_factory):
+    """A fresh SQLite MLflow store per test module."""
+    return f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+
+
+@pytest.fixture
+def client(sqlite_store):
+    from lrra import tracking  # MLflow is imported by the tests that use it only
+
+    return tracking.connect(sqlite_store)
+
