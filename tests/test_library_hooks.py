@@ -7,6 +7,8 @@ changes an internal fails here by name. No Ray is started.
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -71,18 +73,26 @@ def test_ray_address_file_is_ray_current_cluster_in_rays_temp_dir(tmp_path, monk
     assert hooks.ray_address_file() == tmp_path / "ray" / "ray_current_cluster"
 
 
-def test_use_ray_token_if_available_follows_ray_auth_mode_and_the_nodes_token(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # set explicitly: Ray's answer, nothing changed
-    assert hooks.use_ray_token_if_available() is True
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert hooks.use_ray_token_if_available() is False
+def token_hook_answer(env: dict[str, str]) -> bool:
+    """The hook's answer in a fresh process: Ray keeps the auth mode it settled on for the rest of a
+    process, and other tests in this one may have started a Ray with a token."""
+    # It must answer, and change nothing a user sets (RAY_AUTH_MODE stays as it was).
+    code = ("import os; before = os.environ.get('RAY_AUTH_MODE'); "
+            "from lrra.library_hooks import use_ray_token_if_available as hook; answer = hook(); "
+            "assert os.environ.get('RAY_AUTH_MODE') == before; print(answer)")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {"True": True, "False": False}[done.stdout.strip().splitlines()[-1]]
+
+
+def test_use_ray_token_if_available_follows_ray_auth_mode_and_the_nodes_token(tmp_path):
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token
+    assert token_hook_answer({**env, "RAY_AUTH_MODE": "token"}) is True  # set explicitly: Ray's answer
+    assert token_hook_answer({**env, "RAY_AUTH_MODE": "disabled"}) is False
     # Unset, and no token on this "node" (the case that turns nothing on): Ray looks and finds none.
-    monkeypatch.delenv("RAY_AUTH_MODE")
-    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
-    assert hooks.use_ray_token_if_available() is False
-    assert "RAY_AUTH_MODE" not in os.environ
+    assert token_hook_answer(env) is False
 
 
 def test_ray_train_report_logger_is_the_one_of_the_reporting_line():
