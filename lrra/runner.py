@@ -47,7 +47,7 @@ def format_progress(metrics: dict[str, float], epochs: int) -> str:
     line += (f"  L_S {metrics['loss/student_total']:.3f}"
              f"  mem {int(metrics['memory/size'])}  {metrics['perf/student_steps_per_s']:.1f} steps/s")
     if metrics.get(TEST_METRIC) is not None:
-        line += f"\n  test accuracy of the best student (epoch {int(metrics['val/best_epoch']) + 1}): " \
+        line += f"\n  test accuracy of the best student (epoch {int(metrics['val/best_epoch'])}): " \
                 f"{metrics[TEST_METRIC]:.4f}"
     return line
 

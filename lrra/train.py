@@ -270,7 +270,9 @@ class Distiller(CheckpointState):
             self.best_accuracy, self.best_epoch = acc, self.epoch
             self.best_student = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
         return {VALIDATION_METRIC: acc, BEST_VALIDATION_METRIC: self.best_accuracy,
-                "val/mean_student_acc": float(np.mean(self.accuracies)), "val/best_epoch": self.best_epoch}
+                "val/mean_student_acc": float(np.mean(self.accuracies)),
+                # counted from 1, as the epoch metric, MLflow's steps and the progress lines count
+                "val/best_epoch": self.best_epoch + 1}
 
     def score_on_test(self) -> float | None:
         """The best student's test accuracy (once; the test split never picks anything)."""

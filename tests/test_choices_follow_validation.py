@@ -104,13 +104,13 @@ def test_asha_and_optuna_follow_validation(planted_search):
 def test_the_best_epoch_and_the_champion_follow_validation(planted_search):
     _, rows, study, client, model_name = planted_search
     curve = study.trials[0].intermediate_values  # epochs done -> validation accuracy
-    best_epoch = max(sorted(curve), key=lambda done: curve[done]) - 1  # the first best, 0-based as logged
+    best_epoch = max(sorted(curve), key=lambda done: curve[done])  # the first best, in epochs done
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     by_model = {r.data.tags[tracking.TAG_MODEL_URI]: r for r in runs if tracking.TAG_MODEL_URI in r.data.tags}
     champion = client.get_model_version_by_alias(model_name, "champion")
     run = by_model[champion.source]
     assert run.data.tags[tracking.TAG_OPTUNA_TRIAL] == "0"
     assert run.data.metrics["val/best_epoch"] == best_epoch
-    assert float(champion.tags[tracking.VERSION_ACCURACY_TAG]) == pytest.approx(curve[best_epoch + 1])
+    assert float(champion.tags[tracking.VERSION_ACCURACY_TAG]) == pytest.approx(curve[best_epoch])
     assert float(champion.tags["test_accuracy"]) == pytest.approx(rows[0]["test_acc"])
     assert rows[0]["test_acc"] < CHANCE

@@ -35,5 +35,5 @@ def test_one_iteration_on_random_tensors_passes_through_the_whole_update(name):
     first = distiller.train_epoch()   # plain KD (memory empty), then a push
     second = distiller.train_epoch()  # full LRRA step with retention (order 2)
     assert first["memory/size"] == 1 and "loss/student_retention" in second
-    assert second["val/best_epoch"] in (0, 1) and second["test/best_student_acc"] is not None
+    assert second["val/best_epoch"] in (1, 2) and second["test/best_student_acc"] is not None
     assert any(not torch.equal(b, p) for b, p in zip(before, distiller.student.parameters(), strict=True))

@@ -111,7 +111,8 @@ def test_a_run_failing_after_logging_its_student_ends_failed_with_the_model_and_
     assert finished.data.tags[tracking.TAG_FAILURE] == "loss/student_total is nan at epoch 3"
     assert finished.data.tags[tracking.TAG_MODEL_URI] == model_uri
     [output] = finished.outputs.model_outputs
-    assert f"models:/{output.model_id}" == model_uri and output.step == 1
+    # best_epoch 1 is the second epoch, whose metrics MLflow holds at step 2
+    assert f"models:/{output.model_id}" == model_uri and output.step == 2
     assert str(client.get_logged_model(output.model_id).status) == "READY"
     images = torch.zeros(2, 1, 8, 8)
     assert torch.equal(mlflow.pytorch.load_model(model_uri)(images), student.eval()(images))

@@ -221,7 +221,7 @@ def trial_description(metrics: dict[str, float], reason: str) -> str:
     """A trial run's description: how it ended, and the student it kept (what the champion is chosen from)."""
     text = f"Ended: {reason}, after {int(metrics.get('epoch', 0))} epoch(s)."
     if BEST_VALIDATION_METRIC in metrics:
-        text += (f" Kept student: epoch {int(metrics.get('val/best_epoch', 0)) + 1}, validation accuracy "
+        text += (f" Kept student: epoch {int(metrics.get('val/best_epoch', 0))}, validation accuracy "
                  f"{metrics[BEST_VALIDATION_METRIC]:.4f}")
         text += f", test accuracy {metrics[TEST_METRIC]:.4f}." if TEST_METRIC in metrics else " (not scored on test)."
     return text

@@ -47,7 +47,8 @@ def log_student_model(client: MlflowClient, run_id: str, model: nn.Module, stude
         # Explicit requirements: inferring them runs the model in a subprocess (~10 s).
         pip_requirements=[_pinned("torch"), _pinned("mlflow")],
         metadata={"lrra": _plain(student_meta)},
-        step=max(int(student_meta.get("best_epoch", 0)), 0),  # links that epoch's metrics to the model
+        # links the kept epoch's metrics to the model: best_epoch counts from 0, metric steps from 1
+        step=max(int(student_meta.get("best_epoch", 0)), 0) + 1,
         model_id=logged.model_id,
         run_id=run_id,
     )
