@@ -9,6 +9,8 @@ Four kinds of names are understood:
   MNIST transformed, built from MNIST's files;
 * a glyph dataset of lrra.glyphs (``letters``, ``greek``): characters rendered from bundled fonts,
   images that are not digits, built offline.
+* ``photo-patches`` (lrra.photos): colour crops of the photographs scikit-learn and matplotlib
+  ship, one class per region of a photograph, built offline.
 
 Small datasets are materialised once into a ``TensorDataset`` (resized and normalised in bulk), so
 training loops slice tensors instead of decoding PIL images per item.
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from lrra import glyphs
+from lrra import glyphs, photos
 from lrra.dataset_files import DatasetUnavailableError, open_torchvision_dataset
 from lrra.robustness import DATASETS as ROBUSTNESS
 
@@ -83,6 +85,8 @@ def dataset_info(name: str, data_dir: str = "data") -> DatasetInfo:
     if name in glyphs.DATASETS:
         spec = glyphs.DATASETS[name]
         return DatasetInfo(name, spec.num_classes, 1, (spec.mean,), (spec.std,))
+    if name == photos.NAME:
+        return DatasetInfo(name, photos.NUM_CLASSES, 3, photos.MEAN, photos.STD)
     if name.startswith(_IMAGEFOLDER):
         classes = _imagefolder_classes(_imagefolder_root(name, data_dir) / "train")
         return DatasetInfo(name, len(classes), 3, _IMAGENET_MEAN, _IMAGENET_STD)
@@ -100,11 +104,11 @@ def _torchvision_class(name: str) -> type[Dataset]:
     if isinstance(cls, type) and issubclass(cls, Dataset):
         return cls
     torchvision_names = (k for k, v in vars(tvd).items() if isinstance(v, type) and issubclass(v, Dataset))
-    names = ["digits", *ROBUSTNESS, *glyphs.DATASETS, *torchvision_names]
+    names = ["digits", *ROBUSTNESS, *glyphs.DATASETS, photos.NAME, *torchvision_names]
     hint = next((f" (did you mean {k!r}?)" for k in names if k.lower() == name.lower()), "")
     raise ValueError(f"unknown dataset {name!r}{hint}: expected a torchvision.datasets class name "
                      f"(e.g. {', '.join(_KNOWN)}), 'digits', 'imagefolder:PATH', a robustness dataset "
-                     f"({', '.join(ROBUSTNESS)}) or a glyph dataset ({', '.join(glyphs.DATASETS)})")
+                     f"({', '.join(ROBUSTNESS)}), a glyph dataset ({', '.join(glyphs.DATASETS)}) or {photos.NAME!r}")
 
 
 def _count_classes(dataset: Dataset) -> int:
@@ -144,6 +148,8 @@ def load_split(name: str, data_dir: str, train: bool, image_size: int, channels:
         return _materialise(*_robustness_split(name, data_dir, train), image_size, info)
     if name in glyphs.DATASETS:
         return _materialise(*glyphs.build_split(name, train), image_size, info)
+    if name == photos.NAME:
+        return _materialise(*photos.build_split(train), image_size, info)
     if name.startswith(_IMAGEFOLDER):
         return _imagefolder_split(name, data_dir, train, _lazy_transform(image_size, info))
     if name in _KNOWN:
