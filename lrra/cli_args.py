@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import textwrap
 
@@ -31,6 +32,7 @@ def add_subject_arguments(target: ArgumentTarget, *, preset_default: str | None,
                         help=f"{set_help} (repeatable; every field is listed below)")
 
 
+@functools.cache  # once per process: every parser that takes --set carries it as its epilog
 def config_fields_help() -> str:
     """Every config field with its docstring, for the --help of each command that takes --set."""
     docs = describe()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import itertools
 import os
@@ -235,6 +236,11 @@ def coerce(name: str, value: Any) -> Any:
 
 def describe() -> dict[str, str]:
     """Field name -> its one-line docstring, read from this module's source."""
+    return dict(_field_docs())
+
+
+@functools.cache  # the source does not change while a process runs; every command's parser reads it
+def _field_docs() -> dict[str, str]:
     source = inspect.getsource(LRRAConfig)
     tree = ast.parse(source)
     docs: dict[str, str] = {}

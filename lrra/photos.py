@@ -30,7 +30,6 @@ SIDE = 32
 CROP_SIDES = (32, 64)      # a crop's side in the photograph's pixels, drawn uniformly
 TRAIN_SIZE, TEST_SIZE = 20_000, 4_000
 SPLIT_SEEDS = {True: 21, False: 22}
-NUM_CLASSES = 10
 MEAN = (0.3654, 0.3956, 0.3747)  # of the built training images in [0, 1] (a test checks them)
 STD = (0.3599, 0.2978, 0.3161)
 
@@ -49,6 +48,7 @@ def _quadrants(photo: str) -> list[Region]:
 REGIONS: tuple[Region, ...] = (*_quadrants("sklearn:china.jpg"), *_quadrants("sklearn:flower.jpg"),
                                Region("matplotlib:grace_hopper.jpg", (0.0, 0.5), (0.0, 1.0)),
                                Region("matplotlib:grace_hopper.jpg", (0.5, 1.0), (0.0, 1.0)))
+NUM_CLASSES = len(REGIONS)  # one class per region
 
 
 def _photo_path(photo: str) -> Path:

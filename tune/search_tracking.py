@@ -68,7 +68,7 @@ class SearchTracker:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)
         self.trial_target = RunTarget(tracking_uri, parent_run_id=self.run_id)
-        self.knobs = [name.removeprefix("space.") for name in params if name.startswith("space.")]
+        self.knobs = searched_knobs(params)
         self.interrupted = False
 
     def finish(self, study, frame, outcomes: dict[str, tuple[str, str]], cfg: LRRAConfig,
@@ -152,9 +152,14 @@ def share_trials_view(client: MlflowClient, experiment_id: str, parent_run_id: s
     return key
 
 
+def searched_knobs(params: dict[str, Any]) -> list[str]:
+    """The knobs a search searched, from its parent run's params (``space.NAME``: the knob's range)."""
+    return [name.removeprefix("space.") for name in params if name.startswith("space.")]
+
+
 def search_description(params: dict[str, Any]) -> str:
     """What was searched, on which teacher and data: the parent run's description."""
-    knobs = [name.removeprefix("space.") for name in params if name.startswith("space.")]
+    knobs = searched_knobs(params)
     return (f"LRRA search of {len(knobs)} knob(s) ({', '.join(knobs)}) over {params.get('num_samples')} trial(s) "
             f"of {params.get('epochs')} epochs: preset {params.get('preset')}, dataset {params.get('dataset')}, "
             f"{params.get('teacher_arch')} teacher ({params.get('teacher.format', 'lrra')} file "
