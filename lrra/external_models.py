@@ -127,8 +127,8 @@ class BatchNormInputTap(nn.Module):
 _BATCH_NORM_CALLS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit_no_training.default)
 
 
-def tap_batch_norm_inputs(graph_module: torch.fx.GraphModule) -> int:
-    """Put a BatchNormInputTap before each batch-norm call that has running statistics; returns how many."""
+def tap_batch_norm_inputs(graph_module: torch.fx.GraphModule) -> None:
+    """Put a BatchNormInputTap before each batch-norm call that has running statistics."""
     calls = [node for node in graph_module.graph.nodes
              if node.op == "call_function" and node.target in _BATCH_NORM_CALLS
              and all(isinstance(arg, torch.fx.Node) and arg.op == "get_attr" for arg in node.args[3:5])]
@@ -140,7 +140,6 @@ def tap_batch_norm_inputs(graph_module: torch.fx.GraphModule) -> int:
         with graph_module.graph.inserting_before(call):
             tapped = graph_module.graph.call_module(name, (source,))
         call.replace_input_with(source, tapped)
-    return len(calls)
 
 
 class CompiledClassifier(nn.Module):

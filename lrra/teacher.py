@@ -237,8 +237,10 @@ def prepare_teacher(cfg: LRRAConfig) -> tuple[nn.Module, dict[str, Any], Path, E
     evaluation = evaluation_splits(cfg, meta)
     meta = check_teacher(model, meta, evaluation, cfg, str(path))
     if cfg.w_bn > 0 and not BatchNormPrior(model).available:
-        logs.core.info(f"the {meta['format']} teacher shows no BatchNorm layers: the BatchNorm-statistics prior "
-                       "(w_bn) is off for this run")
+        # An archive exported for one batch size is run on padded chunks, whose statistics are not the batch's.
+        why = (f"was exported for one batch size ({model.batch})" if getattr(model, "batch", None)
+               else "shows no BatchNorm layers")
+        logs.core.info(f"the {meta['format']} teacher {why}: the BatchNorm-statistics prior (w_bn) is off for this run")
     if not getattr(model, "has_features", True) and cfg.w_a > 0:
         logs.core.info(f"the {meta['format']} teacher's penultimate features cannot be read: the generator's "
                        "activation term (w_a) is off for this run")
