@@ -37,9 +37,26 @@ def test_the_second_trial_slows_the_generator_of_a_preset_without_memory():
     from lrra.config import preset
 
     cfg = preset("mnist")  # no memory, generator lr 3e-4
-    preset_trial, counterpart = space.baseline_points(space.build_space("mnist", {}, set(), cfg), cfg)
+    preset_trial, counterpart, _ = space.baseline_points(space.build_space("mnist", {}, set(), cfg), cfg)
     assert (preset_trial["memory_capacity"], preset_trial["generator_lr"]) == (0, 3e-4)
     assert counterpart == {**preset_trial, "generator_lr": 1e-4}
+
+
+def test_the_third_trial_clips_the_students_gradient_where_the_space_holds_that_choice():
+    from lrra.config import preset
+
+    cfg = preset("mnist")
+    preset_trial, _, clipped = space.baseline_points(space.build_space("mnist", {}, set(), cfg), cfg)
+    assert preset_trial["student_clip_norm"] == 0
+    assert clipped == {**preset_trial, "student_clip_norm": space.CLIPPED_NORM}
+    # Fixed by --set, or a bound without 1, or a preset clipped already: no third trial.
+    assert len(space.baseline_points(space.build_space("mnist", {}, {"student_clip_norm"}, cfg), cfg)) == 2
+    assert len(space.baseline_points(space.build_space("mnist", {"student_clip_norm": "0"}, set(), cfg), cfg)) == 2
+    clipped_preset = preset("mnist", student_clip_norm=1)
+    assert len(space.baseline_points(space.build_space("mnist", {}, set(), clipped_preset), clipped_preset)) == 2
+    # The digits space (the tests' smoke searches) has no clipping knob: its two baselines only.
+    digits = preset("digits")
+    assert len(space.baseline_points(space.build_space("digits", {}, set(), digits), digits)) == 2
 
 
 def test_without_room_for_a_slower_generator_the_second_trial_replays_a_memory_as_plain_kd():
@@ -47,7 +64,7 @@ def test_without_room_for_a_slower_generator_the_second_trial_replays_a_memory_a
 
     cfg = preset("mnist")
     knobs = space.build_space("mnist", {"generator_lr": "2e-4:1e-3"}, set(), cfg)
-    preset_trial, counterpart = space.baseline_points(knobs, cfg)
+    preset_trial, counterpart, _ = space.baseline_points(knobs, cfg)
     assert preset_trial["retention_order"] == 2
     assert counterpart == {**preset_trial, "memory_capacity": space.RETENTION_MEMORY, "retention_order": 0}
     # Order 0 excluded by a bound too: the counterpart keeps the preset's order.
@@ -59,7 +76,7 @@ def test_without_room_for_a_slower_generator_the_second_trial_replays_a_memory_a
     assert (memory["memory_capacity"], memory["generator_lr"]) == (8, digits.generator_lr)
     # A preset with a memory is tried without one, at its own order.
     with_memory = preset("mnist", memory_capacity=10)
-    _, without = space.baseline_points(space.build_space("mnist", {}, set(), with_memory), with_memory)
+    _, without, _ = space.baseline_points(space.build_space("mnist", {}, set(), with_memory), with_memory)
     assert (without["memory_capacity"], without["retention_order"]) == (0, 2)
 
 
@@ -70,7 +87,7 @@ def test_a_bound_that_excludes_the_preset_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     note = [line for line in err.splitlines() if "preset's own configuration" in line]
     assert note == ["note: the bounds exclude the preset's own configuration (kd_steps=5 outside 2 .. 4 (integer), "
-                    "student_lr=0.1 outside 0.2 .. 0.3 (log)): its trial and its counterpart are not run"]
+                    "student_lr=0.1 outside 0.2 .. 0.3 (log)): its trial and its counterparts are not run"]
     assert plan.points_to_evaluate == []
 
 

@@ -2,10 +2,11 @@
 
 A search begins with its baselines (tune/space.py::baseline_points): the preset as it is, the run a
 user gets without the search, then its counterpart, which answers whether a slower generator (or,
-for a preset with a memory, no memory) does better on this teacher. ASHA still records both at
-every rung, so the other trials are measured against them, but both run to their last epoch (or
-until the time budget): the champion is never worse on validation than either baseline run in
-full, and a noisy early rung cannot throw a baseline away.
+for a preset with a memory, no memory) does better on this teacher, and on `mnist` the preset with
+its student's gradient clipped. ASHA still records them at every rung, so the other trials are
+measured against them, but they run to their last epoch (or until the time budget): the champion
+is never worse on validation than any baseline run in full, and a noisy early rung cannot throw a
+baseline away.
 
 Why both, measured (README, default search): at the first rung the two are a coin toss. In the
 default MNIST search at 30 epochs ASHA stopped the memory counterpart at epoch 3 (85.98 % validation

@@ -1,11 +1,12 @@
 """Search the LRRA knobs with Ray Tune and Optuna: ``python tune/search.py [--preset mnist] [...]``.
 
-Each trial trains the LRRA Distiller in its own process, or as a Ray Train run (tune/trial.py). Optuna's seeded
-multivariate TPE proposes the next configuration and keeps every trial in a persistent study
-(tune/study.py); ASHA stops weak trials after a few epochs of validation accuracy. The preset's own
-configuration is always the first trial, and its counterpart (tune/space.py) the second; ASHA
-never stops either (tune/scheduler.py). With no flags: a local Ray, the cached (or a freshly
-trained) MNIST teacher, and a search sized for ~12 minutes on two CPU cores.
+Each trial trains the LRRA Distiller in its own process, or as a Ray Train run (tune/trial.py).
+Optuna's seeded multivariate TPE proposes the next configuration and keeps every trial in a
+persistent study (tune/study.py); ASHA stops weak trials after a few epochs of validation accuracy.
+The preset's own configuration is always the first trial, its counterpart (tune/space.py) the
+second, and on mnist the preset with its student's gradient clipped the third; ASHA never stops
+these (tune/scheduler.py). With no flags: a local Ray, the cached (or a freshly trained) MNIST
+teacher, and a search sized for ~12 minutes on two CPU cores.
 
 Everything a search writes lives in STORAGE_PATH/NAME: search.json (its settings, for --resume),
 Tune's experiment state, one run folder per trial under train/, and results.parquet (one row
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--space-file",
                       help='JSON object of bounds, e.g. {"meta_lr": "0.01:0.5", "retention_order": [0, 2]}')
     what.add_argument("--point", action="append", default=[], metavar="KNOB=VALUE,...",
-                      help="a configuration to try early, after the preset's own and its counterpart; "
+                      help="a configuration to try early, after the preset's own and its counterparts; "
                            "other knobs keep the preset's values (repeatable)")
 
     budget = parser.add_argument_group("how much to search")
@@ -176,7 +177,7 @@ def new_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
     num_samples = args.num_samples or smoke.get("num_samples", budget.num_samples)
     if len(points) > num_samples:
         logger.info(f"note: --num-samples {num_samples} runs only the first {num_samples} of the {len(points)} points "
-                    "to evaluate first (the preset's, its counterpart, then --point)")
+                    "to evaluate first (the preset's, its counterparts, then --point)")
         points = points[:num_samples]
 
     default_time_budget = smoke.get("time_budget_s", budget.time_budget_s)
@@ -198,7 +199,7 @@ def note_excluded_preset(space, cfg: LRRAConfig) -> None:
     if excluded:
         knobs = ", ".join(f"{name}={value} outside {space[name].describe()}" for name, value in excluded.items())
         logger.info(f"note: the bounds exclude the preset's own configuration ({knobs}): "
-                    "its trial and its counterpart are not run")
+                    "its trial and its counterparts are not run")
 
 
 def resumed_plan(args: argparse.Namespace, storage_path: str) -> SearchPlan:
@@ -226,7 +227,7 @@ def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
     # run has finished and released its workers, instead of being cut while its run writes the best
     # student. reuse_actors=False: a stopped trial's process ends, and its Ray Train run with it,
     # rather than training on in the background while the next trial waits for its workers' CPUs.
-    # ASHA never stops the baseline trials (the preset and its counterpart; tune/scheduler.py).
+    # ASHA never stops the baseline trials (the preset, its counterparts; tune/scheduler.py).
     spared = baseline_numbers(len(baseline_points(plan.space, cfg)))
     scheduler = BaselineSparingASHA(spared=spared, time_attr=EPOCHS_DONE, metric=VALIDATION_METRIC, mode="max",
                                     max_t=cfg.epochs, grace_period=plan.grace_period,
