@@ -31,10 +31,12 @@ class PresetBudget:
     grace_period: int  # epochs every trial runs before ASHA may stop it
 
 
-# mnist: ~15 s per epoch on two CPU cores, ~4 min per full trial: the preset's own configuration
-# plus a few more, most cut after 3 epochs, in about 12 minutes of searching.
+# mnist: ~8 s per epoch on two CPU cores (two single-thread trials side by side), ~4 min per full
+# trial: its three baselines in full, then four sampled trials, most stopped after 3 or 9 epochs. With
+# eight trials the eighth ran into the 12-minute budget and the README's first command took 16 min in
+# all (install 2.5, teacher 1, search 12.2); with seven the search ends after about 9.
 BUDGETS: dict[str, PresetBudget] = {
-    "mnist": PresetBudget(num_samples=8, time_budget_s=12 * 60, grace_period=3),
+    "mnist": PresetBudget(num_samples=7, time_budget_s=12 * 60, grace_period=3),
     "digits": PresetBudget(num_samples=6, time_budget_s=5 * 60, grace_period=1),
 }
 CLUSTER_BUDGET = PresetBudget(num_samples=32, time_budget_s=None, grace_period=20)  # the ResNet presets
