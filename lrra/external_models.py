@@ -127,12 +127,16 @@ class BatchNormInputTap(nn.Module):
 _BATCH_NORM_CALLS = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit_no_training.default)
 
 
+def batch_norm_calls(graph_module: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The graph's batch-norm calls that read running statistics held by the module."""
+    return [node for node in graph_module.graph.nodes
+            if node.op == "call_function" and node.target in _BATCH_NORM_CALLS
+            and all(isinstance(arg, torch.fx.Node) and arg.op == "get_attr" for arg in node.args[3:5])]
+
+
 def tap_batch_norm_inputs(graph_module: torch.fx.GraphModule) -> None:
     """Put a BatchNormInputTap before each batch-norm call that has running statistics."""
-    calls = [node for node in graph_module.graph.nodes
-             if node.op == "call_function" and node.target in _BATCH_NORM_CALLS
-             and all(isinstance(arg, torch.fx.Node) and arg.op == "get_attr" for arg in node.args[3:5])]
-    for index, call in enumerate(calls):
+    for index, call in enumerate(batch_norm_calls(graph_module)):
         mean, var = (graph_module.get_buffer(arg.target) for arg in call.args[3:5])
         name = f"lrra_batch_norm_tap_{index}"
         graph_module.add_submodule(name, BatchNormInputTap(mean, var))
@@ -143,12 +147,17 @@ def tap_batch_norm_inputs(graph_module: torch.fx.GraphModule) -> None:
 
 
 class CompiledClassifier(nn.Module):
-    """A torch.export or TorchScript classifier; ``batch`` is the one batch size it accepts (None: any)."""
+    """A torch.export or TorchScript classifier; ``batch`` is the one batch size it accepts (None: any).
 
-    def __init__(self, net: nn.Module, batch: int | None, tap: _FeatureTap | None) -> None:
+    ``untapped_batch_norms``: batch-norm layers left without a prior tap, because the archive runs
+    on padded chunks of its one batch size, whose statistics are not the batch's."""
+
+    def __init__(self, net: nn.Module, batch: int | None, tap: _FeatureTap | None,
+                 untapped_batch_norms: int = 0) -> None:
         super().__init__()
         self.net, self.batch, self.tap = net, batch, tap
         self.has_features = tap is not None
+        self.untapped_batch_norms = untapped_batch_norms
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
         if self.tap is not None:
@@ -194,10 +203,13 @@ def load_exported(data: bytes) -> CompiledClassifier:
         with graph_module.graph.inserting_after(features):
             tapped = graph_module.graph.call_module("lrra_feature_tap", (features,))
         linears[-1].replace_input_with(features, tapped)
+    untapped = 0
     if batch is None:
         tap_batch_norm_inputs(graph_module)
+    else:
+        untapped = len(batch_norm_calls(graph_module))
     graph_module.recompile()
-    return CompiledClassifier(graph_module, batch, tap)
+    return CompiledClassifier(graph_module, batch, tap, untapped)
 
 
 def load_torchscript(data: bytes) -> CompiledClassifier:

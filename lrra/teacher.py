@@ -237,9 +237,8 @@ def prepare_teacher(cfg: LRRAConfig) -> tuple[nn.Module, dict[str, Any], Path, E
     evaluation = evaluation_splits(cfg, meta)
     meta = check_teacher(model, meta, evaluation, cfg, str(path))
     if cfg.w_bn > 0 and not BatchNormPrior(model).available:
-        # An archive exported for one batch size is run on padded chunks, whose statistics are not the batch's.
-        why = (f"was exported for one batch size ({model.batch})" if getattr(model, "batch", None)
-               else "shows no BatchNorm layers")
+        why = (f"was exported for one batch size ({model.batch}), so its BatchNorm layers are not read"
+               if getattr(model, "untapped_batch_norms", 0) else "shows no BatchNorm layers")
         logs.core.info(f"the {meta['format']} teacher {why}: the BatchNorm-statistics prior (w_bn) is off for this run")
     if not getattr(model, "has_features", True) and cfg.w_a > 0:
         logs.core.info(f"the {meta['format']} teacher's penultimate features cannot be read: the generator's "

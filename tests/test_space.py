@@ -1,4 +1,4 @@
-"""tune/space.py and the search's plan, without Ray: every preset's space, bounds, the second trial,
+"""tune/space.py and the search's plan, without Ray: every preset's space, bounds, the baseline trials,
 absolute paths, and how free CPUs are shared out over trials."""
 
 

@@ -131,7 +131,8 @@ def test_a_users_teacher_distils_and_reports_the_accuracy_computed_here(fmt, tea
     else:
         assert "activation term" not in captured.err
     if fmt == "export":  # its BatchNorm runs on padded chunks of its one batch size: no prior, and why
-        assert "teacher was exported for one batch size (4): the BatchNorm-statistics prior" in captured.err
+        assert ("teacher was exported for one batch size (4), so its BatchNorm layers are not read: the "
+                "BatchNorm-statistics prior") in captured.err
 
 
 def test_check_scores_the_teacher_alone_and_writes_nothing(teachers, tmp_path, capsys, monkeypatch):

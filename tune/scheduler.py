@@ -8,7 +8,8 @@ measured against them, but they run to their last epoch (or until the time budge
 is never worse on validation than any baseline run in full, and a noisy early rung cannot throw a
 baseline away.
 
-Why both, measured (README, default search): at the first rung the two are a coin toss. In the
+Why, measured on the preset and its counterpart (README, default search): at the first rung the two
+are a coin toss. In the
 default MNIST search at 30 epochs ASHA stopped the memory counterpart at epoch 3 (85.98 % validation
 against the preset's 86.96 %), though run in full it is the better of the two (96.80 % against
 96.50 %); at 15 epochs it had stopped the preset the same way.

@@ -228,7 +228,7 @@ def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
     # student. reuse_actors=False: a stopped trial's process ends, and its Ray Train run with it,
     # rather than training on in the background while the next trial waits for its workers' CPUs.
     # ASHA never stops the baseline trials (the preset, its counterparts; tune/scheduler.py).
-    spared = baseline_numbers(len(baseline_points(plan.space, cfg)))
+    spared = baseline_numbers(min(len(baseline_points(plan.space, cfg)), len(plan.points_to_evaluate)))
     scheduler = BaselineSparingASHA(spared=spared, time_attr=EPOCHS_DONE, metric=VALIDATION_METRIC, mode="max",
                                     max_t=cfg.epochs, grace_period=plan.grace_period,
                                     reduction_factor=plan.reduction_factor, stop_last_trials=False)
