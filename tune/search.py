@@ -6,7 +6,7 @@ persistent study (tune/study.py); ASHA stops weak trials after a few epochs of v
 The preset's own configuration is always the first trial, its counterpart (tune/space.py) the
 second, and on mnist the preset with its student's gradient clipped the third; ASHA never stops
 these (tune/scheduler.py). With no flags: a local Ray, the cached (or a freshly trained) MNIST
-teacher, and a search sized for ~12 minutes on two CPU cores.
+teacher, and a search sized for ~10 minutes on two CPU cores.
 
 Everything a search writes lives in STORAGE_PATH/NAME: search.json (its settings, for --resume),
 Tune's experiment state, one run folder per trial under train/, and results.parquet (one row
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--num-samples", type=int, help="trials (default: 8 for mnist, 32 for the ResNet presets)")
     budget.add_argument("--time-budget", metavar="DURATION",
                         help="stop the search after this long, e.g. 720, 12m, 1.5h, or none "
-                             "(default: 12m for mnist, none for the ResNet presets)")
+                             "(default: 10m for mnist, none for the ResNet presets)")
     budget.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial (default: per preset)")
     budget.add_argument("--reduction-factor", type=float, default=3.0,
                         help="ASHA keeps the best 1/RF of the trials at each rung (default: 3)")
