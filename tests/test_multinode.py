@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from lrra.distributed import NODE_HISTORY_TAG, NODE_IP_TAG
 from lrra.tracking import TAG_KIND, TAG_TRIAL_ID
 from tests.netns_cluster import NetnsCluster, can_make_namespaces
+from tests.search_records import study_of
 from tune.cluster import DRIVER_RESOURCE, SETTINGS_ENV
 from tune.search_tracking import SEARCH_EXPERIMENT
 
@@ -97,7 +98,6 @@ def test_a_trial_whose_node_is_lost_continues_on_another_node(tmp_path, digits_t
     restarts from its last checkpoint on the other node, and every epoch is reported exactly once."""
     import json
 
-    import optuna
 
     root = Path("/tmp") / f"lrra-mn-{os.getpid()}-lost"
     root.mkdir()
@@ -116,13 +116,12 @@ def test_a_trial_whose_node_is_lost_continues_on_another_node(tmp_path, digits_t
             env={**env, "RAY_ADDRESS": cluster.address, **cluster.auth_env})
         try:
             client = MlflowClient(env["MLFLOW_TRACKING_URI"])
-            study_url = f"sqlite:///{settings.parent / 'optuna.db'}"
             deadline = time.monotonic() + 600
             while True:  # two epochs reported (so checkpointed), and rank 0's node known
                 assert search.poll() is None, search.communicate()[1][-4000:]
                 assert time.monotonic() < deadline, "the trial never reached its second epoch"
                 try:
-                    trial = optuna.load_study(study_name="lost", storage=study_url).trials[0]
+                    trial = study_of(settings.parent, "lost").trials[0]
                     runs = client.search_runs([client.get_experiment_by_name(SEARCH_EXPERIMENT).experiment_id],
                                               f"tags.`{TAG_KIND}` = 'trial'")
                 except (KeyError, IndexError, AttributeError):

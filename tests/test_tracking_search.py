@@ -4,8 +4,6 @@ against a real `mlflow server`, as a user does, and reads what they logged back 
 MlflowClient."""
 
 import contextlib
-import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,16 +14,15 @@ import pandas as pd
 import pytest
 import ray
 import torch
-from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from optuna.trial import TrialState
 
 from lrra import tracking
 from lrra.config import preset
 from lrra.library_hooks import ray_detected_cpus
 from lrra.models import build_generator
 from lrra.teacher import load_teacher
-from tests.services import free_port, search_command
+from tests.search_records import epochs_logged, search_runs
+from tests.services import free_port
 from tests.tracking_helpers import (
     DISTILL,
     check_distill_run,
@@ -38,7 +35,6 @@ from tests.tracking_helpers import (
 )
 from tune import search, search_tracking
 from tune.plan import load_plan
-from tune.study import TUNE_TRIAL_ID
 
 pytestmark = pytest.mark.usefixtures("fast_system_metrics")
 
@@ -229,30 +225,12 @@ def test_sqlite_store_in_a_missing_folder_is_a_clear_error(tmp_path):
 # A real tracking server (integration tier)
 
 
-def two_trial_search(storage: Path, teacher: Path, uri: str | None, *args: str) -> list[str]:
-    """A two-trial smoke search that no budget cuts."""
-    return search_command(storage, teacher, "--num-samples", "2", "--time-budget", "none",
-                          *(["--tracking-uri", uri] if uri else []), *args)
-
-
-def search_runs(client: MlflowClient, experiment_path: Path) -> tuple[list, list]:
-    """(parent runs, child runs) of the search stored at ``experiment_path``."""
-    experiment_id = client.get_experiment_by_name(search_tracking.SEARCH_EXPERIMENT).experiment_id
-    parents = client.search_runs([experiment_id], f"tags.`{search_tracking.TAG_SEARCH}` = '{experiment_path}'")
-    children = [r for p in parents for r in search_tracking.child_runs(client, p.info.run_id)]
-    return parents, children
-
-
-def epochs_logged(client: MlflowClient, run) -> list[int]:
-    return [int(m.step) for m in client.get_metric_history(run.info.run_id, "val/student_acc")]
-
-
 @pytest.mark.slow
 def test_smoke_search_logs_parent_children_plots_and_a_champion(finished_smoke_search, tmp_path):
     search_run, epochs = finished_smoke_search, 3
     assert search_run.done.returncode == 0, search_run.done.stderr[-3000:]
     client = tracking.connect(search_run.tracking_uri)
-    [parent], children = search_runs(client, search_run.storage / search_run.name)
+    parent, children = search_runs(search_run.storage, search_run.name, client)
     assert parent.info.status == "FINISHED" and parent.data.params["preset"] == "digits"
     plan = load_plan(str(search_run.storage), search_run.name)
     assert {f"space.{name}": knob.describe() for name, knob in plan.space.items()}.items() <= parent.data.params.items()
@@ -289,60 +267,6 @@ def test_smoke_search_logs_parent_children_plots_and_a_champion(finished_smoke_s
                                     "--data-dir", str(tmp_path), "--tracking-uri", search_run.tracking_uri])
     assert code == 0, err
     assert evaluated["test_accuracy"] == best.data.metrics["test/best_student_acc"]
-
-
-def second_trial_is_midway(client: MlflowClient, experiment_path: Path) -> bool:
-    with contextlib.suppress(AttributeError):  # the experiment does not exist yet
-        _, children = search_runs(client, experiment_path)
-        by_number = {r.data.tags.get(tracking.TAG_OPTUNA_TRIAL): r for r in children}
-        return ("0" in by_number and by_number["0"].info.status == "FINISHED"
-                and "1" in by_number and len(epochs_logged(client, by_number["1"])) >= 1)
-    return False
-
-
-@pytest.mark.slow
-def test_interrupted_and_resumed_search_keeps_one_run_per_trial_and_none_running(
-        tracking_server, digits_teacher, tmp_path, interrupt_search):
-    epochs = 5  # the second trial must still be running when the signal lands
-    # One trial at a time whatever the machine's cores: the first finishes before the second starts.
-    command = two_trial_search(tmp_path, digits_teacher[0], tracking_server, "--name", "resumed", "--epochs",
-                               str(epochs), "--grace-period", str(epochs), "--max-concurrent-trials", "1")
-    client = tracking.connect(tracking_server)
-    code, stderr = interrupt_search(command, lambda: second_trial_is_midway(client, tmp_path / "resumed"),
-                                    wait_s=600, stop_s=180)
-    assert code == search.EXIT_INTERRUPTED, stderr[-3000:]
-    assert "--resume resumed" in stderr
-    [parent], children = search_runs(client, tmp_path / "resumed")
-    assert parent.info.status == "KILLED"
-    assert "RUNNING" not in {r.info.status for r in children}
-    study = optuna.load_study(study_name="resumed", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    interrupted = study.trials[1]
-    assert interrupted.state == TrialState.RUNNING  # kept for the resumed search to continue
-    epochs_before = len(interrupted.intermediate_values)
-    assert epochs_before < epochs
-
-    # No --tracking-uri: the search logs to the server it started with, not to $MLFLOW_TRACKING_URI.
-    resumed = subprocess.run(two_trial_search(tmp_path, digits_teacher[0], None, "--resume"),
-                             capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    [parent_after], children = search_runs(client, tmp_path / "resumed")
-    assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
-    trial_ids = [r.data.tags[tracking.TAG_TRIAL_ID] for r in children]
-    assert len(trial_ids) == len(set(trial_ids)) == 2  # one run per trial: the resumed trial continued its own
-    assert {r.info.status for r in children} == {"FINISHED"}
-    for run in children:
-        # each epoch once, though re-trained after resume
-        assert epochs_logged(client, run) == list(range(1, epochs + 1))
-
-    # Optuna: both trials complete, none RUNNING; the interrupted one kept its Tune trial and went on
-    # from its last checkpoint, not from scratch (its result.json after the resume starts later).
-    study = optuna.load_study(study_name="resumed", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
-    tune_id = interrupted.user_attrs[TUNE_TRIAL_ID]
-    assert study.trials[1].user_attrs[TUNE_TRIAL_ID] == tune_id
-    result_file = next((tmp_path / "resumed").glob(f"*{tune_id}*/result.json"))
-    resumed_epochs = [json.loads(line)["epochs_done"] for line in result_file.read_text().splitlines()]
-    assert resumed_epochs == list(range(resumed_epochs[0], epochs + 1)) and resumed_epochs[0] > epochs_before
 
 
 def test_search_with_an_unreachable_tracking_server_starts_nothing(tmp_path, capsys):
