@@ -12,10 +12,9 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from tests.services import ROOT
 from tune import search_tracking
 from tune.study import TUNE_TRIAL_ID
-
-ROOT = Path(__file__).resolve().parent.parent
 
 SEARCH_TIMEOUT_S = 600  # a guard against hangs, not a speed target: CI machines can be busy
 

@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pyarrow.parquet as pq
 import pytest
 from optuna.trial import TrialState
@@ -24,6 +23,7 @@ from lrra import teacher as teacher_module
 from lrra import tracking
 from lrra.config import preset
 from lrra.teacher import save_teacher, train_teacher
+from tests.search_records import study_of
 from tests.services import ROOT, USELESS_TRIAL, search_command
 
 EPOCHS = 3
@@ -71,7 +71,7 @@ def planted_search(tmp_path_factory):
     assert done.returncode == 0, done.stderr[-3000:]
     results = pq.read_table(storage / "planted" / "results.parquet").to_pylist()
     rows = {row["optuna_trial_number"]: row for row in results}
-    study = optuna.load_study(study_name="planted", storage=f"sqlite:///{storage / 'optuna.db'}")
+    study = study_of(storage, "planted")
     return meta, rows, study, tracking.connect(tracking_uri), tracking.registered_model_name(cfg)
 
 

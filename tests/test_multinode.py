@@ -98,7 +98,6 @@ def test_a_trial_whose_node_is_lost_continues_on_another_node(tmp_path, digits_t
     restarts from its last checkpoint on the other node, and every epoch is reported exactly once."""
     import json
 
-
     root = Path("/tmp") / f"lrra-mn-{os.getpid()}-lost"
     root.mkdir()
     storage, settings = tmp_path / "storage", tmp_path / "lrra" / "cluster.json"

@@ -3,21 +3,17 @@
 from its last checkpoint."""
 
 import json
-import subprocess
 from pathlib import Path
 
-import optuna
 import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from lrra import tracking
-from tests.search_records import epochs_logged, search_runs
+from tests.search_records import epochs_logged, run_search, search_runs, study_of
 from tests.services import search_command
 from tune import search
 from tune.study import TUNE_TRIAL_ID
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def two_trial_search(storage: Path, teacher: Path, uri: str | None, *args: str) -> list[str]:
@@ -52,15 +48,14 @@ def test_interrupted_and_resumed_search_keeps_one_run_per_trial_and_none_running
     parent, children = search_runs(tmp_path, "resumed", client)
     assert parent.info.status == "KILLED"
     assert "RUNNING" not in {r.info.status for r in children}
-    study = optuna.load_study(study_name="resumed", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = study_of(tmp_path, "resumed")
     interrupted = study.trials[1]
     assert interrupted.state == TrialState.RUNNING  # kept for the resumed search to continue
     epochs_before = len(interrupted.intermediate_values)
     assert epochs_before < epochs
 
     # No --tracking-uri: the search logs to the server it started with, not to $MLFLOW_TRACKING_URI.
-    resumed = subprocess.run(two_trial_search(tmp_path, digits_teacher[0], None, "--resume"),
-                             capture_output=True, text=True, timeout=600, cwd=ROOT)
+    resumed = run_search(two_trial_search(tmp_path, digits_teacher[0], None, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     parent_after, children = search_runs(tmp_path, "resumed", client)
     assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
@@ -73,7 +68,7 @@ def test_interrupted_and_resumed_search_keeps_one_run_per_trial_and_none_running
 
     # Optuna: both trials complete, none RUNNING; the interrupted one kept its Tune trial and went on
     # from its last checkpoint, not from scratch (its result.json after the resume starts later).
-    study = optuna.load_study(study_name="resumed", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = study_of(tmp_path, "resumed")
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
     tune_id = interrupted.user_attrs[TUNE_TRIAL_ID]
     assert study.trials[1].user_attrs[TUNE_TRIAL_ID] == tune_id

@@ -97,10 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "other knobs keep the preset's values (repeatable)")
 
     budget = parser.add_argument_group("how much to search")
-    budget.add_argument("--num-samples", type=int, help="trials (default: 8 for mnist, 32 for the ResNet presets)")
+    mnist = BUDGETS["mnist"]
+    budget.add_argument("--num-samples", type=int,
+                        help=f"trials (default: {mnist.num_samples} for mnist, "
+                             f"{CLUSTER_BUDGET.num_samples} for the ResNet presets)")
     budget.add_argument("--time-budget", metavar="DURATION",
                         help="stop the search after this long, e.g. 720, 12m, 1.5h, or none "
-                             "(default: 10m for mnist, none for the ResNet presets)")
+                             f"(default: {mnist.time_budget_s / 60:g}m for mnist, none for the ResNet presets)")
     budget.add_argument("--grace-period", type=int, help="epochs before ASHA may stop a trial (default: per preset)")
     budget.add_argument("--reduction-factor", type=float, default=3.0,
                         help="ASHA keeps the best 1/RF of the trials at each rung (default: 3)")
