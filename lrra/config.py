@@ -72,6 +72,16 @@ class LRRAConfig:
     """Generator updates per iteration."""
     kd_steps: int = 5
     """Student updates per iteration."""
+    generator_output: str = "auto"
+    """How the generator's images end: batchnorm (DAFL's affine-free BatchNorm: zero mean and unit
+    variance in the teacher's normalised space), pixels (tanh to pixel values in [0, 1], then the
+    teacher's own normalisation, so that the BatchNorm prior can match its first layer), or auto:
+    pixels when the BatchNorm prior is on, else batchnorm."""
+    generator_warmup_steps: int = 300
+    """Generator updates on the teacher's terms alone (no student, no adversarial term) before the
+    first epoch, when the BatchNorm prior is on (ignored without it, and with gen_steps=0); 0 = none."""
+    generator_warmup_lr: float = 1e-3
+    """Generator Adam learning rate during that warm-up."""
 
     # --- optimisers --------------------------------------------------------------------
     student_lr: float = 0.1

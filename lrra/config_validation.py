@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 Need = Callable[[bool, str, str], None]
 
 TEACHER_FORMATS = ("auto", "lrra", "export", "torchscript", "state_dict", "pickle")
+GENERATOR_OUTPUTS = ("auto", "batchnorm", "pixels")
 
 
 def per_channel(text: str) -> tuple[float, ...]:
@@ -78,6 +79,9 @@ def check_fields(cfg: LRRAConfig, need: Need) -> None:
                  "student_clip_norm", "generator_clip_norm"):
         need(getattr(cfg, name) >= 0, name, "must be >= 0")
     need(cfg.student_momentum < 1, "student_momentum", "must be in [0, 1)")
+    need(cfg.generator_output in GENERATOR_OUTPUTS, "generator_output", f"must be one of {GENERATOR_OUTPUTS}")
+    need(cfg.generator_warmup_steps >= 0, "generator_warmup_steps", "must be >= 0 (0 = no warm-up)")
+    need(cfg.generator_warmup_lr > 0, "generator_warmup_lr", "must be > 0")
     need(0 <= cfg.student_ema < 1, "student_ema", "must be in [0, 1) (0 = no moving average)")
     need(0 <= cfg.synthetic_shift < cfg.image_size // 2, "synthetic_shift",
          f"must be an integer in [0, {cfg.image_size // 2}) pixels (0 = off)")

@@ -111,7 +111,8 @@ def worker_distiller(config: dict[str, Any]) -> Distiller:
     evaluation = evaluation_splits(cfg, config["teacher_meta"]) if rank == 0 else None
     teacher = teacher_from_payload(config["teacher_payload"], config["teacher_meta"], cfg)
     return Distiller(cfg, teacher, evaluation, device=ray.train.torch.get_device(), rank=rank,
-                     collectives=RAY_TRAIN_COLLECTIVES, faults=Faults(**config["faults"]))
+                     collectives=RAY_TRAIN_COLLECTIVES, faults=Faults(**config["faults"]),
+                     teacher_meta=config["teacher_meta"])
 
 
 def restore(distiller: Distiller, checkpoint: ray.train.Checkpoint) -> None:

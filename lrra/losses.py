@@ -32,9 +32,10 @@ def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tenso
     return 0.5 * (kl_pm + kl_qm)
 
 
-def generator_loss_terms(teacher_logits: torch.Tensor, teacher_features: torch.Tensor,
-                         student_logits: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The four unweighted terms of L_G (each to be minimised, adversarial one included)."""
+def generator_loss_terms(teacher_logits: torch.Tensor, teacher_features: torch.Tensor | None,
+                         student_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The four unweighted terms of L_G (each to be minimised, adversarial one included); without
+    student logits (the generator's warm-up) the adversarial term is 0."""
     t = teacher_logits.float()
     p_bar = F.softmax(t, dim=1).mean(dim=0)
     return {
@@ -47,7 +48,8 @@ def generator_loss_terms(teacher_logits: torch.Tensor, teacher_features: torch.T
         "activation": (-teacher_features.float().abs().mean() if teacher_features is not None
                        else t.new_zeros(())),
         # The generator *maximises* the teacher-student disagreement: minimise its negative.
-        "adversarial": -js_divergence(student_logits, teacher_logits),
+        "adversarial": (-js_divergence(student_logits, teacher_logits) if student_logits is not None
+                        else t.new_zeros(())),
     }
 
 

@@ -7,7 +7,7 @@ its penultimate features (the generator's activation loss reads the teacher's).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,14 +114,32 @@ class ConvNet(nn.Module):
 
 # ----------------------------------------------------------------------------------------
 # The DCGAN-style generator of DAFL/DFAD/LRRA. The final affine-free BatchNorm keeps the
-# images near zero mean and unit variance, i.e. in the teacher's normalised input space.
+# images near zero mean and unit variance, i.e. in the teacher's normalised input space. For a
+# teacher with BatchNorm the images end instead in pixel values under the teacher's normalisation
+# (PixelsToInput): real inputs are not zero-mean and unit-variance (glyphs on black: -0.66 and
+# 0.62), so the BatchNorm prior could never match the teacher's first layer otherwise.
 # It starts from a map of side image_size / 2^k and doubles it k times, k = max(2, ceil(log2(side / 8))):
 # the reference generator (8x8 -> 32x32) at 32 px, and a size that grows with the logarithm of the
 # side rather than its square (7x7 -> 224x224 in five steps). A side that is not init * 2^k is cropped.
 
 
+class PixelsToInput(nn.Module):
+    """tanh's [-1, 1] as pixel values in [0, 1], normalised with the teacher's per-channel mean and std."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x + 1) / 2 - self.mean) / self.std
+
+
 class Generator(nn.Module):
-    def __init__(self, latent_dim: int, image_size: int, channels: int, width: int = 128) -> None:
+    def __init__(self, latent_dim: int, image_size: int, channels: int, width: int = 128,
+                 normalisation: tuple[Sequence[float], Sequence[float]] | None = None) -> None:
+        """``normalisation``: None for DAFL's affine-free BatchNorm output, or the teacher's (mean,
+        std), to end in pixel values under that normalisation (PixelsToInput)."""
         super().__init__()
         if image_size < 8:
             raise ValueError(f"generator image_size must be at least 8, got {image_size}")
@@ -141,7 +159,7 @@ class Generator(nn.Module):
                 nn.Conv2d(width, width // 2, 3, 1, 1, bias=False), nn.BatchNorm2d(width // 2),
                 nn.LeakyReLU(0.2, inplace=True),
                 nn.Conv2d(width // 2, channels, 3, 1, 1), nn.Tanh(),
-                nn.BatchNorm2d(channels, affine=False)]
+                nn.BatchNorm2d(channels, affine=False) if normalisation is None else PixelsToInput(*normalisation)]
         self.body = nn.Sequential(*first, *middle, *last)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -176,5 +194,6 @@ def build_classifier(arch: str, num_classes: int, channels: int) -> nn.Module:
     return ARCHITECTURES[arch](num_classes, channels)
 
 
-def build_generator(latent_dim: int, image_size: int, channels: int, width: int) -> Generator:
-    return Generator(latent_dim, image_size, channels, width)
+def build_generator(latent_dim: int, image_size: int, channels: int, width: int,
+                    normalisation: tuple[Sequence[float], Sequence[float]] | None = None) -> Generator:
+    return Generator(latent_dim, image_size, channels, width, normalisation)

@@ -104,7 +104,7 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
     if checkpoint is not None:  # a checkpoint of another run fails before the teacher is even read
         check_resumable(LRRAConfig.from_dict(checkpoint["config"]), cfg, checkpoint["epoch"])
     teacher, teacher_meta, teacher_path, evaluation = prepare_teacher(cfg)
-    distiller = Distiller(cfg, teacher, evaluation, faults=faults)
+    distiller = Distiller(cfg, teacher, evaluation, faults=faults, teacher_meta=teacher_meta)
     if checkpoint is not None:
         distiller.load_state_dict(checkpoint)
         logs.core.info(f"resumed from {resume} at epoch {distiller.epoch}")

@@ -229,6 +229,21 @@ def check_student_takes_contract(cfg: LRRAConfig) -> None:
                           "pick a student for this image size, e.g. convnet_half") from None
 
 
+def log_batchnorm_prior(cfg: LRRAConfig, model: nn.Module, meta: dict[str, Any]) -> None:
+    """One line on whether the BatchNorm prior, and what comes with it, is on for this teacher."""
+    prior = BatchNormPrior(model)
+    if prior.available:
+        output = "pixel values" if cfg.generator_output != "batchnorm" else "an affine-free BatchNorm"
+        warmup = (f", after {cfg.generator_warmup_steps} warm-up steps on the teacher's terms"
+                  if cfg.generator_warmup_steps else "")
+        logs.core.info(f"the teacher has {len(prior.layers)} BatchNorm layers: the BatchNorm-statistics prior "
+                       f"(w_bn={cfg.w_bn:g}) guides the generator, whose images end in {output}{warmup}")
+        return
+    why = (f"was exported for one batch size ({model.batch}), so its BatchNorm layers are not read"
+           if getattr(model, "untapped_batch_norms", 0) else "shows no BatchNorm layers")
+    logs.core.info(f"the {meta['format']} teacher {why}: the BatchNorm-statistics prior (w_bn) is off for this run")
+
+
 def prepare_teacher(cfg: LRRAConfig) -> tuple[nn.Module, dict[str, Any], Path, EvaluationSplits]:
     """Everything a run needs of its teacher before distilling: the model (loaded, or trained and
     cached), its metadata with its validation score, its file, and the run's evaluation splits."""
@@ -236,10 +251,8 @@ def prepare_teacher(cfg: LRRAConfig) -> tuple[nn.Module, dict[str, Any], Path, E
     model, meta, path = obtain_teacher(cfg)
     evaluation = evaluation_splits(cfg, meta)
     meta = check_teacher(model, meta, evaluation, cfg, str(path))
-    if cfg.w_bn > 0 and not BatchNormPrior(model).available:
-        why = (f"was exported for one batch size ({model.batch}), so its BatchNorm layers are not read"
-               if getattr(model, "untapped_batch_norms", 0) else "shows no BatchNorm layers")
-        logs.core.info(f"the {meta['format']} teacher {why}: the BatchNorm-statistics prior (w_bn) is off for this run")
+    if cfg.w_bn > 0:
+        log_batchnorm_prior(cfg, model, meta)
     if not getattr(model, "has_features", True) and cfg.w_a > 0:
         logs.core.info(f"the {meta['format']} teacher's penultimate features cannot be read: the generator's "
                        "activation term (w_a) is off for this run")

@@ -37,6 +37,7 @@ from lrra.phase_clock import PhaseClock
 from lrra.schedule import cosine_schedule
 from lrra.scoring import accuracy, resolve_device
 from lrra.splits import EvaluationSplits
+from lrra.teacher_files import input_contract
 
 EpochCallback = Callable[[dict[str, float], "Distiller"], None]
 
@@ -73,9 +74,12 @@ class Distiller(CheckpointState):
 
     def __init__(self, cfg: LRRAConfig, teacher: nn.Module, evaluation: EvaluationSplits | None = None, *,
                  device: torch.device | None = None, rank: int = 0,
-                 collectives: Collectives = Collectives(), faults: Faults = NO_FAULTS) -> None:
+                 collectives: Collectives = Collectives(), faults: Faults = NO_FAULTS,
+                 teacher_meta: dict[str, Any] | None = None) -> None:
         """``evaluation``: the validation split scored every epoch (it picks the best student) and
         the test split that scores that student once, after the last epoch; None on ranks > 0.
+        ``teacher_meta``: the teacher file's metadata, whose input normalisation (when it records
+        one) a pixel-valued generator output takes (lrra.teacher_files.input_contract).
         ``faults``: the tests' own (lrra/fault_injection.py), none by default."""
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
@@ -87,12 +91,14 @@ class Distiller(CheckpointState):
 
         self.teacher = teacher.to(self.device, memory_format=self.memory_format).eval()
         self.teacher.requires_grad_(False)
-        self.batchnorm_prior = BatchNormPrior(self.teacher) if cfg.w_bn > 0 else None
+        prior = BatchNormPrior(self.teacher) if cfg.w_bn > 0 else None
+        self.batchnorm_prior = prior if prior is not None and prior.available else None
 
         # Same seed on every rank: all workers start from identical weights.
         torch.manual_seed(cfg.seed)
         self.student = build_classifier(cfg.student_arch, cfg.num_classes, cfg.channels)
-        self.generator = build_generator(cfg.latent_dim, cfg.image_size, cfg.channels, cfg.generator_width)
+        self.generator = build_generator(cfg.latent_dim, cfg.image_size, cfg.channels, cfg.generator_width,
+                                         self._generator_output(teacher_meta))
         self.student.to(self.device, memory_format=self.memory_format)
         self.generator.to(self.device, memory_format=self.memory_format)
 
@@ -125,6 +131,14 @@ class Distiller(CheckpointState):
         self.clock = PhaseClock(self.device)
         self._latest_fresh: torch.Tensor | None = None
 
+    def _generator_output(self, teacher_meta: dict[str, Any] | None) -> tuple | None:
+        """The (mean, std) that turns the generator's pixels into teacher inputs, or None for
+        DAFL's affine-free BatchNorm output (``generator_output``; auto: pixels with the prior)."""
+        output = self.cfg.generator_output
+        if output == "batchnorm" or (output == "auto" and self.batchnorm_prior is None):
+            return None
+        return input_contract(self.cfg, teacher_meta)
+
     # ------------------------------------------------------------------------------------
     def _autocast(self):
         if not self.cfg.bf16:
@@ -135,14 +149,15 @@ class Distiller(CheckpointState):
         z = torch.randn(count, self.cfg.latent_dim, device=self.device, generator=self.latent_rng)
         return self.generator(z).contiguous(memory_format=self.memory_format)
 
-    def generator_step(self) -> dict[str, torch.Tensor]:
-        """One adversarial update of G; only G's parameters receive gradients."""
+    def generator_step(self, adversarial: bool = True) -> dict[str, torch.Tensor]:
+        """One update of G; only G's parameters receive gradients. ``adversarial=False`` (the
+        warm-up) leaves the student out: the teacher's terms alone."""
         cfg = self.cfg
         with self._autocast():
             images = self._synthesise(cfg.batch_size)
             with self.batchnorm_prior.recording() if self.batchnorm_prior else nullcontext() as prior:
                 teacher_logits, teacher_features = self.teacher(images, return_features=True)
-            student_logits = self.student(images)
+            student_logits = self.student(images) if adversarial else None
             terms = generator_loss_terms(teacher_logits, teacher_features, student_logits)
             if prior:
                 terms["bn_statistics"] = torch.stack(prior).sum()
@@ -198,6 +213,21 @@ class Distiller(CheckpointState):
             images = self.memory.sample(self.cfg.replay_batches, self.replay_rng)
         return images.to(self.device)
 
+    def warm_up_generator(self) -> None:
+        """Before the first epoch, ``generator_warmup_steps`` updates of G at ``generator_warmup_lr``
+        on the teacher's terms alone, when the BatchNorm prior is on (without it those terms
+        collapse G to a few images per class, see docs/results/own-teachers.md). The student then
+        starts on images whose statistics are the teacher's data's, not on the generator's first
+        noise. Not adversarial, so the faster rate cannot outrun the student."""
+        if self.batchnorm_prior is None or not self.cfg.generator_warmup_steps or not self.cfg.gen_steps:
+            return  # gen_steps=0 is the fixed-generator ablation: no generator update at all
+        for group in self.opt_generator.param_groups:
+            group["lr"] = self.cfg.generator_warmup_lr
+        for _ in range(self.cfg.generator_warmup_steps):
+            self.generator_step(adversarial=False)
+        for group in self.opt_generator.param_groups:
+            group["lr"] = self.cfg.generator_lr
+
     # ------------------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, float]:
         """Run one epoch and return its metrics (eval metrics only where a test set is held)."""
@@ -214,6 +244,8 @@ class Distiller(CheckpointState):
                 counts[key] = counts.get(key, 0) + 1
 
         self.faults.poison_teacher(self.epoch, self.teacher)
+        if self.epoch == 0:
+            self.warm_up_generator()
         learning_rate = self.opt_student.param_groups[0]["lr"]  # the rate this epoch trains with
         start = time.perf_counter()
         for _ in range(cfg.iters_per_epoch):

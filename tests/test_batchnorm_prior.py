@@ -6,7 +6,7 @@ from torch import nn
 
 from lrra.batchnorm_prior import BatchNormPrior
 from lrra.config import preset
-from lrra.models import build_classifier
+from lrra.models import PixelsToInput, build_classifier
 from lrra.train import Distiller
 
 
@@ -28,7 +28,7 @@ def test_the_prior_is_the_distance_of_the_batch_statistics_to_the_running_ones()
 
 
 def test_the_generator_step_adds_the_weighted_prior_and_logs_it():
-    cfg = preset("digits", batch_size=16, w_bn=0.5)
+    cfg = preset("digits", batch_size=16, w_bn=0.5, generator_output="batchnorm")  # one generator for both
     teacher = build_classifier("convnet", 10, 1).eval()
     with_prior = Distiller(cfg, teacher)
     parts = with_prior.generator_step()
@@ -37,6 +37,38 @@ def test_the_generator_step_adds_the_weighted_prior_and_logs_it():
     plain = Distiller(cfg.replace(w_bn=0.0), teacher).generator_step()  # the same seed: the same first batch
     assert "gen_bn_statistics" not in plain
     assert torch.allclose(others, plain["generator"], atol=1e-5)
+
+
+def test_with_the_prior_the_generator_ends_in_pixels_under_the_teachers_normalisation():
+    cfg = preset("digits", batch_size=16)
+    mean, std = (0.3,), (0.2,)
+    with_prior = Distiller(cfg, build_classifier("convnet", 10, 1).eval(), teacher_meta={"mean": mean, "std": std})
+    assert isinstance(with_prior.generator.body[-1], PixelsToInput)
+    images = with_prior._synthesise(64)
+    low, high = (0 - mean[0]) / std[0], (1 - mean[0]) / std[0]  # pixels 0 and 1, normalised
+    assert low - 1e-5 <= images.min() < images.max() <= high + 1e-5
+    # no prior (a teacher without BatchNorm, or w_bn=0): DAFL's affine-free BatchNorm, zero mean
+    for plain in (Distiller(cfg, build_classifier("lenet5", 10, 1).eval()),
+                  Distiller(cfg.replace(w_bn=0.0), build_classifier("convnet", 10, 1).eval())):
+        last = plain.generator.body[-1]
+        assert isinstance(last, nn.BatchNorm2d) and not last.affine
+        assert abs(float(plain._synthesise(64).detach().mean())) < 1e-4
+
+
+def test_the_warm_up_trains_the_generator_alone_and_only_with_the_prior():
+    cfg = preset("digits", batch_size=16, generator_warmup_steps=3, generator_warmup_lr=5e-3)
+    distiller = Distiller(cfg, build_classifier("convnet", 10, 1).eval())
+    student = [p.detach().clone() for p in distiller.student.parameters()]
+    generator = [p.detach().clone() for p in distiller.generator.parameters()]
+    distiller.warm_up_generator()
+    steps = {int(state["step"]) for state in distiller.opt_generator.state.values()}
+    assert steps == {3}
+    assert not any(torch.equal(a, b) for a, b in zip(generator, distiller.generator.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(student, distiller.student.parameters()))
+    assert distiller.opt_generator.param_groups[0]["lr"] == cfg.generator_lr  # back to the adversarial rate
+    without_prior = Distiller(cfg, build_classifier("lenet5", 10, 1).eval())
+    without_prior.warm_up_generator()
+    assert not without_prior.opt_generator.state  # no step taken
 
 
 def _exported(net: nn.Module, example: torch.Tensor, dynamic_batch: bool) -> bytes:

@@ -56,7 +56,7 @@ def keep_cut_students(client: MlflowClient, parent_run_id: str, rows: list[dict[
         if teacher is None:
             teacher = teacher_from_payload(teacher_payload, teacher_meta, base)
             splits = evaluation_splits(base, teacher_meta)
-        distiller = Distiller(cfg, teacher, splits, device=torch.device("cpu"))
+        distiller = Distiller(cfg, teacher, splits, device=torch.device("cpu"), teacher_meta=teacher_meta)
         restore_from_directory(distiller, folders[-1], world=1, shown_as=str(folders[-1]))
         if distiller.best_epoch < 0:
             continue

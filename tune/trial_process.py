@@ -84,7 +84,7 @@ def run_in_trial_process(config: dict[str, Any], *, gpu: bool) -> None:
     device = torch.device("cuda") if gpu else torch.device("cpu")  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU
     teacher = teacher_from_payload(config["teacher_payload"], config["teacher_meta"], cfg)
     distiller = Distiller(cfg, teacher, evaluation_splits(cfg, config["teacher_meta"]), device=device,
-                          faults=Faults(**config["faults"]))
+                          faults=Faults(**config["faults"]), teacher_meta=config["teacher_meta"])
     run_path = Path(config["run_path"])
     saved = checkpoint_folders(run_path)
     if saved:
