@@ -17,12 +17,28 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from lrra.external_models import BatchNormInputTap
 from lrra.library_hooks import batch_norm_base
+
+if TYPE_CHECKING:
+    from lrra.config import LRRAConfig
+
+
+# What comes with the prior (docs/algorithm.md), decided here once for the Distiller and the run's
+# first lines: images in pixel values under the teacher's normalisation, and a warm-up of the generator.
+def generator_ends_in_pixels(cfg: LRRAConfig, prior_on: bool) -> bool:
+    """``generator_output``: pixels, batchnorm, or auto (pixels exactly when the prior is on)."""
+    return cfg.generator_output == "pixels" or (cfg.generator_output == "auto" and prior_on)
+
+
+def generator_warmup_steps(cfg: LRRAConfig, prior_on: bool) -> int:
+    """The warm-up steps a run takes: none without the prior, or with a fixed generator (gen_steps=0)."""
+    return cfg.generator_warmup_steps if prior_on and cfg.gen_steps else 0
 
 
 class BatchNormPrior:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrra import logs
-from lrra.batchnorm_prior import BatchNormPrior
+from lrra.batchnorm_prior import BatchNormPrior, generator_ends_in_pixels, generator_warmup_steps
 from lrra.config import ConfigError, LRRAConfig
 from lrra.data import dataset_info, load_split
 from lrra.models import build_classifier
@@ -233,9 +233,9 @@ def log_batchnorm_prior(cfg: LRRAConfig, model: nn.Module, meta: dict[str, Any])
     """One line on whether the BatchNorm prior, and what comes with it, is on for this teacher."""
     prior = BatchNormPrior(model)
     if prior.available:
-        output = "pixel values" if cfg.generator_output != "batchnorm" else "an affine-free BatchNorm"
-        warmup = (f", after {cfg.generator_warmup_steps} warm-up steps on the teacher's terms"
-                  if cfg.generator_warmup_steps else "")
+        output = "pixel values" if generator_ends_in_pixels(cfg, prior_on=True) else "an affine-free BatchNorm"
+        steps = generator_warmup_steps(cfg, prior_on=True)
+        warmup = f", after {steps} warm-up steps on the teacher's terms" if steps else ""
         logs.core.info(f"the teacher has {len(prior.layers)} BatchNorm layers: the BatchNorm-statistics prior "
                        f"(w_bn={cfg.w_bn:g}) guides the generator, whose images end in {output}{warmup}")
         return

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from lrra.batchnorm_prior import BatchNormPrior
+from lrra.batchnorm_prior import BatchNormPrior, generator_ends_in_pixels, generator_warmup_steps
 from lrra.config import LRRAConfig
 from lrra.distiller_state import CheckpointState
 from lrra.fault_injection import NO_FAULTS, Faults
@@ -133,9 +133,8 @@ class Distiller(CheckpointState):
 
     def _generator_output(self, teacher_meta: dict[str, Any] | None) -> tuple | None:
         """The (mean, std) that turns the generator's pixels into teacher inputs, or None for
-        DAFL's affine-free BatchNorm output (``generator_output``; auto: pixels with the prior)."""
-        output = self.cfg.generator_output
-        if output == "batchnorm" or (output == "auto" and self.batchnorm_prior is None):
+        DAFL's affine-free BatchNorm output."""
+        if not generator_ends_in_pixels(self.cfg, self.batchnorm_prior is not None):
             return None
         return input_contract(self.cfg, teacher_meta)
 
@@ -219,11 +218,12 @@ class Distiller(CheckpointState):
         collapse G to a few images per class, see docs/results/own-teachers.md). The student then
         starts on images whose statistics are the teacher's data's, not on the generator's first
         noise. Not adversarial, so the faster rate cannot outrun the student."""
-        if self.batchnorm_prior is None or not self.cfg.generator_warmup_steps or not self.cfg.gen_steps:
-            return  # gen_steps=0 is the fixed-generator ablation: no generator update at all
+        steps = generator_warmup_steps(self.cfg, self.batchnorm_prior is not None)
+        if not steps:
+            return
         for group in self.opt_generator.param_groups:
             group["lr"] = self.cfg.generator_warmup_lr
-        for _ in range(self.cfg.generator_warmup_steps):
+        for _ in range(steps):
             self.generator_step(adversarial=False)
         for group in self.opt_generator.param_groups:
             group["lr"] = self.cfg.generator_lr

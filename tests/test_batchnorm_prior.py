@@ -63,8 +63,8 @@ def test_the_warm_up_trains_the_generator_alone_and_only_with_the_prior():
     distiller.warm_up_generator()
     steps = {int(state["step"]) for state in distiller.opt_generator.state.values()}
     assert steps == {3}
-    assert not any(torch.equal(a, b) for a, b in zip(generator, distiller.generator.parameters()))
-    assert all(torch.equal(a, b) for a, b in zip(student, distiller.student.parameters()))
+    assert not any(torch.equal(a, b) for a, b in zip(generator, distiller.generator.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(student, distiller.student.parameters(), strict=True))
     assert distiller.opt_generator.param_groups[0]["lr"] == cfg.generator_lr  # back to the adversarial rate
     without_prior = Distiller(cfg, build_classifier("lenet5", 10, 1).eval())
     without_prior.warm_up_generator()
