@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from lrra import logs
+from tune.budget_forecast import BudgetForecast
 
 RUNNING, COMPLETED, STOPPED, FAILED = "running", "completed", "stopped", "failed"
 
@@ -34,10 +35,12 @@ class TrialRow:
 class TrialBoard:
     """The trials' latest state, and where each event is shown."""
 
-    def __init__(self, epochs: int, view: LineView | TableView) -> None:
+    def __init__(self, epochs: int, view: LineView | TableView, time_budget_s: float | None = None) -> None:
         self.epochs = epochs
         self.view = view
         self.rows: dict[str, TrialRow] = {}
+        self.notes: list[str] = []  # lines that stay in view (the table keeps them under itself)
+        self.forecast = BudgetForecast(epochs, time_budget_s)
         self.start = time.monotonic()
 
     def states(self) -> dict[str, int]:
@@ -53,8 +56,11 @@ class TrialBoard:
         return self.rows.setdefault(trial_id, TrialRow(number, trial_id))
 
     def _show(self, row: TrialRow, message: str) -> None:
+        self.view.show(self, f"{self._stamp()} trial {row.number} ({row.trial_id}) {message}")
+
+    def _stamp(self) -> str:
         minutes, seconds = divmod(int(time.monotonic() - self.start), 60)
-        self.view.show(self, f"[{minutes:3d}:{seconds:02d}] trial {row.number} ({row.trial_id}) {message}")
+        return f"[{minutes:3d}:{seconds:02d}]"
 
     def started(self, trial_id: str, number: int | str, message: str) -> None:
         row = self._row(trial_id, number)
@@ -67,6 +73,10 @@ class TrialBoard:
         row.state, row.epoch, row.acc, row.best = RUNNING, epoch, acc, best
         row.steps_per_s, row.node = steps_per_s, node or row.node
         self._show(row, f"epoch {epoch}/{self.epochs}  acc {acc:.4f}  best {best:.4f}")
+        warning = self.forecast.epoch(trial_id, epoch, time.monotonic() - self.start)
+        if warning:
+            self.notes.append(f"{self._stamp()} trial {row.number} ({row.trial_id}) {warning}")
+            self.view.show(self, self.notes[-1])
 
     def ended(self, trial_id: str, number: int | str, state: str, message: str, best: float | None = None) -> None:
         row = self._row(trial_id, number)
@@ -112,7 +122,8 @@ class TableView:
     def render(self, board: TrialBoard, last: str):
         from rich.table import Table
 
-        table = Table(title=f"search trials ({board.epochs} epochs each)", caption=last, caption_justify="left")
+        caption = "\n".join(board.notes + ([] if last in board.notes else [last]))
+        table = Table(title=f"search trials ({board.epochs} epochs each)", caption=caption, caption_justify="left")
         for column in self.COLUMNS:
             table.add_column(column, justify="left" if column in ("trial", "state", "node") else "right")
         for row in board.rows.values():

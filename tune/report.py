@@ -50,11 +50,13 @@ class ProgressLines(TuneProgressReporter):
     """
 
     def __init__(self, epochs: int, num_samples: int, search: str = "",
-                 trial_names: dict[str, str] | None = None) -> None:
+                 trial_names: dict[str, str] | None = None, time_budget_s: float | None = None) -> None:
         """``trial_names``: a name per trial config (keyed by ``config_key``) for trials that have no
-        Optuna number, such as a comparison's variant/seed trials."""
+        Optuna number, such as a comparison's variant/seed trials. ``time_budget_s``: the search's
+        budget, for the warning that it will cut trials (tune/budget_forecast.py)."""
         super().__init__(verbosity=AirVerbosity.SILENT)
         self.epochs = epochs
+        self.time_budget_s = time_budget_s
         self.num_samples = num_samples
         self.search = search
         self.trial_names = trial_names or {}
@@ -69,11 +71,12 @@ class ProgressLines(TuneProgressReporter):
 
     def _board(self) -> TrialBoard:
         if self.board is None:
-            self.board = TrialBoard(self.epochs, view_for())
+            self.board = TrialBoard(self.epochs, view_for(), self.time_budget_s)
         return self.board
 
     def setup(self, **info) -> None:
-        self.board = TrialBoard(self.epochs, view_for())  # also when a resumed search unpickles this callback
+        # also when a resumed search unpickles this callback
+        self.board = TrialBoard(self.epochs, view_for(), self.time_budget_s)
 
     def experiment_started(self, **info) -> None:
         """The search prints its own opening lines (tune/search.py)."""

@@ -241,7 +241,8 @@ def new_tuner(plan: SearchPlan, setup: TrialSetup, storage) -> Tuner:
                                max_concurrent_trials=plan.max_concurrent_trials, time_budget_s=plan.time_budget_s,
                                reuse_actors=False),
         run_config=RunConfig(name=plan.name, storage_path=plan.storage_path, verbose=0,
-                             callbacks=[ProgressLines(cfg.epochs, plan.num_samples, plan.name)]))
+                             callbacks=[ProgressLines(cfg.epochs, plan.num_samples, plan.name,
+                                                      time_budget_s=plan.time_budget_s)]))
 
 
 def tune_trials(experiment_path: str) -> dict[str, str]:
