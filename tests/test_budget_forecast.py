@@ -17,9 +17,14 @@ def test_a_trial_that_cannot_finish_in_the_budget_is_announced_once_with_the_bud
     assert forecast.epoch("b", 2, elapsed_s=300) is None and forecast.epoch("a", 3, elapsed_s=290) is None  # once
 
 
-def test_trials_that_fit_or_a_search_without_budget_say_nothing():
+def test_trials_that_fit_a_late_trial_or_a_search_without_budget_say_nothing():
     fits = BudgetForecast(epochs=30, time_budget_s=600)
+    assert fits.epoch("slow twin", 1, elapsed_s=30) is None
     assert [fits.epoch("a", epoch, elapsed_s=10 + 15 * epoch) for epoch in range(1, 31)] == [None] * 30
+    fits.ended()  # the first trial is done at 7:40; one sampled now cannot finish, as expected
+    assert [fits.epoch("late", epoch, elapsed_s=460 + 15 * epoch) for epoch in range(1, 4)] == [None] * 3
+    # a first trial stays watched after another has ended: 28 more epochs at 440 s each
+    assert "--time-budget" in fits.epoch("slow twin", 2, elapsed_s=470)
     unbounded = BudgetForecast(epochs=30, time_budget_s=None)
     assert [unbounded.epoch("a", epoch, elapsed_s=100.0 * epoch) for epoch in range(1, 4)] == [None] * 3
 

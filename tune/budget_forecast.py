@@ -5,7 +5,8 @@ learning-rate schedule, where the last points are made. A large teacher (a ResNe
 CPU: ~35 s an epoch, two trials at a time) can leave every trial at a third of its epochs in the
 default 10 minutes. From a trial's second epoch on, the time between its epochs says when its last
 epoch would end; when that is after the budget, the search says so, with the budget that would
-let it finish.
+let it finish. Only the first trials, those that start before any trial ends, are watched: they
+hold the preset's baselines, and a trial sampled late in a budget is expected to be cut.
 """
 
 from __future__ import annotations
@@ -21,14 +22,22 @@ class BudgetForecast:
         self.epochs = epochs
         self.time_budget_s = time_budget_s
         self.last_epoch_at: dict[str, float] = {}
+        self.unwatched: set[str] = set()  # trials that started after the first trials began to end
+        self.a_trial_ended = False
         self.warned = False
+
+    def ended(self) -> None:
+        self.a_trial_ended = True
 
     def epoch(self, trial_id: str, epoch: int, elapsed_s: float) -> str | None:
         """A trial reported ``epoch`` at ``elapsed_s`` since the search started: the warning, the
         first time a trial's projected end lies after the budget, else None."""
+        if trial_id not in self.last_epoch_at and self.a_trial_ended:
+            self.unwatched.add(trial_id)
         previous = self.last_epoch_at.get(trial_id)
         self.last_epoch_at[trial_id] = elapsed_s
-        if self.warned or self.time_budget_s is None or previous is None or epoch >= self.epochs:
+        if (self.warned or self.time_budget_s is None or previous is None or epoch >= self.epochs
+                or trial_id in self.unwatched):
             return None
         per_epoch = elapsed_s - previous
         projected_end = elapsed_s + (self.epochs - epoch) * per_epoch

@@ -82,6 +82,7 @@ class TrialBoard:
         row = self._row(trial_id, number)
         row.state = state
         row.best = best if best is not None else row.best
+        self.forecast.ended()
         self._show(row, message)
 
     def close(self) -> None:
