@@ -28,6 +28,8 @@ def test_the_time_budget_cuts_the_running_trial_and_the_records_say_so(tmp_path,
         assert 1 <= row["epochs"] < 1000  # it reported epochs, and was cut before its last
         assert trial.value == pytest.approx(trial.intermediate_values[row["epochs"]]) == row["final_val_acc"]
     assert f"cut by the time budget {len(rows)}" in done.stdout
+    # from its second epoch on, the first trial's pace says the budget will cut it (tune/budget_forecast.py)
+    assert done.stderr.count("lets the first trials finish") == (rows[0]["epochs"] >= 2)
 
     parent, children = search_runs(tmp_path, "budget")
     assert parent.info.status == tracking.FINISHED
