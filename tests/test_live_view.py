@@ -105,3 +105,7 @@ def test_tune_trial_events_fill_the_board_with_state_epoch_speed_and_node():
     assert rows["t1"].state == "failed"
     assert reporter.board.states() == {"completed": 1, "failed": 1} and reporter.board.best_accuracy() == 0.8
     assert pickle.loads(pickle.dumps(reporter)).board is None  # Tune pickles its callbacks
+    saved_before_the_budget_warning = pickle.loads(pickle.dumps(reporter))
+    del saved_before_the_budget_warning.__dict__["time_budget_s"]
+    saved_before_the_budget_warning.setup()  # a resumed older search
+    assert saved_before_the_budget_warning.board.forecast.time_budget_s is None

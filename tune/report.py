@@ -49,6 +49,10 @@ class ProgressLines(TuneProgressReporter):
     tune/live_view.py board: a refreshing table on a terminal, plain lines (no colours) otherwise.
     """
 
+    # A class default, so that a search saved by a version without the budget warning still resumes
+    # (Tune unpickles this callback from the experiment state).
+    time_budget_s: float | None = None
+
     def __init__(self, epochs: int, num_samples: int, search: str = "",
                  trial_names: dict[str, str] | None = None, time_budget_s: float | None = None) -> None:
         """``trial_names``: a name per trial config (keyed by ``config_key``) for trials that have no
