@@ -41,11 +41,17 @@ def generator_warmup_steps(cfg: LRRAConfig, prior_on: bool) -> int:
     return cfg.generator_warmup_steps if prior_on and cfg.gen_steps else 0
 
 
+def batchnorm_layers(teacher: nn.Module) -> list[nn.Module]:
+    """The teacher's layers whose inputs the prior reads: BatchNorm with running statistics, and the
+    taps of an exported graph's batch-norm calls."""
+    batch_norm = batch_norm_base()
+    return [m for m in teacher.modules()
+            if (isinstance(m, batch_norm) and m.track_running_stats) or isinstance(m, BatchNormInputTap)]
+
+
 class BatchNormPrior:
     def __init__(self, teacher: nn.Module) -> None:
-        batch_norm = batch_norm_base()
-        self.layers = [m for m in teacher.modules()
-                       if (isinstance(m, batch_norm) and m.track_running_stats) or isinstance(m, BatchNormInputTap)]
+        self.layers = batchnorm_layers(teacher)
         self._terms: list[torch.Tensor] | None = None  # None: not recording
         for layer in self.layers:
             layer.register_forward_hook(self._record)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrra import logs
-from lrra.batchnorm_prior import BatchNormPrior, generator_ends_in_pixels, generator_warmup_steps
+from lrra.batchnorm_prior import batchnorm_layers, generator_ends_in_pixels, generator_warmup_steps
 from lrra.config import ConfigError, LRRAConfig
 from lrra.data import dataset_info, load_split
 from lrra.models import build_classifier
@@ -231,12 +231,12 @@ def check_student_takes_contract(cfg: LRRAConfig) -> None:
 
 def log_batchnorm_prior(cfg: LRRAConfig, model: nn.Module, meta: dict[str, Any]) -> None:
     """One line on whether the BatchNorm prior, and what comes with it, is on for this teacher."""
-    prior = BatchNormPrior(model)
-    if prior.available:
+    layers = batchnorm_layers(model)  # counted, not hooked: the Distiller hooks the teacher it trains with
+    if layers:
         output = "pixel values" if generator_ends_in_pixels(cfg, prior_on=True) else "an affine-free BatchNorm"
         steps = generator_warmup_steps(cfg, prior_on=True)
         warmup = f", after {steps} warm-up steps on the teacher's terms" if steps else ""
-        logs.core.info(f"the teacher has {len(prior.layers)} BatchNorm layers: the BatchNorm-statistics prior "
+        logs.core.info(f"the teacher has {len(layers)} BatchNorm layers: the BatchNorm-statistics prior "
                        f"(w_bn={cfg.w_bn:g}) guides the generator, whose images end in {output}{warmup}")
         return
     why = (f"was exported for one batch size ({model.batch}), so its BatchNorm layers are not read"

@@ -4,7 +4,7 @@ computation, silence outside a recording, and its effect on the generator only w
 import torch
 from torch import nn
 
-from lrra.batchnorm_prior import BatchNormPrior
+from lrra.batchnorm_prior import BatchNormPrior, batchnorm_layers
 from lrra.config import preset
 from lrra.models import PixelsToInput, build_classifier
 from lrra.train import Distiller
@@ -101,3 +101,14 @@ def test_an_exported_teacher_gets_the_same_prior_as_its_module():
     assert torch.allclose(torch.stack(terms), torch.stack(expected), atol=1e-5)
     # exported for one fixed batch, chunks are padded with zeros: no prior rather than a wrong one
     assert not BatchNormPrior(load_exported(_exported(net, x, dynamic_batch=False))).available
+
+
+def test_the_runs_first_line_counts_the_teachers_batchnorm_layers_without_hooking_them(caplog):
+    from lrra.teacher import log_batchnorm_prior
+
+    teacher = build_classifier("convnet", 10, 1).eval()
+    with caplog.at_level("INFO", logger="lrra"):
+        log_batchnorm_prior(preset("digits"), teacher, {"format": "lrra"})
+    assert not any(m._forward_hooks for m in teacher.modules())  # the Distiller's prior is the only one
+    layers = batchnorm_layers(teacher)
+    assert layers and f"the teacher has {len(layers)} BatchNorm layers" in caplog.text
