@@ -21,8 +21,7 @@ class BudgetForecast:
     def __init__(self, epochs: int, time_budget_s: float | None) -> None:
         self.epochs = epochs
         self.time_budget_s = time_budget_s
-        self.last_epoch_at: dict[str, float] = {}
-        self.unwatched: set[str] = set()  # trials that started after the first trials began to end
+        self.last_epoch_at: dict[str, float] = {}  # the watched trials' latest epoch
         self.a_trial_ended = False
         self.warned = False
 
@@ -33,11 +32,10 @@ class BudgetForecast:
         """A trial reported ``epoch`` at ``elapsed_s`` since the search started: the warning, the
         first time a trial's projected end lies after the budget, else None."""
         if trial_id not in self.last_epoch_at and self.a_trial_ended:
-            self.unwatched.add(trial_id)
+            return None  # started after the first trials began to end: never watched
         previous = self.last_epoch_at.get(trial_id)
         self.last_epoch_at[trial_id] = elapsed_s
-        if (self.warned or self.time_budget_s is None or previous is None or epoch >= self.epochs
-                or trial_id in self.unwatched):
+        if self.warned or self.time_budget_s is None or previous is None or epoch >= self.epochs:
             return None
         per_epoch = elapsed_s - previous
         projected_end = elapsed_s + (self.epochs - epoch) * per_epoch

@@ -55,12 +55,12 @@ class TrialBoard:
     def _row(self, trial_id: str, number: int | str) -> TrialRow:
         return self.rows.setdefault(trial_id, TrialRow(number, trial_id))
 
-    def _show(self, row: TrialRow, message: str) -> None:
-        self.view.show(self, f"{self._stamp()} trial {row.number} ({row.trial_id}) {message}")
-
-    def _stamp(self) -> str:
+    def _line(self, row: TrialRow, message: str) -> str:
         minutes, seconds = divmod(int(time.monotonic() - self.start), 60)
-        return f"[{minutes:3d}:{seconds:02d}]"
+        return f"[{minutes:3d}:{seconds:02d}] trial {row.number} ({row.trial_id}) {message}"
+
+    def _show(self, row: TrialRow, message: str) -> None:
+        self.view.show(self, self._line(row, message))
 
     def started(self, trial_id: str, number: int | str, message: str) -> None:
         row = self._row(trial_id, number)
@@ -75,7 +75,7 @@ class TrialBoard:
         self._show(row, f"epoch {epoch}/{self.epochs}  acc {acc:.4f}  best {best:.4f}")
         warning = self.forecast.epoch(trial_id, epoch, time.monotonic() - self.start)
         if warning:
-            self.notes.append(f"{self._stamp()} trial {row.number} ({row.trial_id}) {warning}")
+            self.notes.append(self._line(row, warning))
             self.view.show(self, self.notes[-1])
 
     def ended(self, trial_id: str, number: int | str, state: str, message: str, best: float | None = None) -> None:
