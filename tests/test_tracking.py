@@ -2,6 +2,7 @@
 distillation serves the run, metric, image, model, registry and `eval` checks (the search's side:
 tests/test_tracking_search.py)."""
 
+import multiprocessing
 import threading
 
 import pytest
@@ -170,3 +171,34 @@ def test_search_registers_its_best_student_under_the_distilled_dataset(client, d
     tracker.end()
     assert registered["name"] == "lrra-fashionmnist-student"
     assert tracking.champion_accuracy(client, "lrra-fashionmnist-student") == 0.8
+
+
+# ----------------------------------------------------------------------------------------
+# A new SQLite store opened by two processes at once
+
+
+def _open_store_and_experiment(uri: str, barrier, results) -> None:
+    barrier.wait(timeout=60)
+    try:
+        results.put(tracking.store.ensure_experiment(tracking.store.connect(uri), "opened-together"))
+    except Exception as err:  # noqa: BLE001 - the parent asserts on what went wrong
+        results.put(f"{type(err).__name__}: {err}"[:300])
+
+
+def test_two_processes_opening_a_new_sqlite_store_at_once_both_get_the_experiment(tmp_path):
+    """Two `lrra distill` started together on a new mlflow.db: both ran MLflow's schema migrations
+    and one died ("duplicate column name: step"), or both created the experiment ("UNIQUE constraint
+    failed"). Forked processes released together, three new stores, so that the race is likely."""
+    context = multiprocessing.get_context("fork")
+    for store in range(3):
+        uri = f"sqlite:///{tmp_path / f'store{store}.db'}"
+        barrier, results = context.Barrier(2), context.Queue()
+        processes = [context.Process(target=_open_store_and_experiment, args=(uri, barrier, results))
+                     for _ in range(2)]
+        for process in processes:
+            process.start()
+        answers = [results.get(timeout=120) for _ in processes]
+        for process in processes:
+            process.join(timeout=30)
+        assert answers[0] == answers[1] and answers[0].isdigit(), answers
+        assert MlflowClient(uri).get_experiment(answers[0]).name == "opened-together"

@@ -13,13 +13,16 @@ import urllib.request
 from pathlib import Path
 
 import mlflow
+from filelock import FileLock
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from lrra.config import ConfigError
 
 SQLITE = "sqlite:///"
 DEFAULT_TRACKING_URI = SQLITE + "mlflow.db"
 SERVER_CHECK_TIMEOUT_S = 5.0
+STORE_LOCK_TIMEOUT_S = 120.0  # MLflow's migrations of a new SQLite store take seconds
 # Defaults for MLflow's HTTP client once the server answered: fail within a minute or so instead
 # of retrying for minutes (7 retries with exponential backoff). A user's own setting wins.
 HTTP_CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
@@ -80,7 +83,19 @@ def connect(uri: str) -> MlflowClient:
         for name, value in HTTP_CLIENT_DEFAULTS.items():
             os.environ.setdefault(name, value)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    database = sqlite_path(uri)
+    if database is None:
+        return MlflowClient(uri)
+    # Opening a SQLite store runs MLflow's schema migrations when it is new. Two processes that
+    # open the same new store at once (two `lrra distill` started together) both migrate, and one
+    # fails ("duplicate column name"), so the opening is one process at a time. The lock file
+    # stays beside the database (removing it would race with a process about to take it).
+    with FileLock(store_lock_path(database), timeout=STORE_LOCK_TIMEOUT_S):
+        return MlflowClient(uri)
+
+
+def store_lock_path(database: Path) -> Path:
+    return database.with_name(database.name + ".lock")
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -104,8 +119,14 @@ def ensure_experiment(client: MlflowClient, name: str) -> str:
     tagged as one of training runs (an older experiment of this project gets the tag too)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
-                                        tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT})
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
+                                            tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT})
+        except MlflowException:
+            # Another process created it between the lookup and here (the name is unique).
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_EXPERIMENT:
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT)
     return experiment.experiment_id
