@@ -42,18 +42,21 @@ def test_the_second_trial_slows_the_generator_of_a_preset_without_memory():
     assert counterpart == {**preset_trial, "generator_lr": 1e-4}
 
 
-def test_the_third_trial_clips_the_students_gradient_where_the_space_holds_that_choice():
+def test_the_third_trial_clips_the_students_gradient_the_other_way_where_the_space_holds_that_choice():
     from lrra.config import preset
 
-    cfg = preset("mnist")
-    preset_trial, _, clipped = space.baseline_points(space.build_space("mnist", {}, set(), cfg), cfg)
-    assert preset_trial["student_clip_norm"] == 0
-    assert clipped == {**preset_trial, "student_clip_norm": space.CLIPPED_NORM}
-    # Fixed by --set, or a bound without 1, or a preset clipped already: no third trial.
+    cfg = preset("mnist")  # clipped at norm 2
+    preset_trial, counterpart, unclipped = space.baseline_points(space.build_space("mnist", {}, set(), cfg), cfg)
+    assert preset_trial["student_clip_norm"] == space.CLIPPED_NORM == 2
+    assert counterpart["student_clip_norm"] == space.CLIPPED_NORM  # the slower generator keeps the clipping
+    assert unclipped == {**preset_trial, "student_clip_norm": 0}
+    # An unclipped preset is tried clipped at CLIPPED_NORM.
+    unclipped_preset = preset("mnist", student_clip_norm=0)
+    *_, clipped = space.baseline_points(space.build_space("mnist", {}, set(), unclipped_preset), unclipped_preset)
+    assert clipped["student_clip_norm"] == space.CLIPPED_NORM
+    # Fixed by --set, or a bound without the other choice: no third trial.
     assert len(space.baseline_points(space.build_space("mnist", {}, {"student_clip_norm"}, cfg), cfg)) == 2
-    assert len(space.baseline_points(space.build_space("mnist", {"student_clip_norm": "0"}, set(), cfg), cfg)) == 2
-    clipped_preset = preset("mnist", student_clip_norm=1)
-    assert len(space.baseline_points(space.build_space("mnist", {}, set(), clipped_preset), clipped_preset)) == 2
+    assert len(space.baseline_points(space.build_space("mnist", {"student_clip_norm": "1,2"}, set(), cfg), cfg)) == 2
     # The digits space (the tests' smoke searches) has no clipping knob: its two baselines only.
     digits = preset("digits")
     assert len(space.baseline_points(space.build_space("digits", {}, set(), digits), digits)) == 2
