@@ -202,3 +202,13 @@ def test_two_processes_opening_a_new_sqlite_store_at_once_both_get_the_experimen
             process.join(timeout=30)
         assert answers[0] == answers[1] and answers[0].isdigit(), answers
         assert MlflowClient(uri).get_experiment(answers[0]).name == "opened-together"
+
+
+def test_a_run_shorter_than_the_sampling_interval_still_records_system_metrics(client, monkeypatch):
+    """MLflow's sampler publishes only after a whole interval; a run's end records one last sample."""
+    from lrra.tracking.epochs import finish_system_metrics, start_system_metrics
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "60")
+    run = client.create_run(tracking.store.ensure_experiment(client, "short-run"))
+    finish_system_metrics(start_system_metrics(run.info.run_id, client.tracking_uri))
+    assert any(name.startswith("system/cpu") for name in client.get_run(run.info.run_id).data.metrics)

@@ -20,6 +20,7 @@ from torch import nn
 
 from lrra.config import LRRAConfig
 from lrra.data import dataset_info
+from lrra.logs import core as logger
 from lrra.splits import EvaluationSplits
 from lrra.tracking.runs import TAG_MODEL_URI, end_run, tag_failure
 from lrra.tracking.student import log_student_model
@@ -75,7 +76,7 @@ class RunTracker:
     def end(self, error: BaseException | None = None) -> None:
         try:
             if self._system_metrics is not None:
-                self._system_metrics.finish()
+                finish_system_metrics(self._system_metrics)
         finally:  # a sampler that fails to stop must not leave the run RUNNING
             end_run(self.client, self.run_id, error)
 
@@ -178,3 +179,18 @@ def start_system_metrics(run_id: str, tracking_uri: str):
     monitor = SystemMetricsMonitor(run_id, resume_logging=True, tracking_uri=tracking_uri)
     monitor.start()
     return monitor
+
+
+def finish_system_metrics(monitor) -> None:
+    """Stop MLflow's sampler, then record one last sample of the run's end.
+
+    The sampler logs only after a whole sampling interval and a look-up of the run, so a run shorter
+    than that (or a sampler starved on a busy machine) ended with no system metrics at all.
+    """
+    monitor.finish()
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as err:  # noqa: BLE001 - a last sample is not worth failing the run's end
+        logger.warning("the run's last system-metrics sample was not logged: %s", err)
