@@ -1,7 +1,10 @@
 """A search cut short, through `tune/search.py` as a user runs it: the time budget stops the running
 trial, and a trial whose loss diverges ends with its best student kept. Each runs its own search."""
 
+import os
+
 import pytest
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from lrra import fault_injection, tracking
@@ -41,6 +44,11 @@ def test_the_time_budget_cuts_the_running_trial_and_the_records_say_so(tmp_path,
     assert all(tracking.TAG_MODEL_URI in run.data.tags and TEST_METRIC in run.data.metrics for run in children)
     assert all(row["test_acc"] is not None for row in rows)
     assert "MLflow: registered lrra-digits-student" in done.stderr
+    # the summary's best student is the one registered: the best logged, a cut trial's here
+    champion = search_tracking.best_logged_student(MlflowClient(os.environ["MLFLOW_TRACKING_URI"]), parent.info.run_id)
+    number = next(row["optuna_trial_number"] for row in rows if row["tune_trial_id"] == champion.trial_id)
+    assert f"validation {champion.val_accuracy:.4f}  (trial {number}, time budget" in done.stdout
+    assert f"best student model     {champion.model_uri}" in done.stdout
 
 
 @pytest.mark.slow

@@ -149,3 +149,22 @@ def test_a_diverged_trial_run_ends_failed_although_its_worker_finished_it(tmp_pa
     search_tracking.end_trial_runs(client, parent, {"a": (tracking.FAILED, "diverged")})
     run = client.get_run(child)
     assert run.info.status == tracking.FAILED and run.data.tags[search_tracking.TAG_STOP_REASON] == "diverged"
+
+
+def test_the_summarys_best_student_is_the_registered_champion_even_from_a_cut_trial():
+    """A trial cut by the time budget keeps its best epoch's student, logged like a completed trial's;
+    when it beats every completed trial on validation it is the champion, and the summary says so."""
+    from tune.report import best_row
+    from tune.search_tracking import LoggedStudent
+
+    def row(number, reason, best, final):
+        return {"optuna_trial_number": number, "tune_trial_id": f"t{number}", "stop_reason": reason,
+                "best_val_acc": best, "final_val_acc": final, "test_acc": None, "epochs": 30}
+
+    rows = [row(0, "completed", 0.967, 0.9645), row(1, "completed", 0.9595, 0.948),
+            row(4, "time budget", 0.974, 0.974), row(5, "early-stopped", 0.98, 0.90)]
+    champion = LoggedStudent("models:/m-4", 0.9745, 0.96975, "t4")
+    best = best_row(rows, champion)
+    assert (best["optuna_trial_number"], best["best_val_acc"], best["test_acc"]) == (4, 0.9745, 0.96975)
+    # Without a logged student (an interrupted search): the best completed trial, as before.
+    assert best_row(rows)["optuna_trial_number"] == 0

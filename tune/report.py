@@ -18,6 +18,7 @@ from lrra.metric_names import BEST_VALIDATION_METRIC, DIVERGED_KEY, VALIDATION_M
 from tune.live_view import COMPLETED as COMPLETED_STATE
 from tune.live_view import FAILED, STOPPED, TrialBoard, view_for
 from tune.plan import SearchPlan, filesystem
+from tune.search_tracking import LoggedStudent
 from tune.study import (
     ALREADY_FINISHED,
     COMPLETED,
@@ -148,8 +149,14 @@ def write_parquet(rows: list[dict[str, Any]], path: str) -> None:
     pq.write_table(pa.Table.from_pylist(rows), target, filesystem=fs)
 
 
-def best_row(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The best completed trial (it has a saved best student), else the best of any trial; by validation."""
+def best_row(rows: list[dict[str, Any]], champion: LoggedStudent | None = None) -> dict[str, Any] | None:
+    """The row of the search's best student: the trial of ``champion`` (the best student the trials
+    logged, which the registry makes the champion, a trial cut by the budget included) when it has
+    one, else the best completed trial by validation, else the best of any trial."""
+    if champion is not None:
+        row = next((r for r in rows if r["tune_trial_id"] == champion.trial_id), None)
+        if row is not None:
+            return {**row, "best_val_acc": champion.val_accuracy, "test_acc": champion.test_accuracy}
     scored = [r for r in rows if r["best_val_acc"] is not None]
     completed = [r for r in scored if r["stop_reason"] == COMPLETED]
     return max(completed or scored, key=lambda r: r["best_val_acc"], default=None)
@@ -161,10 +168,13 @@ def best_student_file(row: dict[str, Any]) -> str:
     return str(files[-1]) if files else f"{row['train_run']} (checkpoints)"
 
 
-def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float, runs_view: str = "") -> None:
+def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float, runs_view: str = "",
+                  champion: LoggedStudent | None = None) -> None:
+    """The final table; ``champion``: the best logged student (tune/search_tracking.py), so that the
+    best student named here is the one the registry gets."""
     count = {reason: sum(r["stop_reason"] == reason for r in rows)
              for reason in (COMPLETED, EARLY_STOPPED, TIME_BUDGET, DIVERGED, ERROR)}
-    best = best_row(rows)
+    best = best_row(rows, champion)
     lines = [
         "",
         f"search {plan.name}: {len(rows)} trial(s) in {wall_s / 60:.1f} min",
@@ -181,6 +191,8 @@ def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float, r
         ]
         if best["stop_reason"] == COMPLETED:
             lines.append(f"  best student file      {best_student_file(best)}")
+        if champion is not None and best["tune_trial_id"] == champion.trial_id:
+            lines.append(f"  best student model     {champion.model_uri}")  # a cut trial's is only there
     lines += [
         f"  experiment             {plan.experiment_path}",
         f"  results (one row/trial) {plan.results_path}",

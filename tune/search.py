@@ -50,7 +50,7 @@ from tune.runtime import (
     start_search_ray,
 )
 from tune.scheduler import BaselineSparingASHA, baseline_numbers
-from tune.search_tracking import SEARCH_EXPERIMENT, SearchTracker, run_status, tracked_search
+from tune.search_tracking import SEARCH_EXPERIMENT, SearchTracker, best_logged_student, run_status, tracked_search
 from tune.space import (
     baseline_points,
     build_space,
@@ -318,7 +318,8 @@ def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, track
     keep_cut_students(tracker.client, tracker.run_id, rows, plan.cfg, list(plan.space), setup.teacher_payload,
                       setup.teacher_meta)
     write_parquet(rows, plan.results_path)
-    print_summary(rows, plan, wall_s, runs_view=tracker.runs_view())
+    print_summary(rows, plan, wall_s, runs_view=tracker.runs_view(),
+                  champion=best_logged_student(tracker.client, tracker.run_id))
     champion = tracker.finish(study, pd.DataFrame(rows), trial_outcomes(rows), plan.cfg,
                               interrupted=bool(resumable))
     if champion is not None:

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mlflow import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
@@ -236,23 +236,31 @@ def trial_description(metrics: dict[str, float], reason: str) -> str:
 # The search's best student
 
 
-def best_logged_student(client: MlflowClient, parent_run_id: str) -> tuple[str, float, float | None] | None:
-    """(model URI, validation accuracy, test accuracy) of the search's best logged student, chosen
-    by validation accuracy; None if no trial logged one."""
-    logged = [(run.data.metrics[BEST_VALIDATION_METRIC], run.data.tags[TAG_MODEL_URI],
-               run.data.metrics.get(TEST_METRIC))
+class LoggedStudent(NamedTuple):
+    """A trial's kept student as its MLflow run holds it."""
+
+    model_uri: str
+    val_accuracy: float
+    test_accuracy: float | None
+    trial_id: str | None  # Tune's trial id (TAG_TRIAL_ID)
+
+
+def best_logged_student(client: MlflowClient, parent_run_id: str) -> LoggedStudent | None:
+    """The search's best logged student, chosen by validation accuracy among every trial's kept
+    student (completed, cut by the time budget, diverged); None if no trial logged one."""
+    logged = [LoggedStudent(run.data.tags[TAG_MODEL_URI], run.data.metrics[BEST_VALIDATION_METRIC],
+                            run.data.metrics.get(TEST_METRIC), run.data.tags.get(TAG_TRIAL_ID))
               for run in child_runs(client, parent_run_id)
               if TAG_MODEL_URI in run.data.tags and BEST_VALIDATION_METRIC in run.data.metrics]
-    if not logged:
-        return None
-    val_accuracy, model_uri, test_accuracy = max(logged, key=lambda entry: entry[0])
-    return model_uri, val_accuracy, test_accuracy
+    return max(logged, key=lambda student: student.val_accuracy, default=None)
 
 
 def register_best_student(client: MlflowClient, parent_run_id: str, model_name: str) -> dict[str, Any] | None:
     """Register the search's best logged student as ``model_name`` (register_champion); None if none logged."""
     best = best_logged_student(client, parent_run_id)
-    return register_champion(client, model_name, *best) if best is not None else None
+    if best is None:
+        return None
+    return register_champion(client, model_name, best.model_uri, best.val_accuracy, best.test_accuracy)
 
 
 # ----------------------------------------------------------------------------------------
