@@ -33,33 +33,20 @@ def test_bounds_and_set_reshape_the_space():
     assert space.space_from_json(space.space_to_json(knobs)) == knobs
 
 
-def test_the_second_trial_slows_the_generator_of_a_preset_without_memory():
+def test_a_preset_without_memory_is_tried_with_its_generator_three_times_faster_then_slower():
     from lrra.config import preset
 
-    cfg = preset("mnist")  # no memory, generator lr 3e-4
-    preset_trial, counterpart, _ = space.baseline_points(space.build_space("mnist", {}, set(), cfg), cfg)
+    cfg = preset("mnist")  # no memory, generator lr 3e-4, student clipped at norm 2
+    preset_trial, faster, slower = space.baseline_points(space.build_space("mnist", {}, set(), cfg), cfg)
     assert (preset_trial["memory_capacity"], preset_trial["generator_lr"]) == (0, 3e-4)
-    assert counterpart == {**preset_trial, "generator_lr": 1e-4}
-
-
-def test_the_third_trial_clips_the_students_gradient_the_other_way_where_the_space_holds_that_choice():
-    from lrra.config import preset
-
-    cfg = preset("mnist")  # clipped at norm 2
-    preset_trial, counterpart, unclipped = space.baseline_points(space.build_space("mnist", {}, set(), cfg), cfg)
-    assert preset_trial["student_clip_norm"] == space.CLIPPED_NORM == 2
-    assert counterpart["student_clip_norm"] == space.CLIPPED_NORM  # the slower generator keeps the clipping
-    assert unclipped == {**preset_trial, "student_clip_norm": 0}
-    # An unclipped preset is tried clipped at CLIPPED_NORM.
-    unclipped_preset = preset("mnist", student_clip_norm=0)
-    *_, clipped = space.baseline_points(space.build_space("mnist", {}, set(), unclipped_preset), unclipped_preset)
-    assert clipped["student_clip_norm"] == space.CLIPPED_NORM
-    # Fixed by --set, or a bound without the other choice: no third trial.
-    assert len(space.baseline_points(space.build_space("mnist", {}, {"student_clip_norm"}, cfg), cfg)) == 2
-    assert len(space.baseline_points(space.build_space("mnist", {"student_clip_norm": "1,2"}, set(), cfg), cfg)) == 2
-    # The digits space (the tests' smoke searches) has no clipping knob: its two baselines only.
-    digits = preset("digits")
-    assert len(space.baseline_points(space.build_space("digits", {}, set(), digits), digits)) == 2
+    assert faster == {**preset_trial, "generator_lr": 9e-4}  # only the pace changes: clipping kept
+    assert slower == {**preset_trial, "generator_lr": 1e-4}
+    # A range without room above the preset: the slower one only.
+    capped = space.build_space("mnist", {"generator_lr": "1e-4:5e-4"}, set(), cfg)
+    assert [p["generator_lr"] for p in space.baseline_points(capped, cfg)] == [3e-4, 1e-4]
+    # The generator's rate fixed by --set: no pace counterparts, so the memory one.
+    fixed = space.build_space("mnist", {}, {"generator_lr"}, cfg)
+    assert [p["memory_capacity"] for p in space.baseline_points(fixed, cfg)] == [0, space.RETENTION_MEMORY]
 
 
 def test_without_room_for_a_slower_generator_the_second_trial_replays_a_memory_as_plain_kd():
@@ -67,7 +54,7 @@ def test_without_room_for_a_slower_generator_the_second_trial_replays_a_memory_a
 
     cfg = preset("mnist")
     knobs = space.build_space("mnist", {"generator_lr": "2e-4:1e-3"}, set(), cfg)
-    preset_trial, counterpart, _ = space.baseline_points(knobs, cfg)
+    preset_trial, counterpart = space.baseline_points(knobs, cfg)
     assert preset_trial["retention_order"] == 2
     assert counterpart == {**preset_trial, "memory_capacity": space.RETENTION_MEMORY, "retention_order": 0}
     # Order 0 excluded by a bound too: the counterpart keeps the preset's order.
@@ -79,7 +66,7 @@ def test_without_room_for_a_slower_generator_the_second_trial_replays_a_memory_a
     assert (memory["memory_capacity"], memory["generator_lr"]) == (8, digits.generator_lr)
     # A preset with a memory is tried without one, at its own order.
     with_memory = preset("mnist", memory_capacity=10)
-    _, without, _ = space.baseline_points(space.build_space("mnist", {}, set(), with_memory), with_memory)
+    _, without = space.baseline_points(space.build_space("mnist", {}, set(), with_memory), with_memory)
     assert (without["memory_capacity"], without["retention_order"]) == (0, 2)
 
 
