@@ -1,18 +1,16 @@
 """ASHA that never stops the search's baseline trials.
 
 A search begins with its baselines (tune/space.py::baseline_points): the preset as it is, the run a
-user gets without the search, then its counterpart, which answers whether a slower generator (or,
-for a preset with a memory, no memory) does better on this teacher, and on `mnist` the preset with
-its student's gradient clipped. ASHA still records them at every rung, so the other trials are
-measured against them, but they run to their last epoch (or until the time budget): the champion
-is never worse on validation than any baseline run in full, and a noisy early rung cannot throw a
-baseline away.
+user gets without the search, then its counterparts, which answer whether a faster or a slower
+generator (or, for a preset with a memory, no memory) does better on this teacher. ASHA still
+records them at every rung, so the other trials are measured against them, but they run to their
+last epoch (or until the time budget): the champion is never worse on validation than any baseline
+run in full, and a noisy early rung cannot throw a baseline away.
 
 Why, measured on the preset and its counterpart (README, default search): at the first rung the two
-are a coin toss. In the
-default MNIST search at 30 epochs ASHA stopped the memory counterpart at epoch 3 (85.98 % validation
-against the preset's 86.96 %), though run in full it is the better of the two (96.80 % against
-96.50 %); at 15 epochs it had stopped the preset the same way.
+are a coin toss. In the default MNIST search at 30 epochs ASHA stopped the memory counterpart at
+epoch 3 (85.98 % validation against the preset's 86.96 %), though run in full it is the better of
+the two (96.80 % against 96.50 %); at 15 epochs it had stopped the preset the same way.
 """
 
 from __future__ import annotations
