@@ -25,6 +25,7 @@ from lrra.config import preset
 from lrra.teacher import save_teacher, train_teacher
 from tests.search_records import study_of
 from tests.services import ROOT, USELESS_TRIAL, search_command
+from tune.study import BEST_STUDENT_TRIAL
 
 EPOCHS = 3
 ITERATIONS = 80  # per epoch, 8x the smoke test's: on RGB copies of 8x8 digits the student learns slowly
@@ -92,7 +93,7 @@ def test_asha_and_optuna_follow_validation(planted_search):
     assert useless["best_val_acc"] < learning["best_val_acc"]
     assert useless["stop_reason"] == "early-stopped" and useless["epochs"] == 1  # ASHA's first rung
     assert learning["stop_reason"] == "completed" and learning["epochs"] == EPOCHS
-    assert study.best_trial.number == 0
+    assert study.best_trial.number == 0 and study.user_attrs[BEST_STUDENT_TRIAL] == 0
     for trial in study.trials:  # Optuna's values and intermediate values are validation accuracies
         row = rows[trial.number]
         kept = row["best_val_acc"] if trial.state == TrialState.COMPLETE else row["final_val_acc"]

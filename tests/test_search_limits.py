@@ -12,7 +12,7 @@ from lrra.metric_names import TEST_METRIC
 from tests.search_records import results_of, run_search, search_runs, study_of
 from tests.services import search_command
 from tune import search_tracking
-from tune.study import STOP_REASON
+from tune.study import BEST_STUDENT_TRIAL, STOP_REASON
 
 
 @pytest.mark.slow
@@ -49,6 +49,8 @@ def test_the_time_budget_cuts_the_running_trial_and_the_records_say_so(tmp_path,
     number = next(row["optuna_trial_number"] for row in rows if row["tune_trial_id"] == champion.trial_id)
     assert f"validation {champion.val_accuracy:.4f}  (trial {number}, time budget" in done.stdout
     assert f"best student model     {champion.model_uri}" in done.stdout
+    # ...and the study names it too (Optuna's own best_trial counts complete trials only)
+    assert study_of(tmp_path, "budget").user_attrs[BEST_STUDENT_TRIAL] == number
 
 
 @pytest.mark.slow

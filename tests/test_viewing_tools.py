@@ -16,7 +16,7 @@ import pytest
 
 from tests.services import free_port
 from tune.search_tracking import SEARCH_EXPERIMENT
-from tune.study import METRIC_NAME
+from tune.study import BEST_STUDENT_TRIAL, METRIC_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +73,7 @@ def test_optuna_dashboard_serves_the_study_of_a_finished_search(finished_smoke_s
         assert detail["objective_names"] == [METRIC_NAME]
         attributes = {a["key"]: a["value"] for a in detail["user_attrs"]}
         assert attributes["mlflow_experiment"] == SEARCH_EXPERIMENT and attributes["mlflow_tracking_uri"]
-        assert {"search_folder", "teacher", "dataset"} <= set(attributes)
+        assert {"search_folder", "teacher", "dataset", BEST_STUDENT_TRIAL} <= set(attributes)  # which trial won
         with urllib.request.urlopen(f"{url}/dashboard/", timeout=10) as page:
             assert page.status == 200 and b"<html" in page.read().lower()
 

@@ -68,6 +68,7 @@ from tune.study import (
     finished_results,
     load_study,
     open_storage,
+    record_best_student,
     settle_unfinished,
     trial_rows,
 )
@@ -318,8 +319,10 @@ def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, track
     keep_cut_students(tracker.client, tracker.run_id, rows, plan.cfg, list(plan.space), setup.teacher_payload,
                       setup.teacher_meta)
     write_parquet(rows, plan.results_path)
-    print_summary(rows, plan, wall_s, runs_view=tracker.runs_view(),
-                  champion=best_logged_student(tracker.client, tracker.run_id))
+    best_student = best_logged_student(tracker.client, tracker.run_id)
+    print_summary(rows, plan, wall_s, runs_view=tracker.runs_view(), champion=best_student)
+    if best_student is not None:
+        record_best_student(study, rows, best_student.trial_id)
     champion = tracker.finish(study, pd.DataFrame(rows), trial_outcomes(rows), plan.cfg,
                               interrupted=bool(resumable))
     if champion is not None:

@@ -46,6 +46,10 @@ STOP_REASON = "stop_reason"            # user attribute, see the module docstrin
 EARLIER_TUNE_IDS = "earlier_tune_trial_ids"  # user attribute: Tune trials lost to a killed driver
 OPTUNA_NUMBER = "optuna_trial_number"  # added to each trial's config: joins Tune results and the study
 ALREADY_FINISHED = "already_finished"  # in a result re-reported by a trial the study already finished
+# Study user attribute: the Optuna number of the trial whose student is the search's best, the one
+# registered. Optuna's own best_trial counts complete trials only, and a trial cut by the time
+# budget can hold the best student (tune/cut_trials.py).
+BEST_STUDENT_TRIAL = "best_student_trial"
 
 COMPLETED, EARLY_STOPPED, TIME_BUDGET, DIVERGED, ERROR, ABANDONED = (
     "completed", "early-stopped", "time budget", "diverged", "error", "abandoned")
@@ -250,6 +254,13 @@ def settle_unfinished(study: optuna.Study, storage: RDBStorage, resumable: set[s
         study.tell(trial.number, state=TrialState.PRUNED if ran else TrialState.FAIL)
         settled += 1
     return settled
+
+
+def record_best_student(study: optuna.Study, rows: list[dict[str, Any]], tune_trial_id: str | None) -> None:
+    """Name the trial of the search's best student (its Tune id) on the study, as BEST_STUDENT_TRIAL."""
+    number = next((row["optuna_trial_number"] for row in rows if row["tune_trial_id"] == tune_trial_id), None)
+    if number is not None:
+        study.set_user_attr(BEST_STUDENT_TRIAL, number)
 
 
 def trial_rows(study: optuna.Study, knobs: list[str], train_path: str) -> list[dict[str, Any]]:
