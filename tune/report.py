@@ -149,14 +149,14 @@ def write_parquet(rows: list[dict[str, Any]], path: str) -> None:
     pq.write_table(pa.Table.from_pylist(rows), target, filesystem=fs)
 
 
-def best_row(rows: list[dict[str, Any]], champion: LoggedStudent | None = None) -> dict[str, Any] | None:
-    """The row of the search's best student: the trial of ``champion`` (the best student the trials
-    logged, which the registry makes the champion, a trial cut by the budget included) when it has
+def best_row(rows: list[dict[str, Any]], best_student: LoggedStudent | None = None) -> dict[str, Any] | None:
+    """The row of the search's best student: the trial of ``best_student`` (the best student the
+    trials logged, a trial cut by the budget included: the one the search registers) when it has
     one, else the best completed trial by validation, else the best of any trial."""
-    if champion is not None:
-        row = next((r for r in rows if r["tune_trial_id"] == champion.trial_id), None)
+    if best_student is not None:
+        row = next((r for r in rows if r["tune_trial_id"] == best_student.trial_id), None)
         if row is not None:
-            return {**row, "best_val_acc": champion.val_accuracy, "test_acc": champion.test_accuracy}
+            return {**row, "best_val_acc": best_student.val_accuracy, "test_acc": best_student.test_accuracy}
     scored = [r for r in rows if r["best_val_acc"] is not None]
     completed = [r for r in scored if r["stop_reason"] == COMPLETED]
     return max(completed or scored, key=lambda r: r["best_val_acc"], default=None)
@@ -169,12 +169,12 @@ def best_student_file(row: dict[str, Any]) -> str:
 
 
 def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float, runs_view: str = "",
-                  champion: LoggedStudent | None = None) -> None:
-    """The final table; ``champion``: the best logged student (tune/search_tracking.py), so that the
-    best student named here is the one the registry gets."""
+                  best_student: LoggedStudent | None = None) -> None:
+    """The final table; ``best_student``: the best logged student (tune/search_tracking.py), so that
+    the best student named here is the one the search registers."""
     count = {reason: sum(r["stop_reason"] == reason for r in rows)
              for reason in (COMPLETED, EARLY_STOPPED, TIME_BUDGET, DIVERGED, ERROR)}
-    best = best_row(rows, champion)
+    best = best_row(rows, best_student)
     lines = [
         "",
         f"search {plan.name}: {len(rows)} trial(s) in {wall_s / 60:.1f} min",
@@ -191,8 +191,8 @@ def print_summary(rows: list[dict[str, Any]], plan: SearchPlan, wall_s: float, r
         ]
         if best["stop_reason"] == COMPLETED:
             lines.append(f"  best student file      {best_student_file(best)}")
-        if champion is not None and best["tune_trial_id"] == champion.trial_id:
-            lines.append(f"  best student model     {champion.model_uri}")  # a cut trial's is only there
+        if best_student is not None and best["tune_trial_id"] == best_student.trial_id:
+            lines.append(f"  best student model     {best_student.model_uri}")  # a cut trial's is only there
     lines += [
         f"  experiment             {plan.experiment_path}",
         f"  results (one row/trial) {plan.results_path}",

@@ -320,7 +320,7 @@ def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, track
                       setup.teacher_meta)
     write_parquet(rows, plan.results_path)
     best_student = best_logged_student(tracker.client, tracker.run_id)
-    print_summary(rows, plan, wall_s, runs_view=tracker.runs_view(), champion=best_student)
+    print_summary(rows, plan, wall_s, runs_view=tracker.runs_view(), best_student=best_student)
     if best_student is not None:
         record_best_student(study, rows, best_student.trial_id)
     champion = tracker.finish(study, pd.DataFrame(rows), trial_outcomes(rows), plan.cfg,
