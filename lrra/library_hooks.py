@@ -10,6 +10,8 @@ library is imported inside its hook: the core (torch only) imports this module t
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -101,6 +103,40 @@ def ray_train_report_logger() -> logging.Logger | None:
     except ImportError:
         return None
     return logging.getLogger(context.__file__)
+
+
+# ----------------------------------------------------------------------------------------
+# MLflow: logging a student (lrra/tracking/student.py)
+
+
+@contextmanager
+def mlflow_requirements_checked_against(packages: Iterable[str]) -> Iterator[None]:
+    """While logging a model whose ``pip_requirements`` name only ``packages``, let MLflow check
+    them without first mapping every installed distribution to its modules.
+
+    MLflow checks a model's requirements against the environment even when they are given
+    explicitly, and builds for that, once per process, a map of every installed distribution's
+    top-level modules (``importlib_metadata.packages_distributions``, which reads every
+    distribution's file list): 1.7 s of the ~8 CPU-seconds a digits trial costs on a 2-core box,
+    and every trial is a new process. The check itself needs only the named packages, so the map
+    (``_MODULES_TO_PACKAGES`` in ``mlflow.utils.requirements_utils``) holds just those while the
+    model is logged, and is left unbuilt again afterwards, so that a later inference of another
+    model's requirements in this process still sees every package. MLflow has no switch to skip the
+    check and no way to pass the map. Package and module names must be the same (torch, mlflow).
+    """
+    from mlflow.utils import requirements_utils
+
+    if requirements_utils._MODULES_TO_PACKAGES is not None:  # built already: nothing left to save
+        yield
+        return
+    only_these = {name: [name] for name in packages}
+    requirements_utils._MODULES_TO_PACKAGES = only_these
+    try:
+        yield
+    finally:
+        if requirements_utils._MODULES_TO_PACKAGES is only_these:
+            requirements_utils._MODULES_TO_PACKAGES = None
+            requirements_utils._PACKAGES_TO_MODULES = None
 
 
 # ----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import torch
 from PIL import Image
 
 from lrra import dataset_files
-from lrra.data import DatasetInfo, DatasetUnavailableError, dataset_info, load_split
+from lrra.data import DIGITS_SPLIT_FILE, DatasetInfo, DatasetUnavailableError, dataset_info, load_split
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def files_under(root: Path) -> list[Path]:
@@ -26,21 +29,42 @@ def seed_wheel(data_dir: Path, source: Path) -> None:
 
 # --- digits -----------------------------------------------------------------------------------
 
-def test_digits_train_split_is_normalised_and_shaped():
-    train = load_split("digits", "unused", train=True, image_size=8, channels=1)
+def test_digits_train_split_is_normalised_and_shaped(tmp_path):
+    train = load_split("digits", str(tmp_path), train=True, image_size=8, channels=1)
     images, labels = train.tensors
     assert images.shape == (1437, 1, 8, 8) and images.dtype == torch.float32
     assert abs(images.mean().item()) < 0.01 and abs(images.std().item() - 1) < 0.01
     assert labels.dtype == torch.int64 and set(labels.tolist()) == set(range(10))
 
 
-def test_digits_split_is_deterministic_stratified_and_resizable():
-    test_a = load_split("digits", "unused", train=False, image_size=16, channels=1)
-    test_b = load_split("digits", "unused", train=False, image_size=16, channels=1)
+def test_digits_split_is_deterministic_stratified_and_resizable(tmp_path):
+    test_a = load_split("digits", str(tmp_path), train=False, image_size=16, channels=1)
+    test_b = load_split("digits", str(tmp_path), train=False, image_size=16, channels=1)
     assert len(test_a) == 360 and test_a[0][0].shape == (1, 16, 16)
     assert torch.equal(test_a.tensors[0], test_b.tensors[0]) and torch.equal(test_a.tensors[1], test_b.tensors[1])
     assert torch.bincount(test_a.tensors[1]).min() >= 35  # stratified: every class ~10% of 360
-    assert dataset_info("digits").num_classes == 10
+    assert dataset_info("digits", str(tmp_path)).num_classes == 10
+
+
+def test_the_digits_split_is_scikit_learns_kept_and_read_back_without_importing_it(tmp_path):
+    """A search's trials read the split that the first process kept in data_dir: scikit-learn's
+    own, image for image, without the ~1.2 s of importing scikit-learn in each of them."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    *_, sklearn_test_labels = train_test_split(digits.data, digits.target, test_size=0.2, stratify=digits.target,
+                                               random_state=0)
+    first = load_split("digits", str(tmp_path), train=False, image_size=8, channels=1).tensors
+    assert (tmp_path / DIGITS_SPLIT_FILE).is_file()
+    assert first[1].tolist() == sklearn_test_labels.tolist()
+    read_back = tmp_path / "read-back.pt"
+    code = ("import sys, torch; from lrra.data import load_split; "
+            f"split = load_split('digits', {str(tmp_path)!r}, train=False, image_size=8, channels=1); "
+            "assert 'sklearn' not in sys.modules, 'imported scikit-learn'; torch.save(split.tensors, sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(read_back)], check=True, cwd=ROOT)
+    again = torch.load(read_back, weights_only=True)
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
 
 
 # --- dataset_info -----------------------------------------------------------------------------
@@ -71,12 +95,12 @@ def test_channel_mismatch_is_a_value_error_before_any_download(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_grey_dataset_is_repeated_to_three_channels_and_normalised_as_asked():
-    grey = load_split("digits", "unused", train=False, image_size=8, channels=1).tensors[0]
-    colour = load_split("digits", "unused", train=False, image_size=8, channels=3,
+def test_a_grey_dataset_is_repeated_to_three_channels_and_normalised_as_asked(tmp_path):
+    grey = load_split("digits", str(tmp_path), train=False, image_size=8, channels=1).tensors[0]
+    colour = load_split("digits", str(tmp_path), train=False, image_size=8, channels=3,
                         mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.25)).tensors[0]
     assert colour.shape == (len(grey), 3, 8, 8)
-    info = dataset_info("digits")
+    info = dataset_info("digits", str(tmp_path))
     pixels = grey * info.std[0] + info.mean[0]
     for channel, (mean, std) in enumerate(((0.1, 0.5), (0.2, 0.5), (0.3, 0.25))):
         assert torch.allclose(colour[:, channel], (pixels[:, 0] - mean) / std, atol=1e-5)

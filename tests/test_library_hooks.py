@@ -9,10 +9,12 @@ import logging
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
@@ -129,3 +131,27 @@ def test_ray_validate_cluster_config_accepts_a_good_config_and_rejects_a_bad_one
 def test_ray_detected_cpus_is_this_machines_count():
     cpus = hooks.ray_detected_cpus()
     assert 0 < cpus <= os.cpu_count()
+
+
+def test_mlflow_requirements_checked_against_the_named_packages_only(tmp_path, monkeypatch):
+    import mlflow.pytorch
+    from mlflow.utils import requirements_utils
+
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)  # as in a new process
+    monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", None)
+
+    def scan_every_package():
+        raise AssertionError("MLflow scanned every installed package")
+
+    monkeypatch.setattr(requirements_utils.importlib_metadata, "packages_distributions", scan_every_package)
+    warnings = []  # MLflow's loggers do not propagate to pytest's
+    monkeypatch.setattr(requirements_utils._logger, "warning", lambda message, *args: warnings.append(message % args))
+    example = torch.zeros(2, 3)
+    with hooks.mlflow_requirements_checked_against(["torch", "mlflow"]):
+        mlflow.pytorch.save_model(nn.Linear(3, 2).eval(), tmp_path / "model", input_example=example.numpy(),
+                                  pip_requirements=["torch==0.0.1", f"mlflow=={mlflow.__version__}"])
+    # MLflow still checked the requirements against the installed packages: torch's is not 0.0.1
+    [warning] = warnings
+    assert f"torch (current: {version('torch')}, required: torch==0.0.1)" in warning and "mlflow (" not in warning
+    # ...and left its map unbuilt again, for whatever else this process logs
+    assert requirements_utils._MODULES_TO_PACKAGES is None
