@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -225,7 +226,7 @@ def _digits_splits(data_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     try:
         with np.load(kept) as saved:
             return tuple(saved[key] for key in _DIGITS_SPLIT_KEYS)
-    except (OSError, KeyError, ValueError):  # not kept yet (or unreadable): split again
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):  # not kept yet, or unreadable
         pass
     from sklearn.datasets import load_digits  # late: scikit-learn is only needed for this dataset
     from sklearn.model_selection import train_test_split

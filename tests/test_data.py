@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lrra import dataset_files
+from lrra import data, dataset_files
 from lrra.data import DIGITS_SPLIT_FILE, DatasetInfo, DatasetUnavailableError, dataset_info, load_split
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +65,11 @@ def test_the_digits_split_is_scikit_learns_kept_and_read_back_without_importing_
     subprocess.run([sys.executable, "-c", code, str(read_back)], check=True, cwd=ROOT)
     again = torch.load(read_back, weights_only=True)
     assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    # a kept file that cannot be read is split again, and replaced
+    (tmp_path / DIGITS_SPLIT_FILE).write_bytes(b"not a split")
+    data._digits_splits.cache_clear()  # as in a new process
+    assert torch.equal(load_split("digits", str(tmp_path), train=False, image_size=8, channels=1).tensors[0], first[0])
+    assert (tmp_path / DIGITS_SPLIT_FILE).read_bytes().startswith(b"PK")  # a zip archive again
 
 
 # --- dataset_info -----------------------------------------------------------------------------
