@@ -18,6 +18,7 @@ from tests.tracking_helpers import (
     toy_study,
     two_logged_trials,
 )
+from tune import search_tracking
 
 pytestmark = pytest.mark.usefixtures("fast_system_metrics")
 
@@ -166,8 +167,9 @@ def test_search_registers_its_best_student_under_the_distilled_dataset(client, d
     tracker = two_logged_trials(client, "fashion", distilled["model_uri"])
     study = toy_study(2)
     outcomes = {"trial_a": ("FINISHED", "completed"), "trial_b": ("FINISHED", "completed")}
-    registered = tracker.finish(study, study.trials_dataframe(), outcomes,
-                                preset("mnist", dataset="FashionMNIST"), interrupted=False)
+    best_student = search_tracking.best_logged_student(client, tracker.run_id)
+    registered = tracker.finish(study, study.trials_dataframe(), outcomes, preset("mnist", dataset="FashionMNIST"),
+                                interrupted=False, best_student=best_student)
     tracker.end()
     assert registered["name"] == "lrra-fashionmnist-student"
     assert tracking.champion_accuracy(client, "lrra-fashionmnist-student") == 0.8

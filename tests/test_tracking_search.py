@@ -294,7 +294,8 @@ def test_a_finished_search_summarises_its_trials_on_the_parent_run(client):
     tracker = two_logged_trials(client, "summary")
     study = toy_study(2)
     outcomes = {"trial_a": ("KILLED", "early-stopped"), "trial_b": ("FINISHED", "completed")}
-    tracker.finish(study, study.trials_dataframe(), outcomes, preset("digits"), interrupted=True)
+    tracker.finish(study, study.trials_dataframe(), outcomes, preset("digits"), interrupted=True,
+                   best_student=search_tracking.best_logged_student(client, tracker.run_id))
     tracker.end()
     metrics = client.get_run(tracker.run_id).data.metrics
     assert metrics["search/trials_completed"] == 1 and metrics["search/trials_early_stopped"] == 1

@@ -324,7 +324,7 @@ def run_search(plan: SearchPlan, setup: TrialSetup, storage, resume: bool, track
     if best_student is not None:
         record_best_student(study, rows, best_student.trial_id)
     champion = tracker.finish(study, pd.DataFrame(rows), trial_outcomes(rows), plan.cfg,
-                              interrupted=bool(resumable))
+                              interrupted=bool(resumable), best_student=best_student)
     if champion is not None:
         logger.info(f"MLflow: registered {champion['name']} version {champion['version']}"
                     + (" as the new champion" if champion["champion"] else "; the champion stays"))

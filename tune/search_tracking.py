@@ -72,22 +72,24 @@ class SearchTracker:
         self.interrupted = False
 
     def finish(self, study, frame, outcomes: dict[str, tuple[str, str]], cfg: LRRAConfig,
-               interrupted: bool) -> dict[str, Any] | None:
+               interrupted: bool, best_student: LoggedStudent | None) -> dict[str, Any] | None:
         """Settle the child runs, log the plots and the results table; register the champion when done.
 
-        ``outcomes`` as in end_trial_runs. ``cfg``: the search's base config; the best student is
-        registered under registered_model_name(cfg), named after the dataset actually distilled.
-        An interrupted search registers nothing yet: its resumption will. Returns
-        register_champion's answer (None when nothing was registered).
+        ``outcomes`` as in end_trial_runs. ``best_student``: best_logged_student's answer, which the
+        search also prints. ``cfg``: the search's base config; the best student is registered under
+        registered_model_name(cfg), named after the dataset actually distilled. An interrupted
+        search registers nothing yet: its resumption will. Returns register_champion's answer (None
+        when nothing was registered).
         """
         self.interrupted = interrupted
         end_trial_runs(self.client, self.run_id, outcomes)
         log_search_plots(self.client, self.run_id, study)
         log_results_table(self.client, self.run_id, frame)
         log_search_summary(self.client, self.run_id, [reason for _, reason in outcomes.values()])
-        if interrupted:
+        if interrupted or best_student is None:
             return None
-        return register_best_student(self.client, self.run_id, registered_model_name(cfg))
+        return register_champion(self.client, registered_model_name(cfg), best_student.model_uri,
+                                 best_student.val_accuracy, best_student.test_accuracy)
 
     def runs_view(self) -> str:
         """Where the MLflow UI shows this search's trials as a training comparison (a path under the
@@ -253,14 +255,6 @@ def best_logged_student(client: MlflowClient, parent_run_id: str) -> LoggedStude
               for run in child_runs(client, parent_run_id)
               if TAG_MODEL_URI in run.data.tags and BEST_VALIDATION_METRIC in run.data.metrics]
     return max(logged, key=lambda student: student.val_accuracy, default=None)
-
-
-def register_best_student(client: MlflowClient, parent_run_id: str, model_name: str) -> dict[str, Any] | None:
-    """Register the search's best logged student as ``model_name`` (register_champion); None if none logged."""
-    best = best_logged_student(client, parent_run_id)
-    if best is None:
-        return None
-    return register_champion(client, model_name, best.model_uri, best.val_accuracy, best.test_accuracy)
 
 
 # ----------------------------------------------------------------------------------------
