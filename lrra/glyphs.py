@@ -129,12 +129,19 @@ def build_split(name: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         canvas = templates[fonts[part], labels[part]].unsqueeze(1)
         grid = F.affine_grid(matrices[part], list(canvas.shape), align_corners=False)
         canvas = F.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        heavier = F.max_pool2d(canvas, 5, stride=1, padding=2)
-        canvas = torch.where(thicken[part].view(-1, 1, 1, 1), heavier, canvas)
+        heavy = thicken[part].nonzero().squeeze(1)
+        canvas[heavy] = _dilate(canvas[heavy])
         small = F.interpolate(canvas, size=(SIDE, SIDE), mode="bilinear", antialias=True, align_corners=False)
         images[part] = (_blur(small, blur[part]).clamp(0, 1) * 255).round().to(torch.uint8)
     order = torch.randperm(count, generator=rng)  # classes interleaved, not in label order
     return images[order], labels[order]
+
+
+def _dilate(images: torch.Tensor) -> torch.Tensor:
+    """Each pixel the brightest of its 5x5 neighbourhood: a heavier stroke. A square window's maximum
+    is the maximum of its rows' maxima, so two 5-tap passes give the 5x5 pool for less."""
+    rows = F.max_pool2d(images, (1, 5), stride=1, padding=(0, 2))
+    return F.max_pool2d(rows, (5, 1), stride=1, padding=(2, 0))
 
 
 def _blur(images: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
