@@ -22,6 +22,13 @@ from tests.services import USELESS_TRIAL, mlflow_server, search_command
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Ray Train's controller asks its workers how they are every 2 s, and learns only then that an epoch
+# was reported, a worker failed or the run ended. The tests' runs take seconds, so they poll every
+# 0.5 s: the Ray Train runs of tests/test_distributed.py 80 -> 67 s. Every Ray the tests start,
+# in this process or in a search's, inherits it; a worker still counts as failed only after Ray
+# Train's own health-check timeout (10 minutes), not after a slow poll.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 # ----------------------------------------------------------------------------------------
 # Two test processes (`.ci/run`: pytest-xdist's -n 2). The tests are mostly busy starting Ray,
 # MLflow and Optuna processes, so on two cores the second process gains about a quarter
@@ -72,9 +79,19 @@ LONGEST_GROUPS = ("test_multinode.py", "test_search_sigkill.py", "test_search_in
                   "test_compare.py")
 
 
+# `.ci/run` runs the tests marked `alone` by naming these files, so that it does not import every
+# other test file to find them (~5 s); a test marked `alone` anywhere else would run in neither step.
+ALONE_FILES = {"test_distributed.py"}
+
+
 def pytest_collection_modifyitems(config, items):
     """The longest groups first. With --no-loadscope-reorder the test processes take groups in this
     order, so the long ones start early and the quick unit-test files fill in at the end."""
+    stray = [item.nodeid for item in items
+             if item.get_closest_marker("alone") and Path(item.path).name not in ALONE_FILES]
+    if stray:
+        raise pytest.UsageError(f"tests marked `alone` outside {sorted(ALONE_FILES)} (tests/conftest.py "
+                                f"ALONE_FILES, which .ci/run names): {stray}")
     slow_tests = Counter(test_group(item.nodeid) for item in items if item.get_closest_marker("slow"))
 
     def rank(item) -> tuple[int, int]:

@@ -1,8 +1,9 @@
 """Ray Train layer with real Ray processes: 2 CPU workers over gloo, the digits preset, tiny budgets.
 
 Ray starts once for the module. Worker startup dominates (~20 s per fit on a 2-core machine), so
-one fit (``two_rank_probe``) serves the gradient, identical-model and metric checks, and one more
-covers failure recovery through ``run_distributed``.
+one fit (``two_rank_probe``) serves the gradient, identical-model and metric checks, and one run
+through ``run_distributed`` (``recovered_run``) serves failure recovery and, started again, the
+restart of a finished run.
 """
 
 import json
@@ -170,16 +171,25 @@ class ReportLog(UserCallback):
                      "errors": [type(e).__name__ + str(e) for e in worker_exceptions.values()]})
 
 
+@pytest.fixture(scope="module")
+def recovered_run(ray_cluster, convnet_teacher, tmp_path_factory):
+    """A 2-worker run whose rank fails at epoch 1 and that recovers from its checkpoint: (config,
+    storage, summary, report log). The failure test reads it; the restart test starts it again."""
+    _, _, teacher_path = convnet_teacher
+    folder = tmp_path_factory.mktemp("fault")
+    cfg = preset("digits", **DIGITS, teacher_path=str(teacher_path), data_dir=str(folder))
+    storage, log = str(folder / "storage"), folder / "reports.jsonl"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(fault_injection.ENV, "fault_at_epoch=1")
+        summary = distributed.run_distributed(cfg, workers=2, storage_path=storage, name="fault",
+                                              max_failures=1, callbacks=[ReportLog(log)])
+    return cfg, storage, summary, log
+
+
 @pytest.mark.slow
 @pytest.mark.alone
-def test_worker_failure_resumes_from_the_last_checkpoint(two_rank_probe, convnet_teacher, tmp_path, monkeypatch):
-    _, _, teacher_path = convnet_teacher
-    monkeypatch.setenv(fault_injection.ENV, "fault_at_epoch=1")
-    cfg = preset("digits", **DIGITS, teacher_path=str(teacher_path), data_dir=str(tmp_path))
-    log = tmp_path / "reports.jsonl"
-    summary = distributed.run_distributed(cfg, workers=2, storage_path=str(tmp_path / "storage"), name="fault",
-                                          max_failures=1, callbacks=[ReportLog(log)])
-
+def test_worker_failure_resumes_from_the_last_checkpoint(two_rank_probe, recovered_run):
+    _, _, summary, log = recovered_run
     records = [json.loads(line) for line in log.read_text().splitlines()]
     failures = [r for r in records if "failed_ranks" in r]
     reports = [r for r in records if "metrics" in r]
@@ -277,13 +287,10 @@ def test_a_diverging_ray_train_run_keeps_its_best_student(ray_cluster, convnet_t
 
 @pytest.mark.slow
 @pytest.mark.alone
-def test_a_finished_run_started_again_reports_its_end_without_training(ray_cluster, convnet_teacher, tmp_path):
-    _, _, teacher_path = convnet_teacher
-    cfg = preset("digits", **DIGITS, teacher_path=str(teacher_path), data_dir=str(tmp_path))
-    storage = str(tmp_path / "storage")
-    first = distributed.run_distributed(cfg, workers=2, storage_path=storage, name="done")
+def test_a_finished_run_started_again_reports_its_end_without_training(recovered_run, tmp_path):
+    cfg, storage, first, _ = recovered_run
     log = tmp_path / "again.jsonl"
-    again = distributed.run_distributed(cfg, workers=2, storage_path=storage, name="done",
+    again = distributed.run_distributed(cfg, workers=2, storage_path=storage, name="fault",
                                         callbacks=[ReportLog(log)])
     reports = [json.loads(line)["metrics"] for line in log.read_text().splitlines()]
     assert len(reports) == 1 and reports[0][0]["epoch"] == DIGITS["epochs"] - 1
