@@ -1,6 +1,7 @@
 """Real services the tests start on loopback: a free port, an `mlflow server`, a smoke search."""
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from tune.head import without_mlflow_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +30,7 @@ def mlflow_server(folder: Path) -> Iterator[str]:
                "--workers", "1"]  # the default 4 processes take a minute to start on two busy cores
     uri = f"http://127.0.0.1:{port}"
     with open(folder / "server.log", "w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=without_mlflow_jobs(os.environ))
         try:
             wait_for_health(uri, server, timeout_s=120)
             yield uri

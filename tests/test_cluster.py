@@ -128,6 +128,12 @@ def test_read_settings(tmp_path):
         cluster.read_settings(tmp_path / "bad.json")
 
 
+def test_the_heads_mlflow_server_starts_without_mlflows_job_runner_unless_the_user_asks():
+    assert head.without_mlflow_jobs({"PATH": "/bin"}) == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PATH": "/bin"}
+    asked = head.without_mlflow_jobs({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"})
+    assert asked == {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"}
+
+
 def test_head_writes_the_settings_the_search_reads(tmp_path, monkeypatch):
     monkeypatch.setenv(cluster.SETTINGS_ENV, str(tmp_path / "lrra" / "cluster.json"))
     head.main(["settings", "--storage-path", "s3://bucket/lrra/", "--preset", "cifar100", "--host", "10.1.2.3"])

@@ -4,6 +4,7 @@ child runs over HTTP."""
 
 import contextlib
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.services import free_port
+from tune.head import without_mlflow_jobs
 from tune.search_tracking import SEARCH_EXPERIMENT
 from tune.study import BEST_STUDENT_TRIAL, METRIC_NAME
 
@@ -31,9 +33,11 @@ def printed_command(stdout: str, label: str) -> list[str]:
 
 @contextlib.contextmanager
 def serving(command: list[str], url: str, log: Path):
-    """Start ``command`` (its program taken from this environment) and wait until ``url`` answers."""
+    """Start ``command`` (its program taken from this environment) and wait until ``url`` answers.
+    MLflow's job runner stays off, as on the head (tune/head.py): LRRA submits no MLflow jobs."""
     with log.open("w") as out:
-        server = subprocess.Popen([str(BIN / command[0]), *command[1:]], stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen([str(BIN / command[0]), *command[1:]], stdout=out, stderr=subprocess.STDOUT,
+                                  env=without_mlflow_jobs(os.environ))
     try:
         deadline = time.monotonic() + 120  # a guard against hangs: both start in seconds on an idle machine
         while True:

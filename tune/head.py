@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from lrra import logs
@@ -82,6 +83,13 @@ def stop_previous(pid_file: Path) -> None:
         pass  # no file, or that server is gone already
 
 
+def without_mlflow_jobs(environ: Mapping[str, str]) -> dict[str, str]:
+    """The server's environment: MLflow's job runner off unless the user set it. The runner serves
+    MLflow's GenAI jobs (scorers, prompt optimisation), which LRRA never submits, and starts seven
+    consumer processes with the server: ~7 CPU-seconds of a 2-core head's start, and their memory."""
+    return {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **environ}
+
+
 def start_mlflow(_: argparse.Namespace) -> None:
     path = settings_path()
     server = json.loads(path.read_text())["mlflow"]
@@ -94,7 +102,7 @@ def start_mlflow(_: argparse.Namespace) -> None:
     with open(log_file, "ab") as log:
         # Its own session: it outlives this command and the SSH session that ran it.
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
+                                   start_new_session=True, env=without_mlflow_jobs(os.environ))
     pid_file.write_text(str(process.pid))
     deadline = time.monotonic() + HEALTH_TIMEOUT_S
     while not healthy(uri):
