@@ -22,8 +22,6 @@ from pathlib import Path
 
 from lrra import logs
 from lrra.presets import PRESETS
-from lrra.tracking import TrackingError
-from lrra.tracking.store import check_server
 from tune.cluster import settings_path
 
 MLFLOW_PORT = 5000
@@ -68,6 +66,9 @@ def write_settings(args: argparse.Namespace) -> Path:
 
 
 def healthy(uri: str) -> bool:
+    # Here, not at the top: it imports torch and MLflow (~2 s), which `settings` does not need.
+    from lrra.tracking.store import TrackingError, check_server
+
     try:
         check_server(uri)  # the check a search makes of its --tracking-uri
     except TrackingError:
