@@ -110,7 +110,8 @@ def test_bad_input_fails_before_ray_and_before_writing(tmp_path, capsys, args, m
 @pytest.mark.slow
 def test_comparison_on_digits_is_complete_and_repeatable(tmp_path, digits_teacher, capsys):
     teacher, _ = digits_teacher
-    ray.init(address="local", num_cpus=4, logging_level="WARNING", log_to_driver=False)
+    # No dashboard: nothing here reads it, and it costs ~3 CPU-seconds to start.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
         outputs = []
         # The repeat runs one variant at one seed: its trial must give the first run's numbers exactly.
