@@ -61,7 +61,7 @@ from lrra.runner import (
 )
 from lrra.splits import evaluation_splits
 from lrra.teacher import prepare_teacher
-from lrra.teacher_files import teacher_from_payload, teacher_payload
+from lrra.teacher_files import teacher_from_payload, teacher_label, teacher_payload
 from lrra.train import Distiller, NonFiniteLossError
 
 # Key of each epoch's report (not of MLflow's metrics): the node rank 0 trains on, for the search's view.
@@ -336,7 +336,8 @@ def run_distributed(cfg: LRRAConfig, *, workers: int, use_gpu: bool = False, sto
                                     workers=workers, use_gpu=use_gpu,
                                     storage_path=storage, name=name, max_failures=max_failures,
                                     callbacks=callbacks, tracking=target)
-            logger.info(f"distilling {cfg.teacher_arch} -> {cfg.student_arch} on {cfg.dataset} with {workers} "
+            logger.info(f"distilling {teacher_label(teacher_meta, teacher_path)} -> {cfg.student_arch} on "
+                        f"{cfg.dataset} with {workers} "
                         f"Ray Train worker(s); storage {storage}/{name}")
             start = time.perf_counter()
             result = trainer.fit()

@@ -21,6 +21,7 @@ from lrra.distiller_state import load_checkpoint, save_checkpoint
 from lrra.fault_injection import Faults
 from lrra.metric_names import BEST_VALIDATION_METRIC, TEST_METRIC, VALIDATION_METRIC
 from lrra.teacher import prepare_teacher, save_teacher
+from lrra.teacher_files import teacher_label
 from lrra.train import Distiller, NonFiniteLossError
 
 # (cfg, teacher meta, teacher path) -> a context holding an experiment-tracking run, e.g.
@@ -111,7 +112,8 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
 
     out = Path(out_dir) if out_dir is not None else default_run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    logs.core.info(f"distilling {cfg.teacher_arch} -> {cfg.student_arch} on {cfg.dataset}; writing to {out}\n"
+    logs.core.info(f"distilling {teacher_label(teacher_meta, teacher_path)} -> {cfg.student_arch} on {cfg.dataset}; "
+                   f"writing to {out}\n"
                    f"  {evaluation.describe()}")
 
     def on_epoch(metrics: dict[str, float], d: Distiller) -> None:

@@ -167,6 +167,14 @@ def _foreign_meta(cfg: LRRAConfig, fmt: str) -> dict[str, Any]:
             "test_accuracy": None}
 
 
+def teacher_label(meta: dict[str, Any], path: str | Path) -> str:
+    """How a run's first lines name its teacher: its architecture, or, for a compiled or pickled
+    file, which names none, the file and its format."""
+    if meta["format"] in (*COMPILED, "pickle"):
+        return f"{Path(path).name} ({meta['format']})"
+    return meta["arch"]
+
+
 def check_teacher_meta(meta: dict[str, Any], cfg: LRRAConfig, path: str | Path) -> None:
     """Raise TeacherError when an LRRA teacher file's metadata contradicts the run's config."""
     for key, field in (("num_classes", "num_classes"), ("channels", "channels"),

@@ -125,6 +125,8 @@ def test_a_users_teacher_distils_and_reports_the_accuracy_computed_here(fmt, tea
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["teacher_acc"] == pytest.approx(expected, abs=1e-9)
     assert f"validation accuracy {expected:.4f}" in captured.err  # in the run's first lines too
+    named = "torchvision:resnet18" if fmt == "torchvision" else f"{path.name} ({fmt})"
+    assert f"distilling {named} -> " in captured.err  # the teacher it was given, not the preset's
     assert math.isfinite(result["best_val_acc"]) and (tmp_path / "run" / "best_student.pt").is_file()
     if fmt == "torchscript":  # no hook into a TorchScript graph: the activation term is off, and said so
         assert "activation term (w_a) is off" in captured.err
