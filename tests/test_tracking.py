@@ -214,3 +214,42 @@ def test_a_run_shorter_than_the_sampling_interval_still_records_system_metrics(c
     run = client.create_run(tracking.store.ensure_experiment(client, "short-run"))
     finish_system_metrics(start_system_metrics(run.info.run_id, client.tracking_uri))
     assert any(name.startswith("system/cpu") for name in client.get_run(run.info.run_id).data.metrics)
+
+
+def test_two_trials_logging_the_same_new_datasets_at_once_both_get_them(tmp_path):
+    """The race of two trials starting together, with real MLflow on SQLite and only its timing
+    forced: trial B's MLflow looks the evaluation datasets up, finds none, and just before it
+    inserts them trial A (another connection) inserts the same ones. B's insert breaks MLflow's
+    uniqueness of (experiment, name, digest); logging again links the datasets to B's run."""
+    import sqlalchemy
+
+    from lrra.splits import evaluation_splits
+    from lrra.tracking.epochs import log_evaluation_inputs
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = preset("digits", data_dir=str(tmp_path / "data"))
+    evaluation = evaluation_splits(cfg, {})  # a teacher of unknown training: halves of the test split
+    first, second = tracking.connect(uri), MlflowClient(uri)  # two clients, two connection pools
+    experiment = first.create_experiment("race")
+    run_a, run_b = (first.create_run(experiment).info.run_id for _ in range(2))
+
+    engine = second._tracking_client.store.engine
+    raced = []
+
+    def trial_a_inserts_first(conn, cursor, statement, *args):
+        if statement.lstrip().upper().startswith("INSERT INTO DATASETS") and not raced:
+            raced.append(statement)
+            log_evaluation_inputs(first, run_a, cfg, evaluation)
+
+    sqlalchemy.event.listen(engine, "before_cursor_execute", trial_a_inserts_first)
+    try:
+        log_evaluation_inputs(second, run_b, cfg, evaluation)
+    finally:
+        sqlalchemy.event.remove(engine, "before_cursor_execute", trial_a_inserts_first)
+
+    assert raced  # B did reach its insert after A had logged the same datasets
+    for run_id in (run_a, run_b):
+        contexts = {tag.value for d in first.get_run(run_id).inputs.dataset_inputs for tag in d.tags}
+        assert contexts == {"validation", "test"}
+    names = {d.dataset.name for d in first.get_run(run_b).inputs.dataset_inputs}
+    assert len(names) == 2

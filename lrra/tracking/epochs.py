@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 from torch import nn
 
 from lrra.config import LRRAConfig
@@ -94,6 +95,11 @@ def log_epoch_metrics(client: MlflowClient, run_id: str, metrics: dict[str, floa
     client.log_batch(run_id, metrics=[Metric(key, float(value), now, done) for key, value in values.items()])
 
 
+# How a unique-constraint violation reads in MLflow's message: SQLite and MySQL through
+# SQLAlchemy's IntegrityError, PostgreSQL as psycopg's UniqueViolation.
+UNIQUE_VIOLATIONS = ("IntegrityError", "UniqueViolation")
+
+
 def log_evaluation_inputs(client: MlflowClient, run_id: str, cfg: LRRAConfig, evaluation: EvaluationSplits) -> None:
     """The real images of the run, as MLflow dataset inputs: validation (it chooses) and test (it
     reports), each with its size and rule in the name. The student trains on generated images only."""
@@ -107,7 +113,16 @@ def log_evaluation_inputs(client: MlflowClient, run_id: str, cfg: LRRAConfig, ev
         digest = hashlib.sha256(f"{cfg.dataset}|{evaluation.rule}|{context}|{len(split)}".encode()).hexdigest()[:8]
         dataset = Dataset(name=name, digest=digest, source_type="local", source=source)
         inputs.append(DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)]))
-    client.log_inputs(run_id, datasets=inputs)
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except MlflowException as err:
+        if not any(word in str(err) for word in UNIQUE_VIOLATIONS):
+            raise
+        # Trials of one experiment log the same datasets. MLflow looks a dataset up, then inserts it
+        # if missing, in two steps: two trials starting together can both miss it, and the second
+        # insert breaks the uniqueness of (experiment, name, digest) and is rolled back whole. The
+        # dataset is there now, so logging again links it to this run.
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def normalisation(meta: dict[str, Any], cfg: LRRAConfig) -> tuple[list[float], list[float]]:
