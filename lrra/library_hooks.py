@@ -86,6 +86,30 @@ def use_ray_token_if_available() -> bool:
     return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
+def tune_reporters_keep_their_start_time() -> None:
+    """Keep Ray Tune's progress reporters from losing their start time, so that a failing trial
+    ends as a failed trial instead of ending the whole experiment.
+
+    With its console output on (Ray's default), every Tuner gets Ray's own progress reporter,
+    verbose=0 included, and there is no option to leave it out. Tune sets it up with the
+    experiment's start time, then again, through its callback list, without one: its start time
+    becomes None. The first trial that raises (or that ``max_failures`` retries) then breaks the
+    reporter's error line (``datetime.fromtimestamp(None)``), and Tune ends the experiment with a
+    TuneError. Patched once per process: a setup without a start time keeps the one it had.
+    """
+    from ray.tune.experimental import output
+
+    setup = output.ProgressReporter.setup
+    if getattr(setup, "keeps_start_time", False):
+        return
+
+    def setup_keeping_start_time(self, start_time: float | None = None, **kwargs: Any) -> None:
+        setup(self, start_time=self._start_time if start_time is None else start_time, **kwargs)
+
+    setup_keeping_start_time.keeps_start_time = True  # type: ignore[attr-defined]
+    output.ProgressReporter.setup = setup_keeping_start_time
+
+
 # ----------------------------------------------------------------------------------------
 # Ray Train (lrra/distributed.py)
 

@@ -155,3 +155,26 @@ def test_mlflow_requirements_checked_against_the_named_packages_only(tmp_path, m
     assert f"torch (current: {version('torch')}, required: torch==0.0.1)" in warning and "mlflow (" not in warning
     # ...and left its map unbuilt again, for whatever else this process logs
     assert requirements_utils._MODULES_TO_PACKAGES is None
+
+
+@pytest.mark.slow
+def test_a_trial_that_raises_fails_alone_and_the_tuner_finishes(tmp_path):
+    """Ray's own progress reporter, set up by Tune without a start time, would end the experiment at
+    the first trial that raises; with the hook (applied by the search's progress lines) only that
+    trial fails."""
+    import ray
+    from ray import tune
+
+    from tune.report import ProgressLines
+
+    def fails(config):
+        raise RuntimeError("this trial fails")
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
+    try:
+        results = tune.Tuner(fails, tune_config=tune.TuneConfig(num_samples=1),
+                             run_config=tune.RunConfig(storage_path=str(tmp_path), name="fails", verbose=0,
+                                                       callbacks=[ProgressLines(epochs=1, num_samples=1)])).fit()
+    finally:
+        ray.shutdown()
+    assert results.num_errors == 1 and "this trial fails" in str(results.errors[0])

@@ -13,6 +13,7 @@ from ray.tune.experimental.output import AirVerbosity
 from ray.tune.experimental.output import ProgressReporter as TuneProgressReporter
 
 from lrra.distributed import RANK0_NODE
+from lrra.library_hooks import tune_reporters_keep_their_start_time
 from lrra.live_metrics import search_metrics
 from lrra.metric_names import BEST_VALIDATION_METRIC, DIVERGED_KEY, VALIDATION_METRIC
 from tune.live_view import COMPLETED as COMPLETED_STATE
@@ -80,6 +81,8 @@ class ProgressLines(TuneProgressReporter):
         return self.board
 
     def setup(self, **info) -> None:
+        # Before Ray's own reporter, which Tune sets up after this one (lrra/library_hooks.py).
+        tune_reporters_keep_their_start_time()
         # also when a resumed search unpickles this callback
         self.board = TrialBoard(self.epochs, view_for(), self.time_budget_s)
 
