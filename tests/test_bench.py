@@ -106,3 +106,20 @@ def test_the_gpu_check_runs_in_skip_mode_without_cuda(tmp_path):
     assert all(t["status"] == "skipped" for t in report["tests"]["tests"])
     assert {b["status"] for b in report["bench"].values()} == {"skipped"}
     assert "GPU check on no CUDA device (skip mode): skipped" in done.stdout
+
+
+def test_the_real_image_ceiling_trains_the_runs_student_on_real_images(tmp_path, digits_teacher, capsys):
+    from bench.real_image_ceiling import main as ceiling
+
+    out = tmp_path / "ceiling.json"
+    ceiling(["--preset", "digits", "--teacher", str(digits_teacher[0]), "--data-dir", str(tmp_path), "--steps", "100",
+             "--out", str(out)])
+    figures, printed = json.loads(out.read_text()), capsys.readouterr().out
+    assert figures["steps"] == 100
+    assert figures["teacher"]["test_acc"] == pytest.approx(digits_teacher[1]["test_accuracy"])
+    for kind in ("l1", "kl", "labels"):
+        assert 0 < figures[kind]["step"] <= 100 and 0.5 < figures[kind]["test_acc"] <= 1, figures[kind]
+        assert f"\n{kind} " in printed
+    with pytest.raises(SystemExit) as refused:
+        ceiling(["--losses", "l1,mse"])
+    assert refused.value.code == 2 and "mse" in capsys.readouterr().err
