@@ -13,8 +13,8 @@ the run makes (``epochs x iters_per_epoch x kd_steps``), on *real* training imag
         --set dataset=photo-patches --set channels=3
 
 The training images are the split the teacher trained on (its validation holdout left out);
-validation chooses the reported step, test reports. This reads training images, which a
-data-free run never does: it is for diagnosis, never for choosing a recipe's defaults.
+validation chooses the reported step, test reports. It runs on the CPU. It reads training images,
+which a data-free run never does: it is for diagnosis, never for choosing a recipe's defaults.
 """
 
 from __future__ import annotations
@@ -93,20 +93,29 @@ def training_images(cfg, teacher_meta) -> tuple[torch.Tensor, torch.Tensor]:
     return training.tensors
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.real_image_ceiling", description=__doc__.split("\n")[0])
     add_subject_arguments(parser, preset_default="mnist", set_help="a config field of the run to mirror",
                           teacher_help="the teacher file (default: the preset's cached one)",
                           epochs_help="the run's epochs (default: the preset's)")
     parser.add_argument("--losses", default=",".join(LOSSES), help=f"which of {LOSSES} (comma-separated)")
-    parser.add_argument("--steps", type=int, help="student steps (default: as many as the run makes)")
+    parser.add_argument("--steps", type=positive_int, help="student steps (default: as many as the run makes)")
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
     kinds = args.losses.split(",")
     if unknown := [k for k in kinds if k not in LOSSES]:
         parser.error(f"--losses: {unknown} not in {LOSSES}")
-    cfg = preset(args.preset, **set_fields(args), **flag_fields(args))
-    teacher, meta, path, evaluation = prepare_teacher(cfg)
+    try:  # a bad field, teacher file or dataset: the usage error (exit 2), before any training
+        cfg = preset(args.preset, **set_fields(args), **flag_fields(args))
+        teacher, meta, path, evaluation = prepare_teacher(cfg)
+    except ValueError as err:
+        parser.error(str(err))
     teacher.eval()
     images, labels = training_images(cfg, meta)
     steps = args.steps or cfg.epochs * cfg.iters_per_epoch * cfg.kd_steps

@@ -120,6 +120,8 @@ def test_the_real_image_ceiling_trains_the_runs_student_on_real_images(tmp_path,
     for kind in ("l1", "kl", "labels"):
         assert 0 < figures[kind]["step"] <= 100 and 0.5 < figures[kind]["test_acc"] <= 1, figures[kind]
         assert f"\n{kind} " in printed
-    with pytest.raises(SystemExit) as refused:
-        ceiling(["--losses", "l1,mse"])
-    assert refused.value.code == 2 and "mse" in capsys.readouterr().err
+    for bad_flags, named in ((["--losses", "l1,mse"], "mse"), (["--steps", "0"], "--steps"),
+                             (["--preset", "digits", "--set", "student_lr=-1"], "student_lr")):
+        with pytest.raises(SystemExit) as refused:
+            ceiling(bad_flags)
+        assert refused.value.code == 2 and named in capsys.readouterr().err
