@@ -83,7 +83,7 @@ def training_images(cfg, teacher_meta) -> tuple[torch.Tensor, torch.Tensor]:
     """The real training images under the teacher's contract, less the holdout a teacher trained
     here never saw (it is this run's validation split)."""
     if (teacher_meta.get("validation") or {}).get("rule") == TRAIN_HOLDOUT:
-        training, _ = teacher_training_split(cfg)
+        training, _ = teacher_training_split(cfg, teacher_meta)
     else:  # a teacher from elsewhere: validation and test are halves of the test split
         training = load_split(cfg.dataset, cfg.data_dir, True, cfg.image_size, cfg.channels,
                               *input_contract(cfg, teacher_meta))

@@ -64,9 +64,12 @@ def subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
     return Subset(dataset, indices.tolist())
 
 
-def teacher_training_split(cfg: LRRAConfig) -> tuple[Dataset, dict[str, Any]]:
-    """The training split without its validation holdout, and the ``validation`` metadata to save."""
-    train = load_split(cfg.dataset, cfg.data_dir, True, cfg.image_size, cfg.channels, *input_contract(cfg))
+def teacher_training_split(cfg: LRRAConfig, teacher_meta: dict[str, Any] | None = None,
+                           ) -> tuple[Dataset, dict[str, Any]]:
+    """The training split without its validation holdout, and the ``validation`` metadata to save;
+    normalised as ``teacher_meta`` records once the teacher exists (else as the config says)."""
+    contract = input_contract(cfg, teacher_meta)
+    train = load_split(cfg.dataset, cfg.data_dir, True, cfg.image_size, cfg.channels, *contract)
     order = _permutation(len(train))
     held_out = holdout_size(len(train))
     record = {"rule": TRAIN_HOLDOUT, "train_size": len(train), "holdout": held_out, "seed": SPLIT_SEED}
