@@ -125,3 +125,31 @@ def test_the_real_image_ceiling_trains_the_runs_student_on_real_images(tmp_path,
         with pytest.raises(SystemExit) as refused:
             ceiling(bad_flags)
         assert refused.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_the_synthetic_image_check_counts_what_a_runs_generator_draws(tmp_path, digits_teacher, capsys):
+    from bench.synthetic_images import main as check_images
+    from bench.synthetic_images import rare_classes
+    from lrra.cli import main as lrra
+
+    run = tmp_path / "run"
+    assert lrra(["distill", "--preset", "digits", "--teacher", str(digits_teacher[0]), "--data-dir", str(tmp_path),
+                 "--epochs", "1", "--set", "iters_per_epoch=5", "--out", str(run), "--tracking-uri", "none"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "images.json"
+    check_images([str(run / "checkpoint.pt"), "--images", "100", "--out", str(out)])
+    figures, printed = json.loads(out.read_text()), capsys.readouterr().out
+    assert sum(figures["synthetic"]["classes"]) == 100 and len(figures["synthetic"]["classes"]) == 10
+    assert sum(figures["real"]["classes"]) == 100  # digits' validation split holds 144
+    # the teacher (97 % on digits) puts real validation images in every class
+    assert min(figures["real"]["classes"]) > 0 and figures["real"]["teacher_confidence"] > 0.5
+    for row in (figures["synthetic"], figures["real"]):
+        assert row["per_image_std"] > 0 and row["total_variation"] > 0
+    assert figures["rare_classes"] == rare_classes(figures["synthetic"]["classes"])
+    assert "\nsynthetic " in printed and "\nreal " in printed
+
+    assert rare_classes([10, 0, 10, 2]) == [1]  # an even share is 5.5: under 1.375 is rare
+    for bad_args, named in (([str(out)], "checkpoint"), ([str(run / "checkpoint.pt"), "--images", "0"], "--images")):
+        with pytest.raises(SystemExit) as refused:
+            check_images(bad_args)
+        assert refused.value.code == 2 and named in capsys.readouterr().err
