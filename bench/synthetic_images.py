@@ -13,8 +13,9 @@ and puts them beside as many real validation images in the teacher's normalised 
 
     python -m bench.synthetic_images runs/distill/photo-patches-.../checkpoint.pt
 
-Classes the generator draws under a quarter of their even share are listed as rare. It runs on
-the CPU and reads only validation images, which every run reads anyway.
+Classes the generator draws under a quarter of their even share are listed as rare (every run's
+progress line counts them too, per epoch: ``rare classes N``). It runs on the CPU and reads only
+validation images, which every run reads anyway.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from lrra.config import LRRAConfig
 from lrra.distiller_state import CheckpointError, load_checkpoint
 from lrra.splits import EvaluationSplits
 from lrra.teacher import prepare_teacher
-from lrra.train import Distiller
+from lrra.train import Distiller, rare_classes
 
 
 def image_statistics(images: torch.Tensor, teacher: torch.nn.Module, num_classes: int) -> dict:
@@ -40,12 +41,6 @@ def image_statistics(images: torch.Tensor, teacher: torch.nn.Module, num_classes
             "total_variation": ((rows + columns) / 2).item(),
             "teacher_confidence": probabilities.max(1).values.mean().item(),
             "classes": torch.bincount(probabilities.argmax(1), minlength=num_classes).tolist()}
-
-
-def rare_classes(counts: list[int]) -> list[int]:
-    """Classes drawn under a quarter of an even share."""
-    share = sum(counts) / len(counts)
-    return [label for label, count in enumerate(counts) if count < share / 4]
 
 
 def synthetic_images(checkpoint: dict, count: int,

@@ -19,7 +19,7 @@ from lrra.config import LRRAConfig
 from lrra.config_resume import check_resumable
 from lrra.distiller_state import load_checkpoint, save_checkpoint
 from lrra.fault_injection import Faults
-from lrra.metric_names import BEST_VALIDATION_METRIC, TEST_METRIC, VALIDATION_METRIC
+from lrra.metric_names import BEST_VALIDATION_METRIC, RARE_CLASSES_METRIC, TEST_METRIC, VALIDATION_METRIC
 from lrra.teacher import prepare_teacher, save_teacher
 from lrra.teacher_files import teacher_label
 from lrra.train import Distiller, NonFiniteLossError
@@ -47,6 +47,8 @@ def format_progress(metrics: dict[str, float], epochs: int) -> str:
         line += f"  L_G {metrics['loss/generator']:.3f}"
     line += (f"  L_S {metrics['loss/student_total']:.3f}"
              f"  mem {int(metrics['memory/size'])}  {metrics['perf/student_steps_per_s']:.1f} steps/s")
+    if metrics.get(RARE_CLASSES_METRIC):  # a class the student is hardly shown: say it every epoch
+        line += f"  rare classes {metrics[RARE_CLASSES_METRIC]:g}"
     if metrics.get(TEST_METRIC) is not None:
         line += f"\n  test accuracy of the best student (epoch {int(metrics['val/best_epoch'])}): " \
                 f"{metrics[TEST_METRIC]:.4f}"
@@ -152,4 +154,9 @@ def distill_local(cfg: LRRAConfig, out_dir: str | Path | None = None, resume: st
                 run.tag_failure(message)
             raise RunDiverged(message, achieved) from error
         model_uri = keep_best_student()
+    if distiller.rare_classes:
+        logs.core.warning(
+            f"the generator's last epoch drew classes {distiller.rare_classes} under a quarter of an even share "
+            "(as the teacher labels its images), so the student was hardly shown them; `python -m "
+            f"bench.synthetic_images {out / 'checkpoint.pt'}` puts its images beside real ones")
     return result(model_uri)

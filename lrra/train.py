@@ -31,7 +31,7 @@ from lrra.fault_injection import NO_FAULTS, Faults
 from lrra.losses import generator_loss, generator_loss_terms
 from lrra.memory import ReplayMemory
 from lrra.meta import GradSync, RankMean, student_update
-from lrra.metric_names import BEST_VALIDATION_METRIC, TEST_METRIC, VALIDATION_METRIC
+from lrra.metric_names import BEST_VALIDATION_METRIC, RARE_CLASSES_METRIC, TEST_METRIC, VALIDATION_METRIC
 from lrra.models import build_classifier, build_generator
 from lrra.phase_clock import PhaseClock
 from lrra.schedule import cosine_schedule
@@ -130,6 +130,8 @@ class Distiller(CheckpointState):
         self.rank_metrics: dict[str, float] = {}
         self.clock = PhaseClock(self.device)
         self._latest_fresh: torch.Tensor | None = None
+        self._drawn_classes = torch.zeros(cfg.num_classes, dtype=torch.long, device=self.device)
+        self.rare_classes: list[int] = []  # of the last epoch, on this rank
 
     def _generator_output(self, teacher_meta: dict[str, Any] | None) -> tuple | None:
         """The (mean, std) that turns the generator's pixels into teacher inputs, or None for
@@ -158,6 +160,8 @@ class Distiller(CheckpointState):
                 teacher_logits, teacher_features = self.teacher(images, return_features=True)
             student_logits = self.student(images) if adversarial else None
             terms = generator_loss_terms(teacher_logits, teacher_features, student_logits)
+            if adversarial:  # what the epoch's generator draws, as the teacher labels it (no host sync)
+                self._drawn_classes += torch.bincount(teacher_logits.detach().argmax(1), minlength=cfg.num_classes)
             if prior:
                 terms["bn_statistics"] = torch.stack(prior).sum()
             loss = generator_loss(terms, cfg.w_oh, cfg.w_ie, cfg.w_a, cfg.w_adv, cfg.w_bn)
@@ -243,6 +247,7 @@ class Distiller(CheckpointState):
                 sums[key] = sums.get(key, 0.0) + value.float()
                 counts[key] = counts.get(key, 0) + 1
 
+        self._drawn_classes = torch.zeros(cfg.num_classes, dtype=torch.long, device=self.device)
         self.faults.poison_teacher(self.epoch, self.teacher)
         if self.epoch == 0:
             self.warm_up_generator()
@@ -267,6 +272,9 @@ class Distiller(CheckpointState):
             "perf/images_per_s": student_steps * cfg.batch_size / seconds,
             **self.clock.mean_seconds(),  # mean seconds of one generator step and of one student (meta) step
         }
+        if cfg.gen_steps:
+            self.rare_classes = rare_classes(self._drawn_classes.tolist())
+            metrics[RARE_CLASSES_METRIC] = float(len(self.rare_classes))
         self.rank_metrics = dict(metrics)
         if self.collectives.reduce_metrics is not None:
             metrics = self.collectives.reduce_metrics(metrics)  # every rank then decides alike below
@@ -352,3 +360,10 @@ def random_shift(images: torch.Tensor, pixels: int, generator: torch.Generator) 
     cols = (dx + torch.arange(w, device=images.device)).unsqueeze(1)   # [n, 1, w]
     shifted = padded[torch.arange(n, device=images.device).view(n, 1, 1), :, rows, cols]  # [n, h, w, c]
     return shifted.permute(0, 3, 1, 2)
+
+
+def rare_classes(counts: list[int]) -> list[int]:
+    """Classes with under a quarter of an even share of ``counts``: the generator hardly draws them
+    (as the teacher labels its images), so the student is hardly shown them."""
+    share = sum(counts) / len(counts)
+    return [label for label, count in enumerate(counts) if count < share / 4]

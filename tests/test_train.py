@@ -13,11 +13,12 @@ from lrra.config import preset
 from lrra.data import load_split
 from lrra.distiller_state import load_checkpoint, save_checkpoint
 from lrra.fault_injection import NO_FAULTS, Faults
-from lrra.runner import default_run_name
+from lrra.metric_names import RARE_CLASSES_METRIC
+from lrra.runner import default_run_name, format_progress
 from lrra.schedule import cosine_factor
 from lrra.splits import evaluation_splits
 from lrra.teacher import load_teacher
-from lrra.train import Distiller, NonFiniteLossError
+from lrra.train import Distiller, NonFiniteLossError, rare_classes
 
 
 def digits_run(teacher_path, faults=NO_FAULTS, **overrides):
@@ -41,6 +42,23 @@ def test_tiny_run_lifts_the_student_far_above_chance(digits_teacher):
     # Chance is 0.1; 5 short epochs (a fifth of the preset's) are a smoke budget, not a quality target.
     assert distiller.best_accuracy >= 0.45 > untrained + 0.25
     assert len(distiller.accuracies) == distiller.cfg.epochs
+
+
+def test_each_epoch_counts_the_classes_its_generator_hardly_draws(digits_teacher):
+    path, _ = digits_teacher
+    distiller = digits_run(path, epochs=2, iters_per_epoch=4, gen_steps=2)
+    metrics = distiller.train_epoch()
+    drawn = distiller._drawn_classes.tolist()
+    assert sum(drawn) == 4 * 2 * distiller.cfg.batch_size  # every adversarial generator step's images, once
+    assert distiller.rare_classes == rare_classes(drawn)
+    assert metrics[RARE_CLASSES_METRIC] == len(distiller.rare_classes)
+    assert rare_classes([10, 0, 10, 2]) == [1]  # an even share is 5.5: under 1.375 is rare
+    assert rare_classes([5, 5, 5, 5]) == []
+    # the progress line names the count only when there is one
+    assert "rare classes 3" in format_progress({**metrics, RARE_CLASSES_METRIC: 3.0}, 2)
+    assert "rare" not in format_progress({**metrics, RARE_CLASSES_METRIC: 0.0}, 2)
+    fixed = digits_run(path, epochs=1, iters_per_epoch=2, gen_steps=0).train_epoch()
+    assert RARE_CLASSES_METRIC not in fixed  # a fixed generator is not counted
 
 
 def test_resume_is_bit_for_bit(digits_teacher, tmp_path):
