@@ -45,8 +45,8 @@ def image_statistics(images: torch.Tensor, teacher: torch.nn.Module, num_classes
 
 def synthetic_images(checkpoint: dict, count: int,
                      seed: int) -> tuple[torch.Tensor, torch.nn.Module, LRRAConfig, EvaluationSplits]:
-    """``count`` images of the checkpoint's generator (in training mode, as the run draws them),
-    its teacher, and its configuration (on the CPU)."""
+    """``count`` images of the checkpoint's generator (in training mode, as the run draws them), then
+    its teacher, configuration and evaluation splits, all on the CPU."""
     cfg = LRRAConfig.from_dict({**checkpoint["config"], "device": "cpu"})
     teacher, meta, _, evaluation = prepare_teacher(cfg)
     distiller = Distiller(cfg, teacher, evaluation, teacher_meta=meta)
