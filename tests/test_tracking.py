@@ -4,6 +4,7 @@ tests/test_tracking_search.py)."""
 
 import multiprocessing
 import threading
+import warnings
 
 import pytest
 from mlflow import MlflowClient
@@ -36,6 +37,13 @@ def distilled(sqlite_store, digits_teacher, tmp_path_factory):
 
 def test_distill_logs_config_metric_histories_images_and_the_student(client, distilled):
     check_distill_run(client, distilled)
+
+
+def test_logging_a_student_prints_no_warning_of_torch_export(sqlite_store, digits_teacher, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distill_into(sqlite_store, digits_teacher[0], tmp_path)
+    assert not [w for w in caught if "No complete tensor" in str(w.message)]
 
 
 def test_eval_of_the_champion_reproduces_the_logged_accuracy(client, distilled, tmp_path):

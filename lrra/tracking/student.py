@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from importlib.metadata import version
 from typing import Any
 
@@ -46,7 +47,11 @@ def log_student_model(client: MlflowClient, run_id: str, model: nn.Module, stude
     # Explicit requirements: inferring them runs the model in a subprocess (~10 s); MLflow then
     # checks them against these two packages only (a scan of every installed one costs 1.7 s).
     requirements = ("torch", "mlflow")
-    with library_hooks.mlflow_requirements_checked_against(requirements):
+    with library_hooks.mlflow_requirements_checked_against(requirements), warnings.catch_warnings():
+        # torch.export.save (MLflow's format for the model) warns at every save that it found "no
+        # complete tensor" and that this "may cause issues when your weights are not on CPU"; the
+        # student logged here is always a CPU copy (Distiller.best_student_model), so it says nothing.
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group", category=UserWarning)
         info = mlflow.pytorch.log_model(
             model, name=STUDENT_MODEL_NAME, signature=signature, input_example=example.numpy(),
             pip_requirements=[_pinned(package) for package in requirements],
