@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from bench import positive_int
 from lrra.cli_args import add_subject_arguments, flag_fields, set_fields
 from lrra.config import preset
 from lrra.data import load_split
@@ -91,12 +92,6 @@ def training_images(cfg, teacher_meta) -> tuple[torch.Tensor, torch.Tensor]:
         raise SystemExit(f"dataset {cfg.dataset!r} is read lazily from files; this diagnostic takes the "
                          "in-memory datasets (torchvision's, digits, the glyph, photo and robustness sets)")
     return training.tensors
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) == 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ import json
 
 import torch
 
+from bench import positive_int
 from lrra.config import LRRAConfig
 from lrra.distiller_state import CheckpointError, load_checkpoint
 from lrra.splits import EvaluationSplits
@@ -64,12 +65,11 @@ def real_images(evaluation: EvaluationSplits, count: int) -> torch.Tensor:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.synthetic_images", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a run's checkpoint.pt (its run folder holds one)")
-    parser.add_argument("--images", type=int, default=512, help="synthetic and real images compared (default 512)")
+    parser.add_argument("--images", type=positive_int, default=512,
+                        help="synthetic and real images compared (default 512)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the generator's latents (default 0)")
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args(argv)
-    if args.images < 1:
-        parser.error(f"--images: expected an integer >= 1, got {args.images}")
     try:  # not a checkpoint, or its teacher or dataset gone: the usage error (exit 2)
         images, teacher, cfg, evaluation = synthetic_images(load_checkpoint(args.checkpoint), args.images, args.seed)
     except (CheckpointError, ValueError) as err:

@@ -247,7 +247,7 @@ class Distiller(CheckpointState):
                 sums[key] = sums.get(key, 0.0) + value.float()
                 counts[key] = counts.get(key, 0) + 1
 
-        self._drawn_classes = torch.zeros(cfg.num_classes, dtype=torch.long, device=self.device)
+        self._drawn_classes.zero_()  # counted afresh each epoch
         self.faults.poison_teacher(self.epoch, self.teacher)
         if self.epoch == 0:
             self.warm_up_generator()
